@@ -1,0 +1,169 @@
+"""``modelbus``: one command, several subcommands.
+
+Exit codes: 0 ok, 1 runtime failure (no GPU, broker refused), 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agent.service import AgentService
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelbus", description="Share too little VRAM between AI model servers, over MQTT."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    agent = sub.add_parser("agent", help="run the GPU host agent")
+    agent.add_argument("--config", type=Path, help="YAML configuration file")
+    agent.add_argument("--broker", help="broker URL, mqtt://user:pass@host:port or mqtts://...")
+    agent.add_argument("--host-id", help="this host's id in topics ([a-z0-9_-]{1,64})")
+    agent.add_argument("--prefix", help="topic prefix (default modelbus)")
+    agent.add_argument("--sim", action="store_true", help="use simulated GPUs instead of NVML")
+    agent.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    demo = sub.add_parser("demo", help="broker + simulated GPU agent, for trying modelbus")
+    demo.add_argument("--headless", action="store_true", help="no TUI; print how to watch")
+    demo.add_argument("--port", type=int, help="broker port (default: a free one)")
+
+    schema = sub.add_parser("schema", help="write the JSON Schemas of every payload")
+    schema.add_argument("--out", type=Path, default=Path("docs/schema"))
+    schema.add_argument("--check", action="store_true", help="fail if the files are out of date")
+
+    sim = sub.add_parser("sim", help="poke the simulated GPUs")
+    sim_sub = sim.add_subparsers(dest="sim_command", required=True, metavar="ACTION")
+    show = sim_sub.add_parser("show", help="print the simulated GPUs")
+    show.add_argument("--state", type=Path, required=True, help="the simulator state file")
+    alloc = sim_sub.add_parser("alloc", help="hold memory on a simulated GPU until stopped")
+    alloc.add_argument("--state", type=Path, required=True, help="the simulator state file")
+    alloc.add_argument("--gpu", type=int, default=0)
+    alloc.add_argument("--mb", type=int, required=True)
+    alloc.add_argument("--ramp", type=float, default=0.0, help="seconds to ramp up")
+    alloc.add_argument("--hold", type=float, help="seconds to hold (default: until stopped)")
+    alloc.add_argument("--name", default="alloc")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "agent":
+        return run_agent(args)
+    if args.command == "demo":
+        from agent.demo import run_demo
+
+        return run_demo(headless=args.headless, port=args.port)
+    if args.command == "schema":
+        return write_schemas(args.out, check=args.check)
+    if args.command == "sim":
+        return run_sim(args)
+    return EXIT_USAGE
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    from agent.config import ConfigError, load_config
+
+    overrides = {
+        "broker.url": args.broker,
+        "host_id": args.host_id,
+        "prefix": args.prefix,
+        "gpu.backend": "sim" if args.sim else None,
+        "log_level": args.log_level,
+    }
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"modelbus agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _setup_logging(config.log_level)
+    from agent.gpu.base import GpuUnavailableError
+    from agent.gpu.factory import open_backend
+    from agent.mqtt import BrokerRefusedError
+    from agent.service import AgentService
+
+    try:
+        backend = open_backend(config)
+        service = AgentService(config, backend)
+        asyncio.run(_serve(service))
+    except GpuUnavailableError as exc:
+        print(f"modelbus agent: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except BrokerRefusedError as exc:
+        print(f"modelbus agent: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+async def _serve(service: AgentService) -> None:
+    from agent.mqtt import BrokerRefusedError
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await service.start()
+    try:
+        await service.run(stop)
+    except* BrokerRefusedError as group:
+        raise group.exceptions[0] from None
+
+
+def write_schemas(out: Path, *, check: bool) -> int:
+    from shared.schema import all_schemas, render
+
+    stale = []
+    for name, schema in all_schemas().items():
+        path = out / name
+        text = render(schema)
+        current = path.read_text() if path.exists() else None
+        if current == text:
+            continue
+        stale.append(name)
+        if not check:
+            out.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    if check and stale:
+        print(f"out of date in {out}: {', '.join(stale)}; run 'modelbus schema'", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{out}: {len(stale)} schema file(s) {'stale' if check else 'written'}")
+    return EXIT_OK
+
+
+def run_sim(args: argparse.Namespace) -> int:
+    from agent.gpu import sim
+
+    if args.sim_command == "show":
+        client = sim.SimGpuClient(args.state)
+        for gpu in client.snapshot():
+            print(
+                f"GPU {gpu.index} {gpu.name}: {gpu.memory_used_mb}/{gpu.memory_total_mb} MiB used, "
+                f"{gpu.utilization_percent}% util, {len(gpu.processes)} process(es)"
+            )
+            for process in gpu.processes:
+                print(f"  pid {process.pid} {process.name or '?'}: {process.used_mb} MiB")
+        return EXIT_OK
+    with contextlib.suppress(KeyboardInterrupt):
+        sim.hold_allocation(
+            args.state, args.gpu, args.mb, ramp_s=args.ramp, hold_s=args.hold, name=args.name
+        )
+    return EXIT_OK

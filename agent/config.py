@@ -1,0 +1,246 @@
+"""The agent's configuration: one YAML file, validated, with environment overrides.
+
+Precedence, lowest first: built-in defaults, the YAML file, ``MODELBUS_*``
+environment variables, command-line flags. Every error names the file and the
+field, so a typo never turns into a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shared.commands import describe_validation_error
+from shared.topics import DEFAULT_PREFIX, is_host_id, is_prefix, sanitize_host_id
+
+DEFAULT_BROKER_URL = "mqtt://127.0.0.1:1883"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names the source and the field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BrokerConfig(Strict):
+    url: str = DEFAULT_BROKER_URL
+    username: str | None = None
+    password: str | None = None
+    client_id: str | None = Field(
+        default=None, description="fixed MQTT client id; default modelbus-agent-<host_id>"
+    )
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    session_expiry_s: int = Field(
+        default=3600, ge=0, description="how long the broker keeps commands for an absent agent"
+    )
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    reconnect_min_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    tls_insecure: bool = Field(default=False, description="skip hostname checks (testing only)")
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError("broker url must look like mqtt://[user:pass@]host[:port] or mqtts://")
+        if not parts.hostname:
+            raise ValueError("broker url has no host name")
+        try:
+            _ = parts.port
+        except ValueError:
+            raise ValueError("broker url has an invalid port") from None
+        return url
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> BrokerConfig:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be at least reconnect_min_s")
+        return self
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+
+    @property
+    def credentials(self) -> tuple[str | None, str | None]:
+        """User and password: explicit fields win over those in the URL."""
+        parts = urlsplit(self.url)
+        user = self.username or (unquote(parts.username) if parts.username else None)
+        password = self.password or (unquote(parts.password) if parts.password else None)
+        return user, password
+
+    def redacted_url(self) -> str:
+        parts = urlsplit(self.url)
+        user, _ = self.credentials
+        who = f"{user}@" if user else ""
+        return f"{parts.scheme}://{who}{self.host}:{self.port}"
+
+
+class TelemetryConfig(Strict):
+    interval_s: float = Field(
+        default=1.0, gt=0, le=3600, description="every GPU is republished at least this often"
+    )
+    publish_on_change: bool = Field(
+        default=True, description="publish at once when memory use or processes change"
+    )
+    watch_interval_s: float = Field(
+        default=0.1,
+        ge=0.01,
+        le=10,
+        description="how often backends without change notifications (NVML) are polled",
+    )
+    change_coalesce_s: float = Field(
+        default=0.02, ge=0, le=5, description="least time between two change-driven publishes"
+    )
+    sample_timeout_s: float = Field(default=5.0, gt=0)
+
+
+class SimGpuConfig(Strict):
+    name: str = "Simulated GPU"
+    memory_total_mb: int = Field(default=32768, gt=0)
+    foreign_mb: int = Field(default=0, ge=0)
+    power_limit_w: float = Field(default=450.0, gt=0)
+
+
+class SimConfig(Strict):
+    state_file: Path | None = Field(
+        default=None, description="shared simulator state; default <state_dir>/sim-gpus.bin"
+    )
+    release_delay_s: float = Field(default=0.5, ge=0)
+    gpus: list[SimGpuConfig] = Field(default_factory=lambda: [SimGpuConfig()], min_length=1)
+
+
+class GpuConfig(Strict):
+    backend: Literal["nvml", "sim"] = "nvml"
+    sim: SimConfig = Field(default_factory=SimConfig)
+
+
+class AgentConfig(Strict):
+    host_id: str = Field(default_factory=lambda: sanitize_host_id(socket.gethostname()))
+    prefix: str = DEFAULT_PREFIX
+    state_dir: Path = Field(default_factory=lambda: _default_state_dir())
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    gpu: GpuConfig = Field(default_factory=GpuConfig)
+
+    @field_validator("host_id")
+    @classmethod
+    def _valid_host_id(cls, value: str) -> str:
+        if not is_host_id(value):
+            raise ValueError("host_id must be 1-64 of [a-z0-9_-] (and not 'reply')")
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _valid_prefix(cls, value: str) -> str:
+        if not is_prefix(value):
+            raise ValueError("prefix must be topic levels of [A-Za-z0-9._-], without wildcards")
+        return value
+
+    @property
+    def client_id(self) -> str:
+        return self.broker.client_id or f"modelbus-agent-{self.host_id}"
+
+    @property
+    def sim_state_file(self) -> Path:
+        return self.gpu.sim.state_file or self.state_dir / "sim-gpus.bin"
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "modelbus"
+
+
+# Environment variable -> dotted field path. Environment beats the file.
+ENV_OVERRIDES: Mapping[str, str] = {
+    "MODELBUS_BROKER": "broker.url",
+    "MODELBUS_BROKER_USERNAME": "broker.username",
+    "MODELBUS_BROKER_PASSWORD": "broker.password",
+    "MODELBUS_BROKER_CA_FILE": "broker.ca_file",
+    "MODELBUS_HOST_ID": "host_id",
+    "MODELBUS_PREFIX": "prefix",
+    "MODELBUS_STATE_DIR": "state_dir",
+    "MODELBUS_LOG_LEVEL": "log_level",
+    "MODELBUS_GPU_BACKEND": "gpu.backend",
+    "MODELBUS_TELEMETRY_INTERVAL": "telemetry.interval_s",
+}
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> AgentConfig:
+    """Build the configuration from the file, the environment and explicit overrides
+    (dotted paths such as ``broker.url``; None values are ignored)."""
+    raw: dict[str, Any] = _read_yaml(path) if path is not None else {}
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    env = os.environ if environ is None else environ
+    layers.append(
+        ("environment", {ENV_OVERRIDES[k]: v for k, v in env.items() if k in ENV_OVERRIDES})
+    )
+    layers.append(("command line", dict(overrides or {})))
+    for _source, values in layers:
+        for dotted, value in values.items():
+            if value is not None:
+                _set_dotted(raw, dotted, value)
+    try:
+        return AgentConfig.model_validate(raw)
+    except ValidationError as exc:
+        where = str(path) if path is not None else "configuration"
+        raise ConfigError(f"{where}: {describe_validation_error(exc)}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: {problem}{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings")
+    return data
+
+
+def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = target
+    for key in parents:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[leaf] = value

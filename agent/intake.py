@@ -1,0 +1,117 @@
+"""Command intake, pure: a raw message on ``P/H/cmd/<command>`` becomes either a
+validated command or an error, plus where its one reply must go."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from shared.commands import CommandBase, CommandError, decode_command
+from shared.messages import ErrorCode, ErrorInfo, Reply
+from shared.topics import HostTopics
+
+# Reply topics are built from the command level of the topic; anything odd
+# (a 60 KiB level, control characters) is answered on .../reply/unknown instead.
+_PLAIN_COMMAND_LEVEL = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyRoute:
+    topic: str
+    correlation_data: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Intake:
+    """One received command: either ``command`` or ``error`` is set."""
+
+    command_name: str
+    request_id: str
+    route: ReplyRoute
+    command: CommandBase | None = None
+    error: CommandError | None = None
+
+    def reply_ok(self, *, job_id: str | None = None, data: dict[str, Any] | None = None) -> Reply:
+        return Reply(
+            request_id=self.request_id,
+            command=self.command_name,
+            status="ok",
+            job_id=job_id,
+            data=data,
+        )
+
+    def reply_error(self, error: CommandError | None = None) -> Reply:
+        failure = error or self.error
+        assert failure is not None, "reply_error needs an error"
+        return Reply(
+            request_id=self.request_id,
+            command=self.command_name,
+            status="error",
+            error=ErrorInfo(code=failure.code, message=failure.message),
+        )
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def command_level(topics: HostTopics, topic: str) -> str | None:
+    """The ``<command>`` of ``P/H/cmd/<command>``; None for any other topic."""
+    head = topics.base + "/cmd/"
+    if not topic.startswith(head):
+        return None
+    level = topic[len(head) :]
+    return level if "/" not in level else None
+
+
+def read_command(
+    topics: HostTopics,
+    level: str,
+    payload: bytes,
+    *,
+    retained: bool = False,
+    response_topic: str | None = None,
+    correlation_data: bytes | None = None,
+    max_bytes: int,
+) -> Intake:
+    command_name = level if _PLAIN_COMMAND_LEVEL.fullmatch(level) else "unknown"
+    default_route = ReplyRoute(topics.reply(command_name), correlation_data)
+
+    def failed(code: ErrorCode, message: str, request_id: str | None = None) -> Intake:
+        return Intake(
+            command_name=command_name,
+            request_id=request_id or new_request_id(),
+            route=default_route,
+            error=CommandError(code, message),
+        )
+
+    if response_topic is not None and not topics.is_allowed_response_topic(response_topic):
+        return failed(
+            ErrorCode.FORBIDDEN,
+            f"response topic {response_topic[:128]!r} is outside {topics.prefix}/reply/# and "
+            f"{topics.base}/reply/#; the command was not executed",
+        )
+    if retained:
+        return failed(
+            ErrorCode.FORBIDDEN,
+            "retained commands are never executed (they would run again on every restart); "
+            "publish without -r. The retained message was cleared",
+        )
+    route = ReplyRoute(response_topic, correlation_data) if response_topic else default_route
+    try:
+        command = decode_command(level, payload, max_bytes=max_bytes)
+    except CommandError as error:
+        return Intake(
+            command_name=command_name,
+            request_id=error.request_id or new_request_id(),
+            route=route,
+            error=error,
+        )
+    return Intake(
+        command_name=command_name,
+        request_id=command.request_id or new_request_id(),
+        route=route,
+        command=command,
+    )

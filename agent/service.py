@@ -1,0 +1,358 @@
+"""The agent service: wires the GPU backend, the telemetry core and the MQTT
+client together and runs them in one TaskGroup until asked to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from agent import __version__
+from agent.config import AgentConfig
+from agent.gpu.base import (
+    ChangeSignal,
+    DriverInfo,
+    GpuBackend,
+    GpuSample,
+    GpuUnavailableError,
+)
+from agent.intake import Intake, command_level, read_command
+from agent.mqtt import (
+    Connection,
+    ConnectionSettings,
+    Message,
+    ReconnectingClient,
+    Subscription,
+    Will,
+)
+from agent.telemetry import GPU_LOST, ChangeFilter, gpu_info, gpu_state, host_state
+from shared import PROTOCOL_VERSION
+from shared.commands import MAX_COMMAND_BYTES, CommandError
+from shared.messages import (
+    Availability,
+    ErrorCode,
+    Event,
+    GpuState,
+    HostInfo,
+    HostState,
+    Reply,
+    Severity,
+    encode,
+    utc_now,
+)
+from shared.topics import CommandName, HostTopics
+
+log = logging.getLogger("modelbus.agent")
+
+T = TypeVar("T")
+CommandHandler = Callable[[Intake], Awaitable[Reply]]
+# How long a clean shutdown may spend telling the broker we are going offline.
+OFFLINE_PUBLISH_TIMEOUT_S = 2.0
+
+
+def connection_settings(config: AgentConfig, topics: HostTopics) -> ConnectionSettings:
+    broker = config.broker
+    username, password = broker.credentials
+    return ConnectionSettings(
+        host=broker.host,
+        port=broker.port,
+        client_id=config.client_id,
+        username=username,
+        password=password,
+        protocol=broker.protocol,
+        keepalive_s=broker.keepalive_s,
+        persistent_session=True,
+        session_expiry_s=broker.session_expiry_s,
+        connect_timeout_s=broker.connect_timeout_s,
+        tls=broker.tls,
+        ca_file=broker.ca_file,
+        cert_file=broker.cert_file,
+        key_file=broker.key_file,
+        tls_insecure=broker.tls_insecure,
+        will=Will(topics.status, Availability.OFFLINE.value.encode(), qos=1, retain=True),
+        reconnect_min_s=broker.reconnect_min_s,
+        reconnect_max_s=broker.reconnect_max_s,
+    )
+
+
+class AgentService:
+    def __init__(self, config: AgentConfig, backend: GpuBackend) -> None:
+        self.config = config
+        self.backend = backend
+        self.topics = HostTopics(config.prefix, config.host_id)
+        self.started_at = utc_now()
+        self.driver: DriverInfo | None = None
+        self.gpus: list[GpuState] = []
+        self.state: HostState | None = None
+        self._samples: tuple[GpuSample, ...] = ()
+        self._changes = ChangeFilter()
+        # Sampling and publishing of telemetry never interleave: a reconnect's
+        # republish and a change-triggered publish would otherwise race.
+        self._telemetry_lock = asyncio.Lock()
+        # Retained commands we cleared: their empty echo is not a new command.
+        self._pending_clears: set[str] = set()
+        self.handlers: dict[str, CommandHandler] = {CommandName.STATUS: self._status}
+        self.client = ReconnectingClient(
+            connection_settings(config, self.topics),
+            subscriptions=[Subscription(self.topics.command_filter, 1, retain_as_published=True)],
+            on_connected=self._on_connected,
+            on_message=self._on_message,
+            name="agent",
+        )
+        self._protocol: str = "5"
+
+    # ---- lifecycle -------------------------------------------------------
+
+    async def start(self) -> None:
+        """Query the GPUs once; raises GpuUnavailableError with a user-facing sentence."""
+        self.driver = await self._call(self.backend.driver_info)
+        await self._sample()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set; raises BrokerRefusedError on bad credentials."""
+        if self.driver is None:
+            await self.start()
+        async with asyncio.TaskGroup() as group:
+            client_task = group.create_task(self.client.run(), name="mqtt")
+            telemetry_task = group.create_task(self._telemetry_loop(), name="telemetry")
+            await stop.wait()
+            await self._announce_offline()
+            telemetry_task.cancel()
+            client_task.cancel()
+        await asyncio.to_thread(self.backend.close)
+
+    async def _announce_offline(self) -> None:
+        try:
+            async with asyncio.timeout(OFFLINE_PUBLISH_TIMEOUT_S):
+                await self.client.publish(
+                    self.topics.status, Availability.OFFLINE.value, qos=1, retain=True
+                )
+        except TimeoutError:
+            log.warning("could not publish 'offline' in time; the broker's will covers it")
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        """Blocking backend calls run off the event loop, under a timeout."""
+        return await asyncio.wait_for(
+            asyncio.to_thread(fn), timeout=self.config.telemetry.sample_timeout_s
+        )
+
+    # ---- telemetry -------------------------------------------------------
+
+    async def _sample(self) -> None:
+        previous = {s.index: s.lost for s in self._samples}
+        self._samples = await self._call(self.backend.sample)
+        ts = utc_now()
+        self.gpus = [gpu_state(sample, ts) for sample in self._samples]
+        self.state = host_state(self.gpus, ts)
+        for sample in self._samples:
+            if sample.lost and not previous.get(sample.index, False):
+                await self._event(
+                    Event(
+                        event_type=GPU_LOST,
+                        severity=Severity.CRITICAL,
+                        message=f"GPU {sample.index} ({sample.name}) stopped answering",
+                        gpu=sample.index,
+                    )
+                )
+
+    async def _telemetry_loop(self) -> None:
+        telemetry = self.config.telemetry
+        signal = self.backend.change_signal() if telemetry.publish_on_change else None
+        if signal is not None:
+            await self._follow_change_signal(signal)
+        elif telemetry.publish_on_change:
+            await self._poll_for_changes()
+        else:
+            while True:
+                await asyncio.sleep(telemetry.interval_s)
+                await self._refresh(publish_all=True)
+
+    async def _follow_change_signal(self, signal: ChangeSignal) -> None:
+        """Sleep until a writer announces a change, a silent change falls due (memory
+        coming back after a release) or the periodic tick: no polling while idle."""
+        telemetry = self.config.telemetry
+        changed = asyncio.Event()
+
+        def on_readable() -> None:
+            # Drain here: the reader is level-triggered and would otherwise spin.
+            signal.drain()
+            changed.set()
+
+        loop = asyncio.get_running_loop()
+        loop.add_reader(signal.fileno(), on_readable)
+        try:
+            next_tick = time.monotonic() + telemetry.interval_s
+            while True:
+                timeout = next_tick - time.monotonic()
+                due = signal.next_due_s()
+                if due is not None:
+                    timeout = min(timeout, due)
+                if timeout > 0 and not changed.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(timeout):
+                            await changed.wait()
+                changed.clear()
+                tick = time.monotonic() >= next_tick
+                if tick:
+                    next_tick = time.monotonic() + telemetry.interval_s
+                await self._refresh(publish_all=tick)
+                if not tick:
+                    # A loading server changes memory many times a second: coalesce.
+                    await asyncio.sleep(telemetry.change_coalesce_s)
+        finally:
+            loop.remove_reader(signal.fileno())
+
+    async def _poll_for_changes(self) -> None:
+        """For backends without notifications: compare a cheap signature between ticks."""
+        telemetry = self.config.telemetry
+        next_tick = time.monotonic() + telemetry.interval_s
+        signature = await self._signature()
+        while True:
+            await asyncio.sleep(
+                max(0.0, min(telemetry.watch_interval_s, next_tick - time.monotonic()))
+            )
+            current = await self._signature()
+            tick = time.monotonic() >= next_tick
+            if tick:
+                next_tick = time.monotonic() + telemetry.interval_s
+            if tick or current != signature:
+                signature = current
+                await self._refresh(publish_all=tick)
+
+    async def _signature(self) -> tuple[int, ...]:
+        try:
+            return await self._call(self.backend.memory_signature)
+        except (GpuUnavailableError, TimeoutError) as exc:
+            log.warning("GPU change watch failed: %s", exc or "timed out")
+            return ()
+
+    async def _refresh(self, *, publish_all: bool) -> None:
+        async with self._telemetry_lock:
+            try:
+                await self._sample()
+            except (GpuUnavailableError, TimeoutError) as exc:
+                log.error("GPU sampling failed: %s", exc or "timed out")
+                return
+            connection = self.client.connection
+            if connection is not None:
+                await self._publish_telemetry(connection, publish_all=publish_all)
+
+    async def _publish_telemetry(self, connection: Connection, *, publish_all: bool) -> None:
+        for gpu in self.gpus:
+            topic = self.topics.gpu(gpu.index)
+            if self._changes.changed(topic, gpu) or publish_all:
+                await connection.publish(topic, encode(gpu), qos=0, retain=True)
+        assert self.state is not None
+        if self._changes.changed(self.topics.state, self.state) or publish_all:
+            await connection.publish(self.topics.state, encode(self.state), qos=0, retain=True)
+
+    def host_info(self) -> HostInfo:
+        driver = self.driver or DriverInfo(self.backend.name, None, None)
+        return HostInfo(
+            host_id=self.config.host_id,
+            hostname=socket.gethostname(),
+            agent_version=__version__,
+            protocol_version=PROTOCOL_VERSION,
+            mqtt_protocol="3.1.1" if self._protocol == "3.1.1" else "5",
+            gpu_backend=driver.backend,
+            driver_version=driver.driver_version,
+            cuda_version=driver.cuda_version,
+            gpus=[gpu_info(sample) for sample in self._samples],
+            commands=sorted(self.handlers),
+            started_at=self.started_at,
+            ts=utc_now(),
+        )
+
+    # ---- connection ------------------------------------------------------
+
+    async def _on_connected(self, connection: Connection) -> None:
+        """Republish every retained topic, then announce ``online``: a watcher
+        that sees ``online`` can trust the retained state beside it."""
+        self._protocol = connection.protocol
+        await connection.publish(self.topics.info, encode(self.host_info()), qos=1, retain=True)
+        async with self._telemetry_lock:
+            self._changes.forget()
+            await self._publish_telemetry(connection, publish_all=True)
+        await connection.publish(self.topics.status, Availability.ONLINE.value, qos=1, retain=True)
+
+    async def _event(self, event: Event) -> None:
+        log.log(
+            logging.ERROR
+            if event.severity in (Severity.ERROR, Severity.CRITICAL)
+            else logging.INFO,
+            "event %s: %s",
+            event.event_type,
+            event.message,
+        )
+        await self.client.publish(self.topics.events, encode(event), qos=1)
+
+    # ---- commands --------------------------------------------------------
+
+    async def _on_message(self, connection: Connection, message: Message) -> None:
+        level = command_level(self.topics, message.topic)
+        if level is None:
+            return
+        if message.topic in self._pending_clears and not message.payload:
+            self._pending_clears.discard(message.topic)
+            return
+        intake = read_command(
+            self.topics,
+            level,
+            message.payload,
+            retained=message.retain,
+            response_topic=message.response_topic,
+            correlation_data=message.correlation_data,
+            max_bytes=MAX_COMMAND_BYTES,
+        )
+        if message.retain:
+            self._pending_clears.add(message.topic)
+            await connection.publish(message.topic, b"", qos=1, retain=True)
+        reply = await self._execute(intake)
+        if reply.status == "error" and reply.error is not None:
+            log.info(
+                "command %s refused (%s): %s",
+                intake.command_name,
+                reply.error.code,
+                reply.error.message,
+            )
+        await connection.publish(
+            intake.route.topic,
+            encode(reply),
+            qos=1,
+            correlation_data=intake.route.correlation_data,
+        )
+
+    async def _execute(self, intake: Intake) -> Reply:
+        if intake.error is not None or intake.command is None:
+            return intake.reply_error()
+        handler = self.handlers.get(intake.command_name)
+        if handler is None:
+            return intake.reply_error(
+                CommandError(
+                    ErrorCode.UNKNOWN_COMMAND,
+                    f"this agent does not execute {intake.command_name!r} yet; "
+                    f"it executes: {', '.join(sorted(self.handlers))}",
+                )
+            )
+        try:
+            return await handler(intake)
+        except Exception:  # one bad command must never take the agent down
+            log.exception("command %s failed", intake.command_name)
+            return intake.reply_error(
+                CommandError(
+                    ErrorCode.INTERNAL, "the agent failed to execute the command; see its log"
+                )
+            )
+
+    async def _status(self, intake: Intake) -> Reply:
+        return intake.reply_ok(
+            data={
+                "info": self.host_info().model_dump(mode="json"),
+                "state": self.state.model_dump(mode="json") if self.state else None,
+                "gpus": [gpu.model_dump(mode="json") for gpu in self.gpus],
+            }
+        )

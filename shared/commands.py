@@ -1,0 +1,230 @@
+"""Command payloads and the one codec that reads them.
+
+A command arrives on ``P/H/cmd/<command>`` as a JSON object, or as bare text
+that is the command's main argument (``mosquitto_pub ... -m qwen3-vl-30b``).
+Everything that can go wrong becomes a ``CommandError`` with a code from the
+contract and one sentence naming what was wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, ClassVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
+
+from shared.messages import ErrorCode
+from shared.topics import JOB_ID_PATTERN, MODEL_NAME_PATTERN, CommandName
+
+# Commands are small; anything bigger is a mistake or an attack.
+MAX_COMMAND_BYTES = 16 * 1024
+MAX_REQUEST_ID_CHARS = 128
+
+ModelName = Annotated[str, StringConstraints(pattern=f"^{MODEL_NAME_PATTERN}$")]
+JobId = Annotated[str, StringConstraints(pattern=f"^{JOB_ID_PATTERN}$")]
+RequestId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_REQUEST_ID_CHARS)]
+
+
+# Hugging Face repo ids: "org/name" or "name", as the hub validates them.
+def _no_double_separators(repo: str) -> str:
+    if "--" in repo or ".." in repo:
+        raise ValueError("repo ids may not contain '--' or '..'")
+    return repo
+
+
+RepoId = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$"
+    ),
+    AfterValidator(_no_double_separators),
+]
+GlobPattern = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+GpuIndex = Annotated[int, Field(ge=0, le=63)]
+
+
+class CommandBase(BaseModel):
+    # strict: "1" is not a GPU index and "yes" is not a boolean; say so instead of guessing.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    command_name: ClassVar[CommandName]
+    # The field that bare text fills; None for commands that take no argument.
+    main_argument: ClassVar[str | None]
+
+    request_id: RequestId | None = None
+
+
+class LoadCommand(CommandBase):
+    command_name = CommandName.LOAD
+    main_argument = "model"
+    model: ModelName
+    gpu: GpuIndex | None = None
+    priority: int | None = Field(default=None, ge=-1000, le=1000)
+    wait: bool = False
+
+
+class UnloadCommand(CommandBase):
+    command_name = CommandName.UNLOAD
+    main_argument = "model"
+    model: ModelName
+    force: bool = False
+    wait: bool = False
+
+
+class SwitchCommand(CommandBase):
+    command_name = CommandName.SWITCH
+    main_argument = "model"
+    model: ModelName
+    gpu: GpuIndex | None = None
+    exclusive: bool = False
+    wait: bool = False
+
+
+class PlanCommand(CommandBase):
+    command_name = CommandName.PLAN
+    main_argument = "model"
+    model: ModelName
+    gpu: GpuIndex | None = None
+    exclusive: bool = False
+
+
+class InstallCommand(CommandBase):
+    command_name = CommandName.INSTALL
+    main_argument = "repo"
+    repo: RepoId
+    revision: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    include: list[GlobPattern] | None = Field(default=None, max_length=64)
+    exclude: list[GlobPattern] | None = Field(default=None, max_length=64)
+    name: ModelName | None = None
+    wait: bool = False
+
+
+class UninstallCommand(CommandBase):
+    command_name = CommandName.UNINSTALL
+    main_argument = "name"
+    name: ModelName
+    wait: bool = False
+
+
+class CancelCommand(CommandBase):
+    command_name = CommandName.CANCEL
+    main_argument = "job_id"
+    job_id: JobId
+
+
+class StatusCommand(CommandBase):
+    command_name = CommandName.STATUS
+    main_argument = None
+
+
+COMMAND_MODELS: dict[CommandName, type[CommandBase]] = {
+    model.command_name: model
+    for model in (
+        LoadCommand,
+        UnloadCommand,
+        SwitchCommand,
+        PlanCommand,
+        InstallCommand,
+        UninstallCommand,
+        CancelCommand,
+        StatusCommand,
+    )
+}
+
+
+class CommandError(Exception):
+    """A command that cannot be executed; becomes one error reply."""
+
+    def __init__(self, code: ErrorCode, message: str, *, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+def decode_command(
+    command: str, payload: bytes, *, max_bytes: int = MAX_COMMAND_BYTES
+) -> CommandBase:
+    """Read a command payload (JSON object or bare text) into its model."""
+    try:
+        name = CommandName(command)
+    except ValueError:
+        known = ", ".join(c.value for c in CommandName)
+        raise CommandError(
+            ErrorCode.UNKNOWN_COMMAND, f"unknown command {command[:64]!r}: use one of {known}"
+        ) from None
+    if len(payload) > max_bytes:
+        raise CommandError(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"payload is {len(payload)} bytes; commands are limited to {max_bytes} bytes",
+        )
+    try:
+        text = payload.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CommandError(ErrorCode.INVALID_PAYLOAD, "payload is not UTF-8 text") from None
+    model = COMMAND_MODELS[name]
+    fields = _fields_from_text(model, text)
+    request_id = fields.get("request_id")
+    echo = (
+        request_id
+        if isinstance(request_id, str) and len(request_id) <= MAX_REQUEST_ID_CHARS
+        else None
+    )
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise CommandError(
+            ErrorCode.INVALID_PAYLOAD, f"{name}: {describe_validation_error(exc)}", request_id=echo
+        ) from None
+
+
+def _fields_from_text(model: type[CommandBase], text: str) -> dict[str, Any]:
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CommandError(
+                ErrorCode.INVALID_PAYLOAD,
+                f"payload looks like JSON but is not valid: {exc.msg} at character {exc.pos}",
+            ) from None
+        if not isinstance(value, dict):
+            raise CommandError(ErrorCode.INVALID_PAYLOAD, "a JSON payload must be an object")
+        return value
+    if text.startswith(("[", '"')):
+        # A JSON string or array is neither an object nor bare text: refuse it
+        # rather than treating '"qwen"' (quotes included) as a model name.
+        raise CommandError(
+            ErrorCode.INVALID_PAYLOAD,
+            "payload must be a JSON object or bare text without quotes",
+        )
+    if not text:
+        return {}
+    if model.main_argument is None:
+        raise CommandError(
+            ErrorCode.INVALID_PAYLOAD,
+            f"{model.command_name} takes no argument; send an empty payload or a JSON object",
+        )
+    return {model.main_argument: text}
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One readable sentence for the first problems pydantic found, naming the fields."""
+    parts = []
+    for error in exc.errors()[:3]:
+        field = ".".join(str(part) for part in error["loc"]) or "payload"
+        if error["type"] == "extra_forbidden":
+            parts.append(f"unknown field {field!r}")
+        elif error["type"] == "missing":
+            parts.append(f"missing field {field!r}")
+        else:
+            parts.append(f"field {field!r}: {error['msg']}")
+    more = len(exc.errors()) - 3
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)

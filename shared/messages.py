@@ -1,0 +1,270 @@
+"""Pydantic models of everything the agent publishes.
+
+Published payloads ignore fields they do not know, so an older TUI keeps
+working against a newer agent; commands (``shared.commands``) are strict.
+Sizes are MiB in ``*_mb`` fields, power in watts, temperatures in °C, times
+ISO-8601 UTC in ``*_at``/``ts``, durations in seconds in ``*_s``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Published(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Availability(StrEnum):
+    """The plain-text payload of ``P/H/status`` (retained, and the MQTT will)."""
+
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class GpuProcess(Published):
+    pid: int
+    used_mb: int | None = None
+    name: str | None = None
+    model: str | None = Field(default=None, description="catalog model owning this process")
+    container: str | None = Field(default=None, description="Docker container name, if any")
+
+
+class GpuState(Published):
+    """``P/H/gpu/<index>``: one GPU, refreshed every interval and on change."""
+
+    index: int
+    uuid: str | None = None
+    name: str | None = None
+    memory_total_mb: int | None = None
+    memory_used_mb: int | None = None
+    memory_free_mb: int | None = None
+    utilization_percent: int | None = None
+    memory_utilization_percent: int | None = None
+    temperature_c: int | None = None
+    power_w: float | None = None
+    power_limit_w: float | None = None
+    processes: list[GpuProcess] = Field(default_factory=list)
+    alerts: list[str] = Field(
+        default_factory=list, description="active alert names; 'gpu_lost' when it stopped answering"
+    )
+    ts: datetime
+
+
+class GpuInfo(Published):
+    index: int
+    uuid: str | None = None
+    name: str | None = None
+    memory_total_mb: int | None = None
+
+
+class HostInfo(Published):
+    """``P/H/info``: what this agent is and can do; changes rarely."""
+
+    host_id: str
+    hostname: str
+    agent_version: str
+    protocol_version: str = Field(description="modelbus contract version")
+    mqtt_protocol: Literal["5", "3.1.1"]
+    gpu_backend: str = Field(description="'nvml' for real GPUs, 'sim' for simulated ones")
+    driver_version: str | None = None
+    cuda_version: str | None = None
+    gpus: list[GpuInfo] = Field(default_factory=list)
+    commands: list[str] = Field(default_factory=list, description="commands this agent executes")
+    started_at: datetime
+    ts: datetime
+
+
+class LoadedModel(Published):
+    """One entry of ``loaded_models``, in the shape of the original ``/models/status``."""
+
+    model: str
+    service: str | None = None
+    loaded_at: datetime | None = None
+    status: str
+
+
+class GpuSummary(Published):
+    index: int
+    name: str | None = None
+    memory_total_mb: int | None = None
+    memory_used_mb: int | None = None
+    memory_free_mb: int | None = None
+    utilization_percent: int | None = None
+    alerts: list[str] = Field(default_factory=list)
+
+
+class HostState(Published):
+    """``P/H/state``: the host summary (totals over all GPUs) plus per-GPU detail."""
+
+    total_mb: int
+    used_mb: int
+    free_mb: int
+    utilization_percent: int | None = None
+    loaded_models: dict[str, LoadedModel] = Field(default_factory=dict)
+    gpus: list[GpuSummary] = Field(default_factory=list)
+    queue_length: int = 0
+    active_job: str | None = None
+    ts: datetime
+
+
+class ModelLifecycle(StrEnum):
+    STOPPED = "stopped"
+    LOADING = "loading"
+    READY = "ready"
+    UNLOADING = "unloading"
+    ERROR = "error"
+    CRASHED = "crashed"
+
+
+class ModelState(Published):
+    """``P/H/models/<name>``; an empty retained payload when removed from the catalog."""
+
+    name: str
+    runtime: str
+    state: ModelLifecycle
+    gpus: list[int] = Field(default_factory=list)
+    vram_estimate_mb: int | None = None
+    vram_used_mb: int | None = None
+    health: str | None = None
+    loaded_at: datetime | None = None
+    last_used_at: datetime | None = None
+    last_load_s: float | None = None
+    priority: int = 0
+    pinned: bool = False
+    description: str | None = None
+    error: str | None = None
+    ts: datetime
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class JobPhase(StrEnum):
+    QUEUED = "queued"
+    EVICTING = "evicting"
+    WAITING_VRAM = "waiting_vram"
+    STARTING = "starting"
+    LOADING = "loading"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    DONE = "done"
+
+
+class ErrorCode(StrEnum):
+    INVALID_PAYLOAD = "invalid_payload"
+    UNKNOWN_COMMAND = "unknown_command"
+    UNKNOWN_MODEL = "unknown_model"
+    INSUFFICIENT_VRAM = "insufficient_vram"
+    INSUFFICIENT_DISK = "insufficient_disk"
+    QUEUE_FULL = "queue_full"
+    NOT_FOUND = "not_found"
+    BUSY = "busy"
+    TIMEOUT = "timeout"
+    LOAD_FAILED = "load_failed"
+    CANCELLED = "cancelled"
+    FORBIDDEN = "forbidden"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    INTERNAL = "internal"
+
+
+class ErrorInfo(Published):
+    code: ErrorCode
+    message: str
+    details: dict[str, Any] | None = None
+
+
+class JobState(Published):
+    """``P/H/jobs/<job_id>``: retained while relevant, then cleared with an empty payload."""
+
+    job_id: str
+    command: str
+    model: str | None = None
+    repo: str | None = None
+    request_id: str | None = None
+    state: JobStatus
+    phase: JobPhase
+    progress: float = Field(default=0.0, ge=0.0, le=1.0)
+    eta_s: float | None = None
+    bytes_done: int | None = None
+    bytes_total: int | None = None
+    queue_position: int | None = None
+    message: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    result: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+    ts: datetime
+
+
+class InstalledWeights(Published):
+    name: str
+    repo: str
+    revision: str | None = None
+    size_mb: int
+    path: str
+    used_by: list[str] = Field(default_factory=list)
+
+
+class WeightsState(Published):
+    """``P/H/weights``: installed weights and the disk they live on."""
+
+    weights: list[InstalledWeights] = Field(default_factory=list)
+    weights_dir: str
+    used_mb: int
+    disk_total_mb: int | None = None
+    disk_free_mb: int | None = None
+    ts: datetime
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+    CRITICAL = "critical"
+
+
+class Event(Published):
+    """``P/H/events`` (not retained): something happened worth telling people about."""
+
+    event_type: str = Field(
+        description="model_loaded, model_unloaded, model_load_failed, model_crashed, "
+        "swap_completed, job_failed, vram_high, temperature_high, vram_leak, gpu_lost, ..."
+    )
+    severity: Severity
+    message: str
+    model: str | None = None
+    gpu: int | None = None
+    job_id: str | None = None
+    ts: datetime = Field(default_factory=utc_now)
+
+
+class Reply(Published):
+    """The one answer to every command, on the response topic or ``P/H/reply/<command>``."""
+
+    request_id: str
+    command: str
+    status: Literal["ok", "error"]
+    job_id: str | None = None
+    data: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+    ts: datetime = Field(default_factory=utc_now)
+
+
+def encode(message: BaseModel) -> bytes:
+    """The one way payloads are serialised: compact JSON, UTF-8."""
+    return message.model_dump_json().encode()

@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.config import ConfigError, load_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_a_file() -> None:
+    config = load_config(None, environ={})
+    assert config.prefix == "modelbus"
+    assert config.broker.host == "127.0.0.1" and config.broker.port == 1883
+    assert config.telemetry.interval_s == 1.0
+    assert config.client_id == f"modelbus-agent-{config.host_id}"
+
+
+def test_file_then_environment_then_flags(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "host_id: from-file\nprefix: lab\nbroker:\n  url: mqtt://file:1883\n"
+        "gpu:\n  backend: nvml\n",
+    )
+    config = load_config(
+        path,
+        environ={"MODELBUS_HOST_ID": "from-env", "MODELBUS_BROKER": "mqtt://env:1999"},
+        overrides={"host_id": "from-flag", "gpu.backend": "sim", "prefix": None},
+    )
+    assert config.host_id == "from-flag"
+    assert config.broker.host == "env" and config.broker.port == 1999
+    assert config.prefix == "lab"
+    assert config.gpu.backend == "sim"
+
+
+def test_broker_urls_with_credentials_and_tls() -> None:
+    config = load_config(
+        None, environ={"MODELBUS_BROKER": "mqtts://agent:p%40ss@broker.lan"}, overrides={}
+    )
+    assert config.broker.tls
+    assert config.broker.port == 8883
+    assert config.broker.credentials == ("agent", "p@ss")
+    assert "p@ss" not in config.broker.redacted_url()
+    explicit = load_config(
+        None,
+        environ={"MODELBUS_BROKER": "mqtt://u:url@h", "MODELBUS_BROKER_PASSWORD": "env-secret"},
+    )
+    assert explicit.broker.credentials == ("u", "env-secret")
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("telemetry:\n  interval_s: 0\n", "telemetry.interval_s"),
+        ("host_id: Bad/Host\n", "host_id"),
+        ("prefix: a/+\n", "prefix"),
+        ("broker:\n  url: http://x\n", "broker.url"),
+        ("broker:\n  url: mqtt://h:99999\n", "broker.url"),
+        ("gpu:\n  backend: cuda\n", "gpu.backend"),
+        ("gpu:\n  sim:\n    gpus: []\n", "gpu.sim.gpus"),
+        ("telemetery:\n  interval_s: 1\n", "unknown field 'telemetery'"),
+        ("broker:\n  reconnect_min_s: 5\n  reconnect_max_s: 1\n", "reconnect_max_s"),
+        ("- a\n- b\n", "top level must be a mapping"),
+        ("a: [\n", "line 2"),
+    ],
+)
+def test_errors_name_the_file_and_the_field(tmp_path: Path, text: str, fragment: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    assert str(path) in str(caught.value)
+    assert fragment in str(caught.value)
+
+
+def test_environment_errors_are_reported_too() -> None:
+    with pytest.raises(ConfigError, match=r"telemetry\.interval_s"):
+        load_config(None, environ={"MODELBUS_TELEMETRY_INTERVAL": "soon"})
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml", environ={})

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from agent.intake import command_level, read_command
+from shared.commands import StatusCommand, SwitchCommand
+from shared.messages import ErrorCode
+from shared.topics import HostTopics
+
+TOPICS = HostTopics("modelbus", "gpu1")
+
+
+def read(level: str, payload: bytes = b"", **kwargs: object):  # type: ignore[no-untyped-def]
+    return read_command(TOPICS, level, payload, max_bytes=1024, **kwargs)  # type: ignore[arg-type]
+
+
+def test_command_level() -> None:
+    assert command_level(TOPICS, "modelbus/gpu1/cmd/switch") == "switch"
+    assert command_level(TOPICS, "modelbus/gpu2/cmd/switch") is None
+    assert command_level(TOPICS, "modelbus/gpu1/state") is None
+
+
+def test_valid_command_replies_on_the_default_topic() -> None:
+    intake = read("switch", b"qwen")
+    assert intake.command == SwitchCommand(model="qwen")
+    assert intake.route.topic == "modelbus/gpu1/reply/switch"
+    assert intake.error is None
+    assert len(intake.request_id) == 16
+
+
+def test_allowed_response_topic_and_correlation_are_used() -> None:
+    intake = read(
+        "status",
+        b'{"request_id": "abc"}',
+        response_topic="modelbus/reply/n8n",
+        correlation_data=b"c1",
+    )
+    assert intake.command == StatusCommand(request_id="abc")
+    assert intake.request_id == "abc"
+    assert (intake.route.topic, intake.route.correlation_data) == ("modelbus/reply/n8n", b"c1")
+    reply = intake.reply_ok(data={"x": 1})
+    assert (reply.status, reply.request_id, reply.command) == ("ok", "abc", "status")
+
+
+def test_forbidden_response_topic_is_refused_on_the_default_topic() -> None:
+    intake = read("status", response_topic="modelbus/gpu1/cmd/load")
+    assert intake.command is None and intake.error is not None
+    assert intake.error.code == ErrorCode.FORBIDDEN
+    assert intake.route.topic == "modelbus/gpu1/reply/status"
+
+
+def test_retained_commands_are_refused() -> None:
+    intake = read("switch", b"qwen", retained=True)
+    assert intake.command is None and intake.error is not None
+    assert intake.error.code == ErrorCode.FORBIDDEN
+    assert "retained" in intake.error.message
+
+
+def test_odd_command_levels_reply_on_reply_unknown() -> None:
+    intake = read("x" * 500)
+    assert intake.route.topic == "modelbus/gpu1/reply/unknown"
+    assert intake.error is not None and intake.error.code == ErrorCode.UNKNOWN_COMMAND
+    assert len(intake.error.message) < 200
+
+
+def test_error_reply_carries_code_and_message() -> None:
+    intake = read("load", b'{"model": 3, "request_id": "r9"}')
+    reply = intake.reply_error()
+    assert reply.status == "error" and reply.request_id == "r9"
+    assert reply.error is not None and reply.error.code == ErrorCode.INVALID_PAYLOAD
