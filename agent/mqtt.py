@@ -126,6 +126,11 @@ class Connection:
         self._client = client
         self.protocol: MqttProtocol = protocol
 
+    def socket(self) -> socket.socket | None:
+        """The TCP socket, for checks such as TCP_NODELAY."""
+        raw = self._client._client.socket()
+        return raw if isinstance(raw, socket.socket) else None
+
     async def publish(
         self,
         topic: str,

@@ -150,3 +150,25 @@ async def test_agent_waits_for_a_broker_that_is_down_at_start(
     async with watch(own_broker.port, topics.status) as bus:
         await bus.wait_topic(topics.status, lambda v: v == "online", raw=True, timeout=15)
     assert agent.process.poll() is None
+
+
+async def test_commands_sent_while_the_agent_is_away_arrive_when_it_returns(
+    broker: MosquittoBroker, prefix: str, start_agent
+) -> None:
+    topics = HostTopics(prefix, "gpu-a")
+    async with watch(broker.port, topics.status, topics.reply("status")) as bus:
+        agent = start_agent(broker.url, prefix)
+        await bus.wait_topic(topics.status, lambda v: v == "online", raw=True)
+        agent.kill()
+        await bus.wait_topic(topics.status, lambda v: v == "offline", raw=True)
+        # The broker holds this for the agent's persistent session (QoS 1).
+        await bus.connection.publish(
+            topics.command("status"), b'{"request_id": "while-away"}', qos=1
+        )
+        mark = len(bus.messages)
+        start_agent(broker.url, prefix)
+        reply = await bus.wait_topic(
+            topics.reply("status"), lambda v: v["request_id"] == "while-away", timeout=15
+        )
+        assert json.loads(reply.payload)["status"] == "ok"
+        await bus.wait_topic(topics.status, lambda v: v == "online", raw=True, after=mark)
