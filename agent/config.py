@@ -17,6 +17,7 @@ from urllib.parse import unquote, urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from agent.catalog import Catalog, ModelSpec
 from shared.commands import describe_validation_error
 from shared.topics import DEFAULT_PREFIX, is_host_id, is_prefix, sanitize_host_id
 
@@ -137,6 +138,26 @@ class GpuConfig(Strict):
     sim: SimConfig = Field(default_factory=SimConfig)
 
 
+class LifecycleConfig(Strict):
+    queue_limit: int = Field(default=32, ge=1, le=10000, description="queued swap jobs at most")
+    headroom_mb: int = Field(default=0, ge=0, description="keep this much free beyond a model")
+    vram_poll_s: float = Field(default=0.05, gt=0, le=1, description="waiting for VRAM")
+    vram_wait_timeout_s: float = Field(
+        default=30.0, gt=0, description="how long freed memory may take to come back"
+    )
+    health_poll_s: float = Field(default=0.05, gt=0, le=5, description="while a model loads")
+    monitor_interval_s: float = Field(
+        default=1.0, gt=0, description="how often ready models are checked (crash, ttl)"
+    )
+    health_failures: int = Field(
+        default=3, ge=1, description="failed health checks in a row that count as a crash"
+    )
+    job_retention_s: float = Field(
+        default=300.0, ge=0, description="finished jobs stay retained this long"
+    )
+    preload: list[str] = Field(default_factory=list, description="models to load at start")
+
+
 class AgentConfig(Strict):
     host_id: str = Field(default_factory=lambda: sanitize_host_id(socket.gethostname()))
     prefix: str = DEFAULT_PREFIX
@@ -145,6 +166,33 @@ class AgentConfig(Strict):
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     gpu: GpuConfig = Field(default_factory=GpuConfig)
+    lifecycle: LifecycleConfig = Field(default_factory=LifecycleConfig)
+    models: dict[str, ModelSpec] = Field(default_factory=dict)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _name_models(cls, value: Any) -> Any:
+        """In YAML a model is keyed by its name; the spec carries it too."""
+        if isinstance(value, dict):
+            return {
+                name: ({"name": name, **spec} if isinstance(spec, dict) else spec)
+                for name, spec in value.items()
+            }
+        return value
+
+    @model_validator(mode="after")
+    def _preload_in_catalog(self) -> AgentConfig:
+        unknown = [name for name in self.lifecycle.preload if name not in self.models]
+        if unknown:
+            raise ValueError(f"lifecycle.preload names models not in the catalog: {unknown}")
+        for name, spec in self.models.items():
+            if spec.name != name:
+                raise ValueError(f"models.{name}: name {spec.name!r} differs from its key")
+        return self
+
+    @property
+    def catalog(self) -> Catalog:
+        return Catalog(models=self.models)
 
     @field_validator("host_id")
     @classmethod

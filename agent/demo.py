@@ -25,6 +25,35 @@ DEMO_HOST = "demo"
 DEMO_PREFIX = "modelbus"
 
 
+# The original VRAM budget table, on one simulated 32 GB GPU: name, MiB, load seconds
+# (shortened from minutes), what it is.
+DEMO_MODELS: tuple[tuple[str, int, float, str], ...] = (
+    ("qwen3-vl-30b", 17408, 3.0, "Qwen3-VL 30B vision-language (llama.cpp)"),
+    ("whisperx", 6144, 1.5, "WhisperX speech recognition"),
+    ("ovi-11b", 22528, 4.0, "Ovi 11B audio-video generation"),
+    ("wan2.1-14b", 28672, 5.0, "Wan 2.1 14B video generation"),
+    ("infinitetalk", 8192, 2.0, "InfiniteTalk talking-head video"),
+)
+
+
+def demo_catalog(python: str = sys.executable, first_port: int = 18101) -> dict[str, object]:
+    """Simulated model servers (agent.simserver) for the five demo models."""
+    models: dict[str, object] = {}
+    for offset, (name, vram_mb, load_s, description) in enumerate(DEMO_MODELS):
+        argv = [python, "-m", "agent.simserver", "--port", "${PORT}", "--model", "${MODEL}"]
+        argv += ["--gpus", "${GPUS}", "--vram-mb", str(vram_mb), "--load-s", str(load_s)]
+        models[name] = {
+            "runtime": "process",
+            "process": {"argv": argv},
+            "port": first_port + offset,
+            "vram_mb": vram_mb,
+            "description": description,
+            "stop_timeout_s": 5,
+            "load_timeout_s": 60,
+        }
+    return models
+
+
 def demo_config(broker_url: str, state_dir: Path) -> dict[str, object]:
     return {
         "host_id": DEMO_HOST,
@@ -46,6 +75,7 @@ def demo_config(broker_url: str, state_dir: Path) -> dict[str, object]:
                 ],
             },
         },
+        "models": demo_catalog(),
     }
 
 

@@ -42,13 +42,21 @@ class Intake:
             data=data,
         )
 
-    def reply_error(self, error: CommandError | None = None) -> Reply:
+    def reply_error(
+        self,
+        error: CommandError | None = None,
+        *,
+        job_id: str | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> Reply:
         failure = error or self.error
         assert failure is not None, "reply_error needs an error"
         return Reply(
             request_id=self.request_id,
             command=self.command_name,
             status="error",
+            job_id=job_id,
+            data=data,
             error=ErrorInfo(code=failure.code, message=failure.message),
         )
 

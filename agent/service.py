@@ -21,6 +21,8 @@ from agent.gpu.base import (
     GpuUnavailableError,
 )
 from agent.intake import Intake, command_level, read_command
+from agent.lifecycle import Lifecycle
+from agent.model_commands import ModelCommands
 from agent.mqtt import (
     Connection,
     ConnectionSettings,
@@ -29,6 +31,8 @@ from agent.mqtt import (
     Subscription,
     Will,
 )
+from agent.runtimes.factory import build_runtimes
+from agent.store import Store
 from agent.telemetry import GPU_LOST, ChangeFilter, gpu_info, gpu_state, host_state
 from shared import PROTOCOL_VERSION
 from shared.commands import MAX_COMMAND_BYTES, CommandError
@@ -39,6 +43,9 @@ from shared.messages import (
     GpuState,
     HostInfo,
     HostState,
+    JobState,
+    JobStatus,
+    ModelState,
     Reply,
     Severity,
     encode,
@@ -49,7 +56,7 @@ from shared.topics import CommandName, HostTopics
 log = logging.getLogger("modelbus.agent")
 
 T = TypeVar("T")
-CommandHandler = Callable[[Intake], Awaitable[Reply]]
+CommandHandler = Callable[[Intake], Awaitable[Reply | None]]
 # How long a clean shutdown may spend telling the broker we are going offline.
 OFFLINE_PUBLISH_TIMEOUT_S = 2.0
 
@@ -95,7 +102,23 @@ class AgentService:
         self._telemetry_lock = asyncio.Lock()
         # Retained commands we cleared: their empty echo is not a new command.
         self._pending_clears: set[str] = set()
-        self.handlers: dict[str, CommandHandler] = {CommandName.STATUS: self._status}
+        self.store = Store.open(config.state_dir / "modelbus.db")
+        self.lifecycle = Lifecycle(
+            config.catalog,
+            config.lifecycle,
+            build_runtimes(config),
+            self.store,
+            self,
+            self._fresh_samples,
+            sim_state_file=str(config.sim_state_file) if config.gpu.backend == "sim" else None,
+        )
+        self.model_commands = ModelCommands(self.lifecycle, self._send_reply)
+        self.handlers: dict[str, CommandHandler] = {
+            CommandName.STATUS: self._status,
+            **self.model_commands.handlers(),
+        }
+        self._job_clearers: set[asyncio.Task[None]] = set()
+        self._jobs: dict[str, JobState] = {}
         self.client = ReconnectingClient(
             connection_settings(config, self.topics),
             subscriptions=[Subscription(self.topics.command_filter, 1, retain_as_published=True)],
@@ -116,14 +139,21 @@ class AgentService:
         """Serve until ``stop`` is set; raises BrokerRefusedError on bad credentials."""
         if self.driver is None:
             await self.start()
+        await self.lifecycle.start()
         async with asyncio.TaskGroup() as group:
             client_task = group.create_task(self.client.run(), name="mqtt")
             telemetry_task = group.create_task(self._telemetry_loop(), name="telemetry")
+            lifecycle_task = group.create_task(self.lifecycle.run(), name="lifecycle")
             await stop.wait()
+            # Model servers keep running: the next agent adopts them.
+            lifecycle_task.cancel()
             await self._announce_offline()
             telemetry_task.cancel()
             client_task.cancel()
+            for clearer in self._job_clearers:
+                clearer.cancel()
         await asyncio.to_thread(self.backend.close)
+        await asyncio.to_thread(self.store.close)
 
     async def _announce_offline(self) -> None:
         try:
@@ -142,12 +172,24 @@ class AgentService:
 
     # ---- telemetry -------------------------------------------------------
 
+    async def _fresh_samples(self) -> tuple[GpuSample, ...]:
+        return await self._call(self.backend.sample)
+
+    def _host_state(self) -> HostState:
+        return host_state(
+            self.gpus,
+            utc_now(),
+            loaded_models=self.lifecycle.loaded_models(),
+            queue_length=len(self.lifecycle.queue),
+            active_job=self.lifecycle.active_job,
+        )
+
     async def _sample(self) -> None:
         previous = {s.index: s.lost for s in self._samples}
         self._samples = await self._call(self.backend.sample)
         ts = utc_now()
-        self.gpus = [gpu_state(sample, ts) for sample in self._samples]
-        self.state = host_state(self.gpus, ts)
+        self.gpus = [gpu_state(sample, ts, self.lifecycle.owner_of) for sample in self._samples]
+        self.state = self._host_state()
         for sample in self._samples:
             if sample.lost and not previous.get(sample.index, False):
                 await self._event(
@@ -274,6 +316,12 @@ class AgentService:
         that sees ``online`` can trust the retained state beside it."""
         self._protocol = connection.protocol
         await connection.publish(self.topics.info, encode(self.host_info()), qos=1, retain=True)
+        for record in self.lifecycle.models.values():
+            await connection.publish(
+                self.topics.model(record.spec.name), encode(record.snapshot()), qos=1, retain=True
+            )
+        for job in list(self._jobs.values()):
+            await connection.publish(self.topics.job(job.job_id), encode(job), qos=1, retain=True)
         async with self._telemetry_lock:
             self._changes.forget()
             await self._publish_telemetry(connection, publish_all=True)
@@ -312,6 +360,10 @@ class AgentService:
             self._pending_clears.add(message.topic)
             await connection.publish(message.topic, b"", qos=1, retain=True)
         reply = await self._execute(intake)
+        if reply is not None:
+            await self._send_reply(intake, reply)
+
+    async def _send_reply(self, intake: Intake, reply: Reply) -> None:
         if reply.status == "error" and reply.error is not None:
             log.info(
                 "command %s refused (%s): %s",
@@ -319,14 +371,14 @@ class AgentService:
                 reply.error.code,
                 reply.error.message,
             )
-        await connection.publish(
+        await self.client.publish(
             intake.route.topic,
             encode(reply),
             qos=1,
             correlation_data=intake.route.correlation_data,
         )
 
-    async def _execute(self, intake: Intake) -> Reply:
+    async def _execute(self, intake: Intake) -> Reply | None:
         if intake.error is not None or intake.command is None:
             return intake.reply_error()
         handler = self.handlers.get(intake.command_name)
@@ -339,7 +391,9 @@ class AgentService:
                 )
             )
         try:
-            return await handler(intake)
+            reply = await handler(intake)
+        except CommandError as error:
+            return intake.reply_error(error)
         except Exception:  # one bad command must never take the agent down
             log.exception("command %s failed", intake.command_name)
             return intake.reply_error(
@@ -347,6 +401,8 @@ class AgentService:
                     ErrorCode.INTERNAL, "the agent failed to execute the command; see its log"
                 )
             )
+        await self.state_changed()
+        return reply
 
     async def _status(self, intake: Intake) -> Reply:
         return intake.reply_ok(
@@ -354,5 +410,45 @@ class AgentService:
                 "info": self.host_info().model_dump(mode="json"),
                 "state": self.state.model_dump(mode="json") if self.state else None,
                 "gpus": [gpu.model_dump(mode="json") for gpu in self.gpus],
+                "models": [
+                    record.snapshot().model_dump(mode="json")
+                    for record in self.lifecycle.models.values()
+                ],
+                "jobs": [job.model_dump(mode="json") for job in self._jobs.values()],
             }
         )
+
+    # ---- the lifecycle's publisher ---------------------------------------
+
+    async def model_changed(self, state: ModelState) -> None:
+        await self.client.publish(self.topics.model(state.name), encode(state), qos=1, retain=True)
+        await self.state_changed()
+
+    async def job_changed(self, job: JobState) -> None:
+        if job.state in (JobStatus.QUEUED, JobStatus.RUNNING):
+            self._jobs[job.job_id] = job
+        else:
+            self._jobs.pop(job.job_id, None)
+        await self.client.publish(self.topics.job(job.job_id), encode(job), qos=1, retain=True)
+
+    async def job_finished(self, job: JobState) -> None:
+        await self.model_commands.job_finished(job)
+        clearer = asyncio.create_task(self._clear_job_later(job.job_id))
+        self._job_clearers.add(clearer)
+        clearer.add_done_callback(self._job_clearers.discard)
+
+    async def _clear_job_later(self, job_id: str) -> None:
+        """Finished jobs stay visible for a while, then leave the retained store."""
+        await asyncio.sleep(self.config.lifecycle.job_retention_s)
+        await self.client.publish(self.topics.job(job_id), b"", qos=1, retain=True)
+
+    async def event(self, event: Event) -> None:
+        await self._event(event)
+
+    async def state_changed(self) -> None:
+        if not self.gpus:
+            return
+        self.state = self._host_state()
+        connection = self.client.connection
+        if connection is not None and self._changes.changed(self.topics.state, self.state):
+            await connection.publish(self.topics.state, encode(self.state), qos=0, retain=True)

@@ -23,6 +23,8 @@ def write_agent_config(
     gpus: int = 1,
     memory_total_mb: int = 32768,
     interval_s: float = 1.0,
+    models: dict[str, Any] | None = None,
+    lifecycle: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
     config: dict[str, Any] = {
@@ -41,6 +43,13 @@ def write_agent_config(
                 ],
             },
         },
+    }
+    if models:
+        config["models"] = models
+    config["lifecycle"] = {
+        "vram_wait_timeout_s": 10,
+        "monitor_interval_s": 0.2,
+        **(lifecycle or {}),
     }
     for key, value in (extra or {}).items():
         config[key] = value

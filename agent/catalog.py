@@ -1,0 +1,129 @@
+"""The model catalog: which model servers this host can run and how.
+
+It lives under ``models:`` in the agent's YAML. Names are slugs (they appear in
+topics); the Hugging Face repo id, if any, lives in ``hf_repo``. Errors name the
+model and the field (``models.qwen3-vl-30b.vram_mb: ...``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shared.topics import is_model_name
+
+MACRO = re.compile(r"\$\{(PORT|MODEL|GPUS|HOST)\}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProcessLaunch(_Strict):
+    """Start a local process (no shell): ``argv`` with ``${PORT}``/``${MODEL}`` macros."""
+
+    argv: list[str] = Field(min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: Path | None = None
+
+
+class DockerLaunch(_Strict):
+    """Start an existing container by name, or create a labelled one from an image."""
+
+    container: str | None = Field(default=None, description="an existing container to start/stop")
+    image: str | None = None
+    command: list[str] | None = None
+    volumes: dict[str, str] = Field(
+        default_factory=dict, description="host path -> container path[:ro]"
+    )
+    env: dict[str, str] = Field(default_factory=dict)
+    ports: dict[int, int] = Field(
+        default_factory=dict, description="container port -> host port; default PORT -> PORT"
+    )
+    gpu_device_request: bool = Field(
+        default=True, description="ask Docker for the model's GPUs (NVIDIA container toolkit)"
+    )
+    network_mode: str | None = None
+
+    @model_validator(mode="after")
+    def _container_or_image(self) -> DockerLaunch:
+        if (self.container is None) == (self.image is None):
+            raise ValueError("give either 'container' (an existing one) or 'image', not both")
+        return self
+
+
+class ModelSpec(_Strict):
+    name: str
+    runtime: Literal["process", "docker"]
+    process: ProcessLaunch | None = None
+    docker: DockerLaunch | None = None
+    port: int = Field(ge=1, le=65535, description="where the server listens (${PORT})")
+    health_url: str = "http://127.0.0.1:${PORT}/health"
+    gpus: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    vram_mb: int = Field(gt=0, description="estimate until a load has measured the real use")
+    priority: int = Field(default=0, ge=-1000, le=1000, description="higher is evicted later")
+    pinned: bool = Field(default=False, description="never evicted to make room")
+    ttl_s: float | None = Field(default=None, gt=0, description="unload after this idle time")
+    load_timeout_s: float = Field(default=300.0, gt=0)
+    stop_timeout_s: float = Field(default=30.0, gt=0)
+    restart: Literal["never", "on-crash"] = "never"
+    hf_repo: str | None = None
+    description: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        if not is_model_name(value):
+            raise ValueError("model names are 1-64 of [A-Za-z0-9._-] (no '/')")
+        return value
+
+    @field_validator("gpus")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value) or min(value) < 0:
+            raise ValueError("gpus must be distinct GPU indexes")
+        return value
+
+    @model_validator(mode="after")
+    def _launch_matches_runtime(self) -> ModelSpec:
+        if self.runtime == "process" and self.process is None:
+            raise ValueError("runtime 'process' needs a 'process:' block with argv")
+        if self.runtime == "docker" and self.docker is None:
+            raise ValueError("runtime 'docker' needs a 'docker:' block")
+        if self.runtime == "process" and self.docker is not None:
+            raise ValueError("runtime 'process' cannot have a 'docker:' block")
+        if self.runtime == "docker" and self.process is not None:
+            raise ValueError("runtime 'docker' cannot have a 'process:' block")
+        return self
+
+    def expand(self, text: str) -> str:
+        """Replace ``${PORT}``, ``${MODEL}``, ``${GPUS}`` and ``${HOST}`` in one string."""
+        values = {
+            "PORT": str(self.port),
+            "MODEL": self.name,
+            "GPUS": ",".join(map(str, self.gpus)),
+            "HOST": "127.0.0.1",
+        }
+        return MACRO.sub(lambda m: values[m.group(1)], text)
+
+    @property
+    def health(self) -> str:
+        return self.expand(self.health_url)
+
+
+class Catalog(_Strict):
+    """All models, by name."""
+
+    models: dict[str, ModelSpec] = Field(default_factory=dict)
+
+    def get(self, name: str) -> ModelSpec | None:
+        return self.models.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.models
+
+    def names(self) -> list[str]:
+        return sorted(self.models)

@@ -1,0 +1,172 @@
+"""Jobs and the swap queue, pure: no I/O, no asyncio.
+
+GPU-changing work (load, unload, switch) runs one job at a time per host. The
+queue is bounded, ordered by priority then arrival, and a request equal to one
+already queued or running joins it instead of queueing a duplicate.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from shared.messages import ErrorCode, ErrorInfo, JobPhase, JobState, JobStatus, utc_now
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """What a job is asked to do; two equal requests are the same job."""
+
+    command: str  # load | unload | switch
+    model: str
+    gpu: int | None = None
+    exclusive: bool = False
+    force: bool = False
+
+
+@dataclass
+class Job:
+    request: JobRequest
+    request_id: str | None = None
+    priority: int = 0
+    job_id: str = field(default_factory=new_job_id)
+    state: JobStatus = JobStatus.QUEUED
+    phase: JobPhase = JobPhase.QUEUED
+    progress: float = 0.0
+    eta_s: float | None = None
+    message: str | None = None
+    created_at: datetime = field(default_factory=utc_now)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    result: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+    queue_position: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+    def start(self) -> None:
+        self.state = JobStatus.RUNNING
+        self.started_at = utc_now()
+        self.queue_position = None
+
+    def advance(self, phase: JobPhase, progress: float, message: str | None = None) -> None:
+        self.phase = phase
+        self.progress = max(self.progress, min(1.0, progress))
+        if message is not None:
+            self.message = message
+
+    def succeed(self, result: dict[str, Any] | None = None, message: str | None = None) -> None:
+        self._finish(JobStatus.SUCCEEDED, message)
+        self.progress = 1.0
+        self.result = result
+
+    def fail(self, code: ErrorCode, message: str, details: dict[str, Any] | None = None) -> None:
+        self._finish(JobStatus.FAILED, message)
+        self.error = ErrorInfo(code=code, message=message, details=details)
+
+    def cancel(self, message: str = "cancelled") -> None:
+        self._finish(JobStatus.CANCELLED, message)
+        self.error = ErrorInfo(code=ErrorCode.CANCELLED, message=message)
+
+    def _finish(self, state: JobStatus, message: str | None) -> None:
+        self.state = state
+        self.phase = JobPhase.DONE
+        self.finished_at = utc_now()
+        self.eta_s = 0.0 if state == JobStatus.SUCCEEDED else None
+        self.queue_position = None
+        if message is not None:
+            self.message = message
+
+    def snapshot(self) -> JobState:
+        return JobState(
+            job_id=self.job_id,
+            command=self.request.command,
+            model=self.request.model,
+            request_id=self.request_id,
+            state=self.state,
+            phase=self.phase,
+            progress=round(self.progress, 4),
+            eta_s=None if self.eta_s is None else round(self.eta_s, 2),
+            queue_position=self.queue_position,
+            message=self.message,
+            created_at=self.created_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            result=self.result,
+            error=self.error,
+            ts=utc_now(),
+        )
+
+
+class QueueFullError(Exception):
+    pass
+
+
+@dataclass
+class SwapQueue:
+    """Queued jobs by (priority desc, arrival), plus the one running job."""
+
+    limit: int = 32
+    running: Job | None = None
+    _queued: list[tuple[int, int, Job]] = field(default_factory=list)
+    _arrival: itertools.count[int] = field(default_factory=itertools.count)
+
+    def __len__(self) -> int:
+        return len(self._queued)
+
+    def queued(self) -> list[Job]:
+        return [job for _, _, job in self._queued]
+
+    def find(self, job_id: str) -> Job | None:
+        if self.running is not None and self.running.job_id == job_id:
+            return self.running
+        return next((job for job in self.queued() if job.job_id == job_id), None)
+
+    def submit(self, job: Job) -> tuple[Job, bool]:
+        """Queue ``job``, or return the equal job already queued or running
+        (``joined=True``). Raises QueueFullError when the queue is at its limit."""
+        for existing in ([self.running] if self.running else []) + self.queued():
+            if existing.request == job.request and not existing.finished:
+                return existing, True
+        if len(self._queued) >= self.limit:
+            raise QueueFullError(f"the swap queue is full ({self.limit} jobs); try again later")
+        self._queued.append((-job.priority, next(self._arrival), job))
+        self._queued.sort(key=lambda entry: (entry[0], entry[1]))
+        self._number()
+        return job, False
+
+    def take(self) -> Job | None:
+        """The next job to run; it becomes ``running``."""
+        if self.running is not None or not self._queued:
+            return None
+        _, _, job = self._queued.pop(0)
+        self.running = job
+        job.start()
+        self._number()
+        return job
+
+    def done(self, job: Job) -> None:
+        if self.running is job:
+            self.running = None
+
+    def remove(self, job_id: str) -> Job | None:
+        """Take a queued job out (to cancel it); None if it is not queued."""
+        for entry in self._queued:
+            if entry[2].job_id == job_id:
+                self._queued.remove(entry)
+                self._number()
+                return entry[2]
+        return None
+
+    def _number(self) -> None:
+        for position, (_, _, job) in enumerate(self._queued, start=1):
+            job.queue_position = position

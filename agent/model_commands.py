@@ -1,0 +1,132 @@
+"""The model commands (load, unload, switch, plan, cancel) as bus handlers.
+
+Job commands reply at once with the job id, or, with ``wait: true``, once when
+the job ends; a request equal to a queued or running one joins that job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from typing import Any
+
+from agent.intake import Intake
+from agent.jobs import JobRequest
+from agent.lifecycle import Lifecycle
+from agent.planner import Plan, Refusal
+from shared.commands import (
+    CancelCommand,
+    CommandError,
+    LoadCommand,
+    PlanCommand,
+    SwitchCommand,
+    UnloadCommand,
+)
+from shared.messages import ErrorCode, JobState, JobStatus, Reply
+from shared.topics import CommandName
+
+Handler = Callable[[Intake], Awaitable[Reply | None]]
+SendReply = Callable[[Intake, Reply], Awaitable[None]]
+
+
+class ModelCommands:
+    def __init__(self, lifecycle: Lifecycle, send_reply: SendReply) -> None:
+        self.lifecycle = lifecycle
+        self._send_reply = send_reply
+        self._waiting: dict[str, list[Intake]] = {}
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            CommandName.LOAD: self._job_command,
+            CommandName.UNLOAD: self._job_command,
+            CommandName.SWITCH: self._job_command,
+            CommandName.PLAN: self._plan,
+            CommandName.CANCEL: self._cancel,
+        }
+
+    async def _job_command(self, intake: Intake) -> Reply | None:
+        command = intake.command
+        priority = 0
+        if isinstance(command, LoadCommand):
+            request = JobRequest("load", command.model, gpu=command.gpu)
+            priority = command.priority or 0
+        elif isinstance(command, SwitchCommand):
+            request = JobRequest(
+                "switch", command.model, gpu=command.gpu, exclusive=command.exclusive
+            )
+        elif isinstance(command, UnloadCommand):
+            request = JobRequest("unload", command.model, force=command.force)
+        else:  # pragma: no cover - the handler table only routes the three above
+            raise CommandError(ErrorCode.INTERNAL, "not a job command")
+        job, joined = self.lifecycle.submit(
+            request, request_id=intake.request_id, priority=priority
+        )
+        if getattr(command, "wait", False):
+            self._waiting.setdefault(job.job_id, []).append(intake)
+            return None
+        return intake.reply_ok(
+            job_id=job.job_id,
+            data={
+                "state": job.state.value,
+                "joined": joined,
+                "queue_position": job.queue_position,
+            },
+        )
+
+    async def job_finished(self, job: JobState) -> None:
+        """Answer everyone who asked to wait for this job."""
+        for intake in self._waiting.pop(job.job_id, []):
+            data = {"job": job.model_dump(mode="json")}
+            if job.state == JobStatus.SUCCEEDED:
+                reply = intake.reply_ok(job_id=job.job_id, data=data)
+            else:
+                error = job.error
+                reply = intake.reply_error(
+                    CommandError(
+                        error.code if error else ErrorCode.INTERNAL,
+                        error.message if error else f"job {job.state.value}",
+                    ),
+                    job_id=job.job_id,
+                    data=data,
+                )
+            await self._send_reply(intake, reply)
+
+    async def _plan(self, intake: Intake) -> Reply:
+        command = intake.command
+        assert isinstance(command, PlanCommand)
+        result = await self.lifecycle.plan(command.model, command.gpu, command.exclusive)
+        return intake.reply_ok(data=describe_plan(command.model, result))
+
+    async def _cancel(self, intake: Intake) -> Reply:
+        command = intake.command
+        assert isinstance(command, CancelCommand)
+        job = await self.lifecycle.cancel(command.job_id)
+        return intake.reply_ok(
+            job_id=job.job_id, data={"job": job.snapshot().model_dump(mode="json")}
+        )
+
+
+def describe_plan(model: str, result: Plan | Refusal) -> dict[str, Any]:
+    if isinstance(result, Refusal):
+        return {
+            "model": model,
+            "fits": False,
+            "code": result.code,
+            "message": result.message,
+            "required_mb": result.required_mb,
+            "available_mb": result.available_mb,
+            "evictable_mb": result.evictable_mb,
+            "gpus": list(result.gpus),
+        }
+    plan = asdict(result)
+    return {
+        "model": model,
+        "fits": True,
+        "already_loaded": result.already_loaded,
+        "gpus": list(result.gpus),
+        "evict": list(result.evict),
+        "required_mb": result.required_mb,
+        "free_before_mb": {str(k): v for k, v in plan["free_before_mb"].items()},
+        "freed_mb": {str(k): v for k, v in plan["freed_mb"].items()},
+        "free_after_mb": {str(k): v for k, v in plan["free_after_mb"].items()},
+    }

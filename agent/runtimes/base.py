@@ -1,0 +1,69 @@
+"""What the lifecycle needs from a way of running model servers.
+
+Two runtimes implement it: ``process`` (a local process group) and ``docker``
+(containers through the Docker SDK). Both can adopt the servers they started
+before an agent restart, so the agent never loses track of VRAM it owns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from agent.catalog import ModelSpec
+
+
+class RuntimeFailure(Exception):
+    """A runtime could not do what was asked; the message is for the operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One running model server, as much as the agent needs to find it again."""
+
+    model: str
+    runtime: str
+    pid: int | None = None
+    container_id: str | None = None
+    container_name: str | None = None
+    started_at: float = 0.0  # time.time()
+    # Processes that belong to it (the group leader and children; a container's
+    # processes), for attributing GPU memory to the model.
+    pids: frozenset[int] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True, slots=True)
+class ExitStatus:
+    """Why an instance is no longer running."""
+
+    code: int | None
+    reason: str
+
+
+class Runtime(Protocol):
+    name: str
+
+    async def start(self, spec: ModelSpec, extra_env: dict[str, str]) -> Instance:
+        """Start the server for ``spec``; returns once it was launched (not healthy)."""
+        ...
+
+    async def stop(self, instance: Instance, timeout_s: float) -> None:
+        """Ask it to stop (SIGTERM / docker stop), kill after ``timeout_s``; idempotent."""
+        ...
+
+    async def exit_status(self, instance: Instance) -> ExitStatus | None:
+        """None while it runs; why it stopped otherwise."""
+        ...
+
+    def logs(self, instance: Instance, lines: int = 20) -> list[str]:
+        """Its last output lines, for error reports."""
+        ...
+
+    async def adopt(self, specs: dict[str, ModelSpec]) -> list[Instance]:
+        """Instances this runtime started earlier (pid files, container labels) that are
+        still running, for models still in the catalog."""
+        ...
+
+    async def pids(self, instance: Instance) -> frozenset[int]:
+        """The host pids that belong to the instance now."""
+        ...

@@ -1,0 +1,469 @@
+"""What the agent remembers across restarts, in one SQLite file under ``state_dir``.
+
+- Learned model facts: the VRAM a model really used and how long it took to load,
+  so the planner and the ETAs get better than the catalog's estimates.
+- Job history: every job's last published state, so a restarted agent can fail the
+  jobs it was running instead of leaving them "running" forever.
+- Loaded instances: what the agent started, in the runtime's own terms, so a restarted
+  agent knows what it owns (alongside the runtimes' pid files and container labels).
+
+Plain ``sqlite3``, no ORM. The schema version lives in ``PRAGMA user_version``;
+``MIGRATIONS[n]`` takes a database from version ``n`` to ``n + 1``, so a later release
+adds a table by appending a step, never by editing one that has shipped.
+
+Threading: the agent calls the store from ``asyncio.to_thread`` workers, so calls arrive
+on whichever pool thread is free. One connection is shared, opened with
+``check_same_thread=False``, and every call holds ``_lock`` for its whole transaction:
+a connection has a single transaction state, so two threads interleaving ``BEGIN`` and
+``COMMIT`` on it would commit each other's half-done work. Calls are small (a few rows
+each), so the lock is never held for long.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from pydantic import ValidationError
+
+from shared.messages import ErrorCode, ErrorInfo, JobPhase, JobState, JobStatus
+
+log = logging.getLogger(__name__)
+
+# Each new load time counts for 30 % of the average: one slow cold-cache load moves the
+# ETA only part of the way, while a lasting change (new weights, a slower disk) dominates
+# after a handful of loads (0.7 ** 5 ~ 0.17 of the old value left).
+LOAD_TIME_ALPHA = 0.3
+LOADS_KEPT_PER_MODEL = 100
+JOBS_KEPT = 1000
+# How long a call waits for another process (a second agent, an operator's sqlite3
+# shell) to release the file before it fails.
+BUSY_TIMEOUT_S = 5.0
+
+_UNFINISHED = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 0 -> 1: model facts, job history, loaded instances.
+    (
+        """CREATE TABLE models (
+            model TEXT PRIMARY KEY,
+            last_vram_mb INTEGER,
+            load_s_avg REAL,
+            load_count INTEGER NOT NULL DEFAULT 0,
+            last_loaded_at REAL,
+            last_used_at REAL
+        )""",
+        """CREATE TABLE loads (
+            id INTEGER PRIMARY KEY,
+            model TEXT NOT NULL,
+            vram_mb INTEGER,
+            load_s REAL NOT NULL,
+            at REAL NOT NULL
+        )""",
+        "CREATE INDEX loads_by_model ON loads (model, id)",
+        # seq keeps insertion order stable for jobs created in the same instant.
+        """CREATE TABLE jobs (
+            seq INTEGER PRIMARY KEY,
+            job_id TEXT NOT NULL UNIQUE,
+            command TEXT NOT NULL,
+            model TEXT,
+            state TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            finished_at REAL,
+            body TEXT NOT NULL
+        )""",
+        "CREATE INDEX jobs_by_created ON jobs (created_at, seq)",
+        "CREATE INDEX jobs_by_state ON jobs (state)",
+        """CREATE TABLE instances (
+            model TEXT PRIMARY KEY,
+            data TEXT NOT NULL
+        )""",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoreError(Exception):
+    """The state database cannot be used; the message names the file and what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFacts:
+    """What this host has measured about a model. Times are ``time.time()`` seconds."""
+
+    model: str
+    vram_mb: int | None  # the last measured use; None if never measured
+    load_s: float | None  # exponentially weighted average (LOAD_TIME_ALPHA)
+    load_count: int
+    last_loaded_at: float | None
+    last_used_at: float | None
+
+
+class Store:
+    """The agent's SQLite state. Open with ``Store.open(path)``; every method is
+    thread-safe and blocking, so async callers use ``asyncio.to_thread``."""
+
+    def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
+        self.path = path
+        self._connection: sqlite3.Connection | None = connection
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        """Open (creating it and its directory if needed) and migrate to SCHEMA_VERSION."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the state directory {path.parent} ({exc}); "
+                "make it writable or point state_dir elsewhere"
+            ) from exc
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so the sqlite3
+            # module never opens a transaction behind our back.
+            connection = sqlite3.connect(
+                path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise _unusable(path, exc) from exc
+        try:
+            _prepare(connection, path)
+        except sqlite3.Error as exc:
+            connection.close()
+            raise _unusable(path, exc) from exc
+        except BaseException:
+            connection.close()
+            raise
+        return cls(path, connection)
+
+    def close(self) -> None:
+        """Close the file; later calls raise StoreError. Closing twice is harmless."""
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ---- learned model facts ---------------------------------------------
+
+    def record_load(self, model: str, vram_mb: int | None, load_s: float, at: float) -> None:
+        """Remember one successful load. ``vram_mb`` None (could not measure) keeps the
+        last measurement rather than forgetting it."""
+        if not math.isfinite(load_s) or load_s < 0:
+            # A NaN would poison the average forever.
+            raise ValueError(f"load time must be a finite number of seconds >= 0, not {load_s}")
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO loads (model, vram_mb, load_s, at) VALUES (?, ?, ?, ?)",
+                (model, vram_mb, load_s, at),
+            )
+            db.execute(
+                """INSERT INTO models (model, last_vram_mb, load_s_avg, load_count, last_loaded_at)
+                VALUES (:model, :vram_mb, :load_s, 1, :at)
+                ON CONFLICT (model) DO UPDATE SET
+                    last_vram_mb = COALESCE(excluded.last_vram_mb, last_vram_mb),
+                    load_s_avg = CASE WHEN load_s_avg IS NULL THEN excluded.load_s_avg
+                        ELSE :alpha * excluded.load_s_avg + (1 - :alpha) * load_s_avg END,
+                    load_count = load_count + 1,
+                    last_loaded_at = excluded.last_loaded_at""",
+                {
+                    "model": model,
+                    "vram_mb": vram_mb,
+                    "load_s": load_s,
+                    "at": at,
+                    "alpha": LOAD_TIME_ALPHA,
+                },
+            )
+            # Rows at or below the newest-101st go; with fewer rows the subquery is NULL
+            # and nothing is deleted.
+            db.execute(
+                """DELETE FROM loads WHERE model = :model AND id <= (
+                    SELECT id FROM loads WHERE model = :model
+                    ORDER BY id DESC LIMIT 1 OFFSET :keep)""",
+                {"model": model, "keep": LOADS_KEPT_PER_MODEL},
+            )
+
+    def record_usage(self, model: str, at: float) -> None:
+        """Remember that ``model`` served a request (or was otherwise used) at ``at``."""
+        with self._transaction() as db:
+            db.execute(
+                """INSERT INTO models (model, last_used_at) VALUES (?, ?)
+                ON CONFLICT (model) DO UPDATE SET last_used_at = excluded.last_used_at""",
+                (model, at),
+            )
+
+    def model_facts(self, model: str) -> ModelFacts | None:
+        with self._locked() as db:
+            row = db.execute(f"{_FACTS_QUERY} WHERE model = ?", (model,)).fetchone()
+        return None if row is None else _facts(row)
+
+    def all_model_facts(self) -> dict[str, ModelFacts]:
+        with self._locked() as db:
+            rows = db.execute(f"{_FACTS_QUERY} ORDER BY model").fetchall()
+        return {facts.model: facts for facts in map(_facts, rows)}
+
+    def load_history(self, model: str) -> list[tuple[int | None, float, float]]:
+        """The kept loads of ``model`` as (vram_mb, load_s, at), oldest first."""
+        with self._locked() as db:
+            rows = db.execute(
+                "SELECT vram_mb, load_s, at FROM loads WHERE model = ? ORDER BY id", (model,)
+            ).fetchall()
+        return [(row[0], row[1], row[2]) for row in rows]
+
+    # ---- job history -----------------------------------------------------
+
+    def save_job(self, job: JobState) -> None:
+        """Insert or replace the job with this ``job_id``; keep the newest JOBS_KEPT."""
+        with self._transaction() as db:
+            db.execute(
+                """INSERT INTO jobs (job_id, command, model, state, created_at, finished_at, body)
+                VALUES (?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT (job_id) DO UPDATE SET
+                    command = excluded.command, model = excluded.model,
+                    state = excluded.state, created_at = excluded.created_at,
+                    finished_at = excluded.finished_at, body = excluded.body""",
+                _job_row(job),
+            )
+            (count,) = db.execute("SELECT count(*) FROM jobs").fetchone()
+            if count > JOBS_KEPT:
+                # Unfinished jobs are never pruned: fail_interrupted_jobs must still find
+                # them after a restart.
+                db.execute(
+                    f"""DELETE FROM jobs WHERE state NOT IN (?, ?) AND seq IN (
+                        SELECT seq FROM jobs ORDER BY created_at DESC, seq DESC
+                        LIMIT -1 OFFSET {JOBS_KEPT})""",
+                    _UNFINISHED,
+                )
+
+    def get_job(self, job_id: str) -> JobState | None:
+        with self._locked() as db:
+            row = db.execute("SELECT job_id, body FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return None if row is None else self._decode_job(row[0], row[1])
+
+    def recent_jobs(self, limit: int = 50) -> list[JobState]:
+        """The newest ``limit`` jobs, newest (by ``created_at``) first."""
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, not {limit}")
+        with self._locked() as db:
+            rows = db.execute(
+                "SELECT job_id, body FROM jobs ORDER BY created_at DESC, seq DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return self._decode_jobs(rows)
+
+    def unfinished_jobs(self) -> list[JobState]:
+        """Queued and running jobs, oldest first (queue order)."""
+        with self._locked() as db:
+            rows = db.execute(
+                "SELECT job_id, body FROM jobs WHERE state IN (?, ?) ORDER BY created_at, seq",
+                _UNFINISHED,
+            ).fetchall()
+        return self._decode_jobs(rows)
+
+    def fail_interrupted_jobs(self, reason: str, at: datetime) -> list[JobState]:
+        """Mark every queued or running job failed (an ``internal`` error saying
+        ``reason``) and return them, oldest first, for the agent to publish."""
+        failed: list[JobState] = []
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT job_id, body FROM jobs WHERE state IN (?, ?) ORDER BY created_at, seq",
+                _UNFINISHED,
+            ).fetchall()
+            for job_id, body in rows:
+                job = self._decode_job(job_id, body)
+                if job is None:
+                    # Unreadable: at least stop it counting as unfinished.
+                    db.execute(
+                        "UPDATE jobs SET state = ?, finished_at = ? WHERE job_id = ?",
+                        (JobStatus.FAILED.value, at.timestamp(), job_id),
+                    )
+                    continue
+                job = job.model_copy(
+                    update={
+                        "state": JobStatus.FAILED,
+                        "phase": JobPhase.DONE,
+                        "finished_at": at,
+                        "eta_s": None,
+                        "queue_position": None,
+                        "message": reason,
+                        "error": ErrorInfo(code=ErrorCode.INTERNAL, message=reason),
+                        "ts": at,
+                    }
+                )
+                db.execute(
+                    "UPDATE jobs SET state = ?, finished_at = ?, body = ? WHERE job_id = ?",
+                    (job.state.value, at.timestamp(), job.model_dump_json(), job_id),
+                )
+                failed.append(job)
+        return failed
+
+    # ---- loaded instances ------------------------------------------------
+
+    def save_instance(self, model: str, data: dict[str, Any]) -> None:
+        """Remember the running instance of ``model``; ``data`` must be JSON-serialisable."""
+        text = json.dumps(data)
+        with self._transaction() as db:
+            db.execute(
+                """INSERT INTO instances (model, data) VALUES (?, ?)
+                ON CONFLICT (model) DO UPDATE SET data = excluded.data""",
+                (model, text),
+            )
+
+    def remove_instance(self, model: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM instances WHERE model = ?", (model,))
+
+    def instances(self) -> dict[str, dict[str, Any]]:
+        with self._locked() as db:
+            rows = db.execute("SELECT model, data FROM instances ORDER BY model").fetchall()
+        result: dict[str, dict[str, Any]] = {}
+        for model, text in rows:
+            data = json.loads(text)
+            if isinstance(data, dict):
+                result[model] = data
+            else:
+                log.warning(
+                    "ignoring the saved instance of %s in %s: not a JSON object", model, self.path
+                )
+        return result
+
+    # ---- plumbing --------------------------------------------------------
+
+    @contextmanager
+    def _locked(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._connection is None:
+                raise StoreError(f"the state database {self.path} is already closed")
+            try:
+                yield self._connection
+            except sqlite3.Error as exc:
+                raise StoreError(
+                    f"the state database {self.path} failed ({exc}); check the disk, "
+                    "and if the file is damaged move it away and restart the agent"
+                ) from exc
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._locked() as db:
+            # IMMEDIATE takes the write lock up front, so a busy file fails (after the
+            # busy timeout) at BEGIN instead of half-way through.
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                # SQLite rolls some errors back itself; a second ROLLBACK would then
+                # raise and hide the original error.
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def _decode_jobs(self, rows: list[tuple[str, str]]) -> list[JobState]:
+        jobs = (self._decode_job(job_id, body) for job_id, body in rows)
+        return [job for job in jobs if job is not None]
+
+    def _decode_job(self, job_id: str, body: str) -> JobState | None:
+        try:
+            return JobState.model_validate_json(body)
+        except ValidationError as exc:
+            # History is not worth refusing to start over; skip the row and say so.
+            log.warning(
+                "skipping job %s in %s: it no longer validates (%s)", job_id, self.path, exc
+            )
+            return None
+
+
+_FACTS_QUERY = (
+    "SELECT model, last_vram_mb, load_s_avg, load_count, last_loaded_at, last_used_at FROM models"
+)
+
+
+def _facts(row: tuple[Any, ...]) -> ModelFacts:
+    model, vram_mb, load_s, load_count, last_loaded_at, last_used_at = row
+    return ModelFacts(model, vram_mb, load_s, load_count, last_loaded_at, last_used_at)
+
+
+def _job_row(job: JobState) -> tuple[str, str, str | None, str, float, float | None, str]:
+    return (
+        job.job_id,
+        job.command,
+        job.model,
+        job.state.value,
+        job.created_at.timestamp(),
+        None if job.finished_at is None else job.finished_at.timestamp(),
+        job.model_dump_json(),
+    )
+
+
+def _prepare(connection: sqlite3.Connection, path: Path) -> None:
+    """Check the file, set the connection up and migrate; sqlite3 errors propagate."""
+    connection.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+    # The first read of the header: a file that is not SQLite fails here.
+    version = _user_version(connection)
+    if version > SCHEMA_VERSION:
+        raise _too_new(path, version)
+    (check,) = connection.execute("PRAGMA quick_check").fetchone()
+    if check != "ok":
+        raise sqlite3.DatabaseError(f"integrity check failed: {check}")
+    # WAL: readers never block the writer, and with synchronous=NORMAL a commit needs no
+    # fsync (a power cut can lose the last commits, never corrupt the file), which keeps
+    # the frequent small job updates cheap.
+    connection.execute("PRAGMA journal_mode = WAL")
+    connection.execute("PRAGMA synchronous = NORMAL")
+    if version == SCHEMA_VERSION:
+        return
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        # Read again under the write lock: another process may have migrated meanwhile.
+        version = _user_version(connection)
+        if version > SCHEMA_VERSION:
+            raise _too_new(path, version)
+        for step in range(version, SCHEMA_VERSION):
+            for statement in MIGRATIONS[step]:
+                connection.execute(statement)
+            log.info("migrated %s to schema version %d", path, step + 1)
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+
+
+def _user_version(connection: sqlite3.Connection) -> int:
+    (version,) = connection.execute("PRAGMA user_version").fetchone()
+    return int(version)
+
+
+def _too_new(path: Path, version: int) -> StoreError:
+    return StoreError(
+        f"the state database {path} has schema version {version}, newer than the "
+        f"{SCHEMA_VERSION} this modelbus knows; upgrade modelbus or move the file away"
+    )
+
+
+def _unusable(path: Path, exc: sqlite3.Error) -> StoreError:
+    return StoreError(
+        f"cannot use the state database {path} ({exc}); if it is damaged, move it away "
+        "and restart the agent to begin with an empty one"
+    )

@@ -1,0 +1,312 @@
+"""Model lifecycle over the real broker: a real agent process running simulated
+model servers (real processes) on a simulated 32 GB GPU."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.broker import MosquittoBroker
+from shared.messages import Reply
+from shared.topics import HostTopics
+from tests.support.agent_process import AgentProcess, write_agent_config
+from tests.support.bus import BusWatcher, watch
+from tests.support.models import BUDGET, budget_catalog, sim_model
+
+pytestmark = pytest.mark.broker
+HOST = "lab"
+_request_ids = itertools.count()
+
+
+class Host:
+    """One agent under test and a client watching everything it publishes."""
+
+    def __init__(self, bus: BusWatcher, topics: HostTopics, prefix: str) -> None:
+        self.bus = bus
+        self.topics = topics
+        self.prefix = prefix
+
+    async def ask(
+        self, command: str, payload: dict[str, Any] | str = "", timeout: float = 30
+    ) -> Reply:
+        request_id = f"r{next(_request_ids)}"
+        body = (
+            payload
+            if isinstance(payload, str)
+            else json.dumps({**payload, "request_id": request_id})
+        )
+        reply_topic = f"{self.prefix}/reply/{request_id}"
+        mark = len(self.bus.messages)
+        await self.bus.connection.publish(
+            self.topics.command(command), body, qos=1, response_topic=reply_topic
+        )
+        message = await self.bus.wait_topic(reply_topic, after=mark, timeout=timeout)
+        return Reply.model_validate_json(message.payload)
+
+    def model(self, name: str) -> dict[str, Any]:
+        message = self.bus.latest(self.topics.model(name))
+        assert message is not None, f"no state for {name}"
+        return json.loads(message.payload)
+
+    def gpu_used(self) -> int:
+        message = self.bus.latest(self.topics.gpu(0))
+        assert message is not None
+        return int(json.loads(message.payload)["memory_used_mb"])
+
+    async def wait_model(self, name: str, state: str, timeout: float = 20) -> dict[str, Any]:
+        message = await self.bus.wait_topic(
+            self.topics.model(name), lambda v: v and v["state"] == state, timeout=timeout
+        )
+        return json.loads(message.payload)
+
+    async def wait_event(self, kind: str, timeout: float = 20) -> dict[str, Any]:
+        message = await self.bus.wait_topic(
+            self.topics.events, lambda v: v["event_type"] == kind, timeout=timeout
+        )
+        return json.loads(message.payload)
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        return [
+            json.loads(m.payload)
+            for m in self.bus.on(self.topics.events)
+            if json.loads(m.payload)["event_type"] == kind
+        ]
+
+
+@pytest.fixture
+def start_host(broker: MosquittoBroker, prefix: str, tmp_path: Path) -> Callable[..., Any]:
+    agents: list[AgentProcess] = []
+
+    def start(models: dict[str, Any], **options: Any) -> AgentProcess:
+        config = write_agent_config(
+            tmp_path / "agent.yaml",
+            broker_url=broker.url,
+            host_id=HOST,
+            prefix=prefix,
+            models=models,
+            **options,
+        )
+        agent = AgentProcess(config)
+        agents.append(agent)
+        return agent
+
+    yield start
+    for agent in agents:
+        agent.terminate()
+        agent.close()
+
+
+@pytest.fixture
+async def host(broker: MosquittoBroker, prefix: str) -> AsyncIterator[Host]:
+    topics = HostTopics(prefix, HOST)
+    async with watch(broker.port, topics.everything_filter, f"{prefix}/reply/#") as bus:
+        yield Host(bus, topics, prefix)
+
+
+async def online(host: Host) -> None:
+    await host.bus.wait_topic(host.topics.status, lambda v: v == "online", raw=True, timeout=20)
+
+
+async def test_switch_sequence_replays_the_vram_budget_table(start_host, host: Host) -> None:
+    start_host(budget_catalog())
+    await online(host)
+    steps = [
+        ("qwen3-vl-30b", []),
+        ("whisperx", []),
+        ("infinitetalk", []),  # 17 + 6 + 8 GB = 31 GB still fits in 32 GB
+        ("ovi-11b", None),  # needs 22 GB: something must go
+        ("wan2.1-14b", None),  # needs 28 GB: only it fits
+    ]
+    for name, expected_evictions in steps:
+        reply = await host.ask("switch", {"model": name, "wait": True})
+        assert reply.status == "ok", reply.error
+        assert reply.data is not None
+        result = reply.data["job"]["result"]
+        if expected_evictions is not None:
+            assert result["evicted"] == expected_evictions
+        assert host.model(name)["state"] == "ready"
+    # ovi needed 22528 with 31744 used: evicting qwen (17408) alone frees enough.
+    assert host.events("swap_completed")[0]["model"] == "ovi-11b"
+    final = await host.ask("status")
+    assert final.data is not None
+    ready = {m["name"] for m in final.data["models"] if m["state"] == "ready"}
+    assert ready == {"wan2.1-14b"}
+    await host.bus.wait_topic(
+        host.topics.gpu(0), lambda v: v["memory_used_mb"] == BUDGET["wan2.1-14b"]
+    )
+
+
+async def test_plan_reports_without_changing_anything(start_host, host: Host) -> None:
+    start_host(budget_catalog())
+    await online(host)
+    assert (await host.ask("load", {"model": "qwen3-vl-30b", "wait": True})).status == "ok"
+    plan = await host.ask("plan", "wan2.1-14b")
+    assert plan.status == "ok" and plan.data is not None
+    assert plan.data["fits"] is True
+    assert plan.data["evict"] == ["qwen3-vl-30b"]
+    assert plan.data["required_mb"] == BUDGET["wan2.1-14b"]
+    assert host.model("qwen3-vl-30b")["state"] == "ready"
+    refused = await host.ask("load", {"model": "wan2.1-14b", "wait": True})
+    assert refused.status == "error" and refused.error is not None
+    assert refused.error.code == "insufficient_vram"
+    assert host.model("qwen3-vl-30b")["state"] == "ready"
+
+
+async def test_unknown_model_and_pinned_unload(start_host, host: Host) -> None:
+    start_host({"keeper": sim_model(2048, pinned=True)})
+    await online(host)
+    unknown = await host.ask("load", "no-such-model")
+    assert unknown.error is not None and unknown.error.code == "unknown_model"
+    assert (await host.ask("load", {"model": "keeper", "wait": True})).status == "ok"
+    refused = await host.ask("unload", {"model": "keeper", "wait": True})
+    assert refused.error is not None and refused.error.code == "busy"
+    assert host.model("keeper")["state"] == "ready"
+    forced = await host.ask("unload", {"model": "keeper", "force": True, "wait": True})
+    assert forced.status == "ok"
+    await host.wait_model("keeper", "stopped")
+
+
+async def test_job_reply_at_once_then_progress_then_done(start_host, host: Host) -> None:
+    start_host({"slow": sim_model(4096, load_s=1.0)})
+    await online(host)
+    reply = await host.ask("load", "slow")
+    assert reply.status == "ok" and reply.job_id
+    job_topic = host.topics.job(reply.job_id)
+    done = await host.bus.wait_topic(job_topic, lambda v: v and v["state"] == "succeeded")
+    phases = [json.loads(m.payload)["phase"] for m in host.bus.on(job_topic) if m.payload]
+    assert "starting" in phases and "loading" in phases
+    assert json.loads(done.payload)["result"]["vram_used_mb"] == 4096
+    assert host.model("slow")["vram_used_mb"] == 4096
+
+
+async def test_failure_modes_of_the_server(start_host, host: Host) -> None:
+    start_host(
+        {
+            "dies": sim_model(1024, extra=["--exit-at-once"]),
+            "hangs": sim_model(1024, extra=["--hang"], load_timeout_s=1.5),
+            "greedy": sim_model(1024, extra=["--overuse-mb", "512"]),
+        }
+    )
+    await online(host)
+    dies = await host.ask("load", {"model": "dies", "wait": True})
+    assert dies.error is not None and dies.error.code == "load_failed"
+    assert "simulated startup failure" in dies.error.message
+    assert host.model("dies")["state"] == "error"
+    hangs = await host.ask("load", {"model": "hangs", "wait": True})
+    assert hangs.error is not None and hangs.error.code == "timeout"
+    # The hung server was stopped and its memory came back.
+    await host.bus.wait_topic(host.topics.gpu(0), lambda v: v["memory_used_mb"] == 0)
+    greedy = await host.ask("load", {"model": "greedy", "wait": True})
+    assert greedy.status == "ok"
+    assert host.model("greedy")["vram_used_mb"] == 1536
+    assert len(host.events("model_load_failed")) == 2
+
+
+async def test_crash_is_detected_and_restarted(start_host, host: Host) -> None:
+    start_host({"flaky": sim_model(2048, extra=["--crash-after", "1.0"], restart="on-crash")})
+    await online(host)
+    assert (await host.ask("load", {"model": "flaky", "wait": True})).status == "ok"
+    crashed = await host.wait_model("flaky", "crashed")
+    assert "code 3" in crashed["error"]
+    event = await host.wait_event("model_crashed")
+    assert event["model"] == "flaky" and event["severity"] == "error"
+    # restart: on-crash brings it back by itself.
+    await host.bus.wait_topic(
+        host.topics.model("flaky"),
+        lambda v: v["state"] == "ready",
+        after=len(host.bus.messages) - 1,
+        timeout=20,
+    )
+
+
+async def test_failed_switch_rolls_back_the_evicted_model(start_host, host: Host) -> None:
+    start_host(
+        {
+            "resident": sim_model(20000),
+            "broken": sim_model(20000, extra=["--exit-at-once"]),
+        }
+    )
+    await online(host)
+    assert (await host.ask("load", {"model": "resident", "wait": True})).status == "ok"
+    reply = await host.ask("switch", {"model": "broken", "wait": True})
+    assert reply.error is not None and reply.error.code == "load_failed"
+    restored = await host.wait_model("resident", "ready")
+    assert restored["vram_used_mb"] == 20000
+
+
+async def test_cancel_queued_and_running_jobs(start_host, host: Host) -> None:
+    start_host({"big": sim_model(8000, load_s=5.0), "small": sim_model(1000)})
+    await online(host)
+    running = await host.ask("load", "big")
+    queued = await host.ask("load", "small")
+    assert running.job_id and queued.job_id
+    cancelled = await host.ask("cancel", queued.job_id)
+    assert cancelled.status == "ok" and cancelled.data is not None
+    assert cancelled.data["job"]["state"] == "cancelled"
+    await host.bus.wait_topic(
+        host.topics.job(running.job_id), lambda v: v and v["phase"] == "loading"
+    )
+    stop = await host.ask("cancel", running.job_id)
+    assert stop.status == "ok"
+    await host.bus.wait_topic(
+        host.topics.job(running.job_id), lambda v: v and v["state"] == "cancelled"
+    )
+    await host.wait_model("big", "stopped")
+    await host.bus.wait_topic(host.topics.gpu(0), lambda v: v["memory_used_mb"] == 0)
+    unknown = await host.ask("cancel", "nosuchjob")
+    assert unknown.error is not None and unknown.error.code == "not_found"
+
+
+async def test_concurrent_commands_are_each_answered_once_and_coalesced(
+    start_host, host: Host, broker: MosquittoBroker, prefix: str
+) -> None:
+    start_host(budget_catalog(load_s=0.1))
+    await online(host)
+    names = list(BUDGET)
+
+    async def client(number: int) -> list[Reply]:
+        replies = []
+        async with watch(broker.port, f"{prefix}/reply/c{number}/#") as mine:
+            for i in range(20):
+                topic = f"{prefix}/reply/c{number}/{i}"
+                payload = json.dumps(
+                    {"model": names[(number + i) % 5], "request_id": f"{number}-{i}"}
+                )
+                await mine.connection.publish(
+                    host.topics.command("switch"), payload, qos=1, response_topic=topic
+                )
+            for i in range(20):
+                message = await mine.wait_topic(f"{prefix}/reply/c{number}/{i}", timeout=30)
+                replies.append(Reply.model_validate_json(message.payload))
+            await asyncio.sleep(0)
+            assert len(mine.messages) == 20  # exactly one reply each
+        return replies
+
+    results = await asyncio.gather(*(client(n) for n in range(10)))
+    replies = [reply for group in results for reply in group]
+    assert len(replies) == 200
+    assert all(r.status == "ok" or (r.error and r.error.code == "queue_full") for r in replies)
+    accepted = [r for r in replies if r.status == "ok"]
+    assert accepted
+    # Equal requests joined: far fewer jobs than commands.
+    assert len({r.job_id for r in accepted}) < len(accepted)
+    # Swaps ran one at a time: at most one job was ever running.
+    running: set[str] = set()
+    peak = 0
+    for message in host.bus.messages:
+        if message.topic.startswith(f"{host.topics.base}/jobs/") and message.payload:
+            job = json.loads(message.payload)
+            if job["state"] == "running":
+                running.add(job["job_id"])
+            else:
+                running.discard(job["job_id"])
+            peak = max(peak, len(running))
+    assert peak == 1
+    healthy = await host.ask("status")
+    assert healthy.status == "ok"

@@ -1,0 +1,350 @@
+"""The Docker runtime against a real, private dockerd (tests/support/dockerd.py).
+
+Test containers run a static busybox on the host network (the sandbox has no
+bridge): ``busybox httpd`` stands in for a model server and answers /health.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import docker
+import pytest
+
+from agent.broker import free_port
+from agent.catalog import ModelSpec
+from agent.runtimes.base import ExitStatus, Instance, RuntimeFailure
+from agent.runtimes.docker import DockerRuntime, container_name
+from tests.support.dockerd import DockerdError, PrivateDockerd, why_unavailable
+
+T = TypeVar("T")
+_hosts = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def dockerd() -> Iterator[PrivateDockerd]:
+    """One private daemon for the session, with the busybox test image built."""
+    reason = why_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    daemon = PrivateDockerd()
+    try:
+        daemon.start()
+        daemon.busybox_image()
+    except (DockerdError, docker.errors.DockerException) as error:
+        daemon.stop()
+        pytest.skip(f"dockerd cannot run in this sandbox: {error}")
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture
+def client(dockerd: PrivateDockerd) -> Iterator[Any]:
+    """The daemon's SDK client; every test leaves the daemon without containers."""
+    yield dockerd.client
+    dockerd.remove_containers()
+
+
+@pytest.fixture
+def host_id() -> str:
+    return f"h{next(_hosts)}"
+
+
+@pytest.fixture
+def runtime(dockerd: PrivateDockerd, client: Any, host_id: str) -> DockerRuntime:
+    return DockerRuntime(base_url=dockerd.base_url, host_id=host_id)
+
+
+def serve(port: str = "${PORT}", www: str = "/www") -> list[str]:
+    """A model server stand-in: httpd under a shell that exits cleanly on SIGTERM
+    (a bare httpd as PID 1 would ignore it and cost the whole stop timeout)."""
+    return ["sh", "-c", f"trap 'echo stopping; exit 0' TERM; httpd -f -v -p {port} -h {www} & wait"]
+
+
+def image_spec(name: str, **docker_block: Any) -> ModelSpec:
+    block: dict[str, Any] = {
+        "image": "modelbus-test/busybox:1",
+        "command": serve(),
+        "network_mode": "host",
+        # No NVIDIA runtime here: a device request would fail the start.
+        "gpu_device_request": False,
+    }
+    block.update(docker_block)
+    return ModelSpec.model_validate(
+        {
+            "name": name,
+            "runtime": "docker",
+            "docker": block,
+            "port": free_port(),
+            "vram_mb": 1024,
+            "stop_timeout_s": 5,
+        }
+    )
+
+
+def container_spec(name: str, container: str) -> ModelSpec:
+    return ModelSpec.model_validate(
+        {
+            "name": name,
+            "runtime": "docker",
+            "docker": {"container": container},
+            "port": free_port(),
+            "vram_mb": 1024,
+            "stop_timeout_s": 5,
+        }
+    )
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T | None]], what: str, timeout: float = 10.0
+) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if value is not None:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def health(spec: ModelSpec) -> str | None:
+    """The body of GET /health, or None while nothing answers."""
+
+    def get() -> str | None:
+        try:
+            with urllib.request.urlopen(spec.health, timeout=1) as response:
+                return response.read().decode() if response.status == 200 else None
+        except (urllib.error.URLError, ConnectionError):
+            return None
+
+    return await asyncio.to_thread(get)
+
+
+def exists(client: Any, name: str) -> bool:
+    try:
+        client.containers.get(name)
+        return True
+    except docker.errors.NotFound:
+        return False
+
+
+async def test_image_mode_start_logs_stop(
+    runtime: DockerRuntime, client: Any, host_id: str, tmp_path: Path
+) -> None:
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "health").write_text("from the volume\n")
+    spec = image_spec(
+        "busy-llm",
+        volumes={str(www): "/srv/www:ro"},
+        command=serve(www="/srv/www"),
+        env={"GREETING": "${MODEL} on ${PORT}"},
+    )
+
+    instance = await runtime.start(spec, {"HF_TOKEN": "t0ken"})
+
+    assert instance.model == "busy-llm" and instance.runtime == "docker"
+    assert instance.container_name == container_name(host_id, "busy-llm")
+    assert instance.container_name == f"modelbus-{host_id}-busy-llm"
+    container = client.containers.get(instance.container_id)
+    assert container.status == "running"
+    assert container.labels == {
+        "modelbus.model": "busy-llm",
+        "modelbus.host": host_id,
+        "modelbus.managed": "true",
+    }
+    env = set(container.attrs["Config"]["Env"])
+    assert {
+        f"GREETING=busy-llm on {spec.port}",
+        "HF_TOKEN=t0ken",
+        "MODELBUS_MODEL=busy-llm",
+        f"MODELBUS_PORT={spec.port}",
+        "MODELBUS_GPUS=0",
+        "NVIDIA_VISIBLE_DEVICES=0",
+    } <= env
+    assert container.attrs["HostConfig"]["NetworkMode"] == "host"
+    assert container.attrs["HostConfig"]["Binds"] == [f"{www}:/srv/www:ro"]
+
+    # Served from the read-only volume, on the port the ${PORT} macro put in the command.
+    assert await eventually(lambda: health(spec), "GET /health") == "from the volume\n"
+    assert await runtime.exit_status(instance) is None
+
+    # The main pid is a host process, and the server (its child) is counted too.
+    assert instance.pid is not None
+    assert await asyncio.to_thread(Path(f"/proc/{instance.pid}").exists)
+    pids = await runtime.pids(instance)
+    assert instance.pid in pids and len(pids) >= 2
+    assert instance.pid in instance.pids
+    assert abs(instance.started_at - time.time()) < 30
+
+    log = await eventually(
+        lambda: asyncio.to_thread(lambda: runtime.logs(instance, 5) or None), "a log line"
+    )
+    assert any("response:200" in line for line in log)
+    assert len(runtime.logs(instance, 1)) == 1
+
+    started = time.monotonic()
+    await runtime.stop(instance, timeout_s=5)
+    assert time.monotonic() - started < 4, "SIGTERM should have stopped it, not SIGKILL"
+    assert instance.container_name is not None
+    assert not exists(client, instance.container_name)
+    assert await runtime.exit_status(instance) == ExitStatus(None, "container was removed")
+    assert await runtime.pids(instance) == frozenset()
+    assert runtime.logs(instance) == []
+    await runtime.stop(instance, timeout_s=5)  # idempotent
+
+
+async def test_existing_container_is_started_and_stopped_not_removed(
+    runtime: DockerRuntime, client: Any
+) -> None:
+    spec = container_spec("their-server", "hand-made")
+    client.containers.create(
+        "modelbus-test/busybox:1",
+        serve(port=str(spec.port)),
+        name="hand-made",
+        network_mode="host",
+    )
+
+    instance = await runtime.start(spec, {"IGNORED": "1"})
+
+    assert instance.container_name == "hand-made"
+    assert client.containers.get("hand-made").status == "running"
+    assert await eventually(lambda: health(spec), "GET /health") == "ok\n"
+    assert instance.pid is not None and instance.pid in instance.pids
+
+    await runtime.stop(instance, timeout_s=5)
+    stopped = client.containers.get("hand-made")
+    assert stopped.status == "exited" and stopped.labels == {}
+    assert await runtime.exit_status(instance) == ExitStatus(0, "container exited with code 0")
+
+    # And it can be started again (the agent loads it a second time).
+    again = await runtime.start(spec, {})
+    assert again.container_id == instance.container_id
+    assert await eventually(lambda: health(spec), "GET /health again") == "ok\n"
+    await runtime.stop(again, timeout_s=5)
+    assert exists(client, "hand-made")
+
+
+async def test_exit_status_of_a_crashed_server_then_a_fresh_start(
+    runtime: DockerRuntime, client: Any
+) -> None:
+    crashing = image_spec("crasher", command=["sh", "-c", "echo 'CUDA out of memory'; exit 3"])
+    instance = await runtime.start(crashing, {})
+
+    status = await eventually(lambda: runtime.exit_status(instance), "the exit")
+    assert status == ExitStatus(3, "container exited with code 3")
+    assert runtime.logs(instance) == ["CUDA out of memory"]
+
+    # The exited container of ours is replaced, not in the way of the next start.
+    fixed = image_spec("crasher")
+    second = await runtime.start(fixed, {})
+    assert second.container_name == instance.container_name
+    assert second.container_id != instance.container_id
+    assert instance.container_id is not None
+    assert not exists(client, instance.container_id)
+    assert await eventually(lambda: health(fixed), "GET /health") == "ok\n"
+    await runtime.stop(second, timeout_s=5)
+
+
+async def test_a_new_runtime_adopts_running_containers_of_its_host(
+    dockerd: PrivateDockerd, runtime: DockerRuntime, client: Any, host_id: str
+) -> None:
+    ours = image_spec("adoptee")
+    other_host = image_spec("adoptee")  # same model, another agent on this daemon
+    named = container_spec("named", "named-server")
+    client.containers.run(
+        "modelbus-test/busybox:1",
+        serve(port=str(named.port)),
+        name="named-server",
+        network_mode="host",
+        detach=True,
+    )
+    started = await runtime.start(ours, {})
+    other = DockerRuntime(base_url=dockerd.base_url, host_id=f"{host_id}-other")
+    await other.start(other_host, {})
+
+    # The agent restarts: a new runtime with the same host id finds its container.
+    restarted = DockerRuntime(base_url=dockerd.base_url, host_id=host_id)
+    adopted = await restarted.adopt({"adoptee": ours, "named": named})
+
+    by_model = {instance.model: instance for instance in adopted}
+    assert sorted(by_model) == ["adoptee", "named"]
+    assert by_model["adoptee"].container_id == started.container_id
+    assert by_model["adoptee"].pid == started.pid
+    assert started.pid in by_model["adoptee"].pids
+    assert abs(by_model["adoptee"].started_at - started.started_at) < 1
+    assert by_model["named"].container_name == "named-server"
+    # Models no longer in the catalog are not adopted.
+    assert await restarted.adopt({}) == []
+    # Stopped containers are not adopted either.
+    await restarted.stop(by_model["adoptee"], timeout_s=5)
+    assert [i.model for i in await restarted.adopt({"adoptee": ours, "named": named})] == ["named"]
+
+
+async def test_ports_are_published_unless_the_network_is_the_hosts(
+    runtime: DockerRuntime, client: Any
+) -> None:
+    # Without a bridge here nothing is reachable through them: only the request is checked.
+    default = image_spec("published", network_mode=None, command=["sleep", "60"])
+    explicit = image_spec("mapped", network_mode=None, command=["sleep", "60"], ports={80: 18080})
+    bindings = {}
+    for spec in (default, explicit):
+        instance = await runtime.start(spec, {})
+        host_config = client.containers.get(instance.container_id).attrs["HostConfig"]
+        bindings[spec.name] = {
+            inside: [binding["HostPort"] for binding in outside]
+            for inside, outside in host_config["PortBindings"].items()
+        }
+    assert bindings == {
+        "published": {f"{default.port}/tcp": [str(default.port)]},
+        "mapped": {"80/tcp": ["18080"]},
+    }
+
+
+async def test_missing_existing_container_is_a_clear_failure(runtime: DockerRuntime) -> None:
+    with pytest.raises(RuntimeFailure) as failure:
+        await runtime.start(container_spec("ghost", "no-such-container"), {})
+    assert str(failure.value) == (
+        "container 'no-such-container' for model 'ghost' does not exist: create it or use image:"
+    )
+
+
+async def test_missing_image_is_a_clear_failure(runtime: DockerRuntime) -> None:
+    with pytest.raises(
+        RuntimeFailure, match=r"image 'modelbus-test/absent:1' for model 'x' is not"
+    ):
+        await runtime.start(image_spec("x", image="modelbus-test/absent:1"), {})
+
+
+async def test_gpu_request_without_nvidia_runtime_fails_and_cleans_up(
+    runtime: DockerRuntime, client: Any, host_id: str
+) -> None:
+    spec = image_spec("wants-gpu", gpu_device_request=True)
+    with pytest.raises(RuntimeFailure, match="gpu_device_request: false"):
+        await runtime.start(spec, {})
+    assert not exists(client, container_name(host_id, "wants-gpu"))
+
+
+async def test_unreachable_daemon_is_a_clear_failure(tmp_path: Path) -> None:
+    url = f"unix://{tmp_path}/no-dockerd.sock"
+    runtime = DockerRuntime(base_url=url, host_id="lab")  # building it needs no daemon
+    message = f"Docker is not reachable at {url}: is dockerd running?"
+    with pytest.raises(RuntimeFailure) as failure:
+        await runtime.start(image_spec("x"), {})
+    assert str(failure.value) == message
+    with pytest.raises(RuntimeFailure, match="is dockerd running"):
+        await runtime.adopt({})
+    instance = Instance(model="x", runtime="docker", container_name="modelbus-lab-x")
+    with pytest.raises(RuntimeFailure, match="is dockerd running"):
+        await runtime.exit_status(instance)
+    assert runtime.logs(instance) == []

@@ -1,0 +1,43 @@
+"""Catalog entries for tests: simulated model servers with short load times."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from typing import Any
+
+from agent.broker import free_port
+
+_ports = itertools.count()
+
+
+def sim_model(
+    vram_mb: int, *, load_s: float = 0.2, extra: list[str] | None = None, **spec: Any
+) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "agent.simserver", "--port", "${PORT}", "--model", "${MODEL}"]
+    argv += ["--gpus", "${GPUS}", "--vram-mb", str(vram_mb), "--load-s", str(load_s)]
+    argv += extra or []
+    entry: dict[str, Any] = {
+        "runtime": "process",
+        "process": {"argv": argv},
+        "port": free_port(),
+        "vram_mb": vram_mb,
+        "stop_timeout_s": 5,
+        "load_timeout_s": 20,
+    }
+    entry.update(spec)
+    return entry
+
+
+# The original VRAM budget table (MiB) on one 32 GB GPU.
+BUDGET = {
+    "qwen3-vl-30b": 17408,
+    "whisperx": 6144,
+    "ovi-11b": 22528,
+    "wan2.1-14b": 28672,
+    "infinitetalk": 8192,
+}
+
+
+def budget_catalog(load_s: float = 0.2) -> dict[str, Any]:
+    return {name: sim_model(mb, load_s=load_s) for name, mb in BUDGET.items()}

@@ -1,0 +1,375 @@
+"""The process runtime against real processes: small Python programs as model servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.catalog import ModelSpec, ProcessLaunch
+from agent.runtimes.base import ExitStatus, Instance, RuntimeFailure
+from agent.runtimes.process import LOG_TAIL_BYTES, ProcessRuntime
+
+PORT = 18123
+
+# Handles SIGTERM; says "ready" once the handler is in place.
+POLITE = """
+import signal, sys, time
+def bye(*_):
+    print("got SIGTERM", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, bye)
+print("ready", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+# Ignores SIGTERM and starts a child that ignores it too (SIG_IGN survives exec); with
+# "own-group" the child moves to a process group of its own (still in the session).
+STUBBORN = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+group = 0 if sys.argv[1:] == ["own-group"] else None
+child = subprocess.Popen(
+    [sys.executable, "-c", "import time\\nwhile True: time.sleep(0.05)"], process_group=group
+)
+print(f"child {child.pid}", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+SLEEPER = "import time\nprint('ready', flush=True)\ntime.sleep(120)"
+
+REPORT_ENV = """
+import json, os, sys, time
+keys = ["CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "MODELBUS_MODEL", "MODELBUS_PORT",
+        "MODELBUS_GPUS", "MODELBUS_BROKER_PASSWORD", "FROM_SPEC", "FROM_AGENT", "EXTRA"]
+report = {"argv": sys.argv[1:], "cwd": os.getcwd(), "env": {k: os.environ.get(k) for k in keys}}
+print(json.dumps(report), flush=True)
+time.sleep(120)
+"""
+
+
+def make_spec(
+    code: str, *args: str, name: str = "m1", gpus: list[int] | None = None, **launch: Any
+) -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        runtime="process",
+        process=ProcessLaunch(argv=[sys.executable, "-c", code, *args], **launch),
+        port=PORT,
+        gpus=gpus or [0],
+        vram_mb=1000,
+        stop_timeout_s=0.5,
+    )
+
+
+def gone(pid: int) -> bool:
+    """No such process, or only its zombie left (it may not have been reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
+
+
+def start_ticks(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
+
+
+async def until(check: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def exited(runtime: ProcessRuntime, instance: Instance) -> ExitStatus:
+    deadline = time.monotonic() + 10.0
+    while (status := await runtime.exit_status(instance)) is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{instance.model} did not exit")
+        await asyncio.sleep(0.02)
+    return status
+
+
+async def logged(runtime: ProcessRuntime, instance: Instance, text: str) -> list[str]:
+    await until(lambda: text in "\n".join(runtime.logs(instance, 50)), f"{text!r} in the log")
+    return runtime.logs(instance, 50)
+
+
+def child_pid(runtime: ProcessRuntime, instance: Instance) -> int:
+    line = next(line for line in runtime.logs(instance, 50) if line.startswith("child "))
+    return int(line.split()[1])
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture
+async def runtime(state_dir: Path) -> AsyncIterator[ProcessRuntime]:
+    runtime = ProcessRuntime(state_dir)
+    yield runtime
+    # Leftovers of a failed test: the runtime's own stop is guarded against pid reuse.
+    for path in sorted((state_dir / "pids").glob("*.json")):
+        with contextlib.suppress(Exception):
+            record = json.loads(path.read_text())
+            await runtime.stop(Instance(path.stem, "process", pid=record["pid"]), 0.0)
+
+
+async def test_start_passes_environment_and_expands_macros(
+    runtime: ProcessRuntime, state_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FROM_AGENT", "inherited")
+    monkeypatch.setenv("MODELBUS_BROKER_PASSWORD", "agent-secret")
+    (tmp_path / "work-m1").mkdir()
+    spec = make_spec(
+        REPORT_ENV,
+        "--port",
+        "${PORT}",
+        "--model=${MODEL}",
+        "${GPUS}",
+        "${HOST}",
+        gpus=[1, 3],
+        env={"FROM_SPEC": "port ${PORT}"},
+        cwd=tmp_path / "work-${MODEL}",
+    )
+
+    instance = await runtime.start(spec, {"EXTRA": "extra"})
+
+    assert instance.model == "m1" and instance.runtime == "process"
+    assert instance.pid is not None and instance.pids == {instance.pid}
+    assert instance.started_at == pytest.approx(time.time(), abs=5)
+    assert await runtime.exit_status(instance) is None
+    line = (await logged(runtime, instance, '"argv"'))[0]
+    report = json.loads(line)
+    assert report["argv"] == ["--port", str(PORT), "--model=m1", "1,3", "127.0.0.1"]
+    assert report["cwd"] == str(tmp_path / "work-m1")
+    assert report["env"] == {
+        "CUDA_VISIBLE_DEVICES": "1,3",
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "MODELBUS_MODEL": "m1",
+        "MODELBUS_PORT": str(PORT),
+        "MODELBUS_GPUS": "1,3",
+        "MODELBUS_BROKER_PASSWORD": None,
+        "FROM_SPEC": f"port {PORT}",
+        "FROM_AGENT": "inherited",
+        "EXTRA": "extra",
+    }
+    # Its own session and group, so that a signal to the group reaches its children.
+    assert os.getpgid(instance.pid) == instance.pid == os.getsid(instance.pid)
+    record = json.loads((state_dir / "pids" / "m1.json").read_text())
+    assert record["pid"] == instance.pid
+    assert record["start_ticks"] == start_ticks(instance.pid)
+    assert record["argv"][-5:] == report["argv"]
+    assert record["started_at"] == instance.started_at
+    assert await runtime.pids(instance) == {instance.pid}
+
+
+async def test_logs_are_the_last_lines_of_a_bounded_tail(runtime: ProcessRuntime) -> None:
+    code = "import time\nfor i in range(100_000): print(f'line {i}')\nprint('done', flush=True)\n"
+    spec = make_spec(code + "time.sleep(120)")
+    instance = await runtime.start(spec, {})
+    await logged(runtime, instance, "done")
+
+    assert runtime.logs(instance, 3) == ["line 99998", "line 99999", "done"]
+    everything = runtime.logs(instance, 1_000_000)
+    assert sum(len(line) + 1 for line in everything) <= LOG_TAIL_BYTES
+    # The window's cut first line is dropped; every line returned is whole.
+    assert all(line == "done" or line.startswith("line ") for line in everything)
+    first = int(everything[0].split()[1])
+    assert everything[:-1] == [f"line {i}" for i in range(first, 100_000)]
+    assert runtime.logs(instance, 0) == []
+
+
+async def test_logs_replace_undecodable_bytes_and_restart_truncates(
+    runtime: ProcessRuntime,
+) -> None:
+    code = "import sys, time\nsys.stdout.buffer.write(b'bad \\xff byte\\n'); sys.stdout.flush()\n"
+    first = await runtime.start(make_spec(code + "print('one', flush=True)\ntime.sleep(120)"), {})
+    assert await logged(runtime, first, "one") == ["bad \ufffd byte", "one"]
+    await runtime.stop(first, 5)
+
+    second = await runtime.start(make_spec(SLEEPER), {})
+    assert await logged(runtime, second, "ready") == ["ready"]
+    assert runtime.logs(Instance("never-started", "process"), 5) == []
+
+
+async def test_stop_sends_sigterm_and_waits_for_the_exit(
+    runtime: ProcessRuntime, state_dir: Path
+) -> None:
+    instance = await runtime.start(make_spec(POLITE), {})
+    await logged(runtime, instance, "ready")
+    assert instance.pid is not None
+
+    began = time.monotonic()
+    await runtime.stop(instance, 10.0)
+
+    assert time.monotonic() - began < 5.0
+    assert gone(instance.pid)
+    assert "got SIGTERM" in runtime.logs(instance)
+    assert await runtime.exit_status(instance) == ExitStatus(0, "exited with code 0")
+    assert not (state_dir / "pids" / "m1.json").exists()
+
+
+@pytest.mark.parametrize("child_group", ["same-group", "own-group"])
+async def test_stop_kills_a_group_that_ignores_sigterm(
+    runtime: ProcessRuntime, child_group: str
+) -> None:
+    instance = await runtime.start(make_spec(STUBBORN, child_group), {})
+    await logged(runtime, instance, "child ")
+    child = child_pid(runtime, instance)
+    assert instance.pid is not None
+    assert await runtime.pids(instance) == {instance.pid, child}
+
+    began = time.monotonic()
+    await runtime.stop(instance, 0.5)
+
+    assert 0.5 <= time.monotonic() - began < 5.0
+    assert gone(instance.pid) and gone(child)
+    assert await runtime.exit_status(instance) == ExitStatus(-9, "killed by SIGKILL")
+    assert await runtime.pids(instance) == frozenset()
+
+
+async def test_stop_is_idempotent(runtime: ProcessRuntime, state_dir: Path) -> None:
+    instance = await runtime.start(make_spec("import sys\nsys.exit(3)"), {})
+    await exited(runtime, instance)
+    assert (state_dir / "pids" / "m1.json").exists()
+
+    await runtime.stop(instance, 1.0)  # already ended on its own
+    await runtime.stop(instance, 1.0)
+    await ProcessRuntime(state_dir).stop(instance, 1.0)
+
+    assert not (state_dir / "pids" / "m1.json").exists()
+    assert await runtime.exit_status(instance) == ExitStatus(3, "exited with code 3")
+
+
+async def test_exit_status_of_a_crash(runtime: ProcessRuntime) -> None:
+    code = "import sys\nprint('out of memory', flush=True)\nsys.exit(3)"
+    instance = await runtime.start(make_spec(code), {})
+
+    assert await exited(runtime, instance) == ExitStatus(3, "exited with code 3")
+    assert runtime.logs(instance) == ["out of memory"]
+
+
+async def test_exit_status_of_a_signal(runtime: ProcessRuntime) -> None:
+    instance = await runtime.start(make_spec(SLEEPER), {})
+    await logged(runtime, instance, "ready")
+    assert instance.pid is not None
+
+    os.kill(instance.pid, signal.SIGUSR1)
+
+    assert await exited(runtime, instance) == ExitStatus(-signal.SIGUSR1, "killed by SIGUSR1")
+
+
+async def test_missing_or_unexecutable_program_is_a_clear_failure(
+    runtime: ProcessRuntime, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-server"
+    spec = make_spec("").model_copy(
+        update={"name": "m2", "process": ProcessLaunch(argv=[str(missing), "--port", "${PORT}"])}
+    )
+    with pytest.raises(RuntimeFailure, match=r"cannot start m2: executable .*no-such-server"):
+        await runtime.start(spec, {})
+
+    plain = tmp_path / "plain-file"
+    plain.write_text("#!/bin/sh\n")
+    plain.chmod(0o644)
+    spec = spec.model_copy(update={"process": ProcessLaunch(argv=[str(plain)])})
+    with pytest.raises(RuntimeFailure, match=r"cannot start m2: .*plain-file.* is not executable"):
+        await runtime.start(spec, {})
+
+    spec = make_spec(SLEEPER, cwd=tmp_path / "nowhere")
+    with pytest.raises(RuntimeFailure, match=r"cannot start m1: its working directory"):
+        await runtime.start(spec, {})
+
+
+async def test_start_refuses_a_model_that_is_already_running(runtime: ProcessRuntime) -> None:
+    instance = await runtime.start(make_spec(SLEEPER), {})
+
+    with pytest.raises(RuntimeFailure, match=f"m1 is already running as pid {instance.pid}"):
+        await runtime.start(make_spec(SLEEPER), {})
+    await runtime.stop(instance, 1.0)
+
+
+async def test_a_restarted_agent_adopts_and_stops_the_server(
+    runtime: ProcessRuntime, state_dir: Path
+) -> None:
+    spec = make_spec(STUBBORN)
+    original = await runtime.start(spec, {})
+    await logged(runtime, original, "child ")
+    child = child_pid(runtime, original)
+    assert original.pid is not None
+
+    restarted = ProcessRuntime(state_dir)  # the agent after a restart
+    other = make_spec(SLEEPER, name="m2")
+    adopted = await restarted.adopt({"m1": spec, "m2": other})
+
+    assert len(adopted) == 1
+    instance = adopted[0]
+    assert (instance.model, instance.runtime, instance.pid) == ("m1", "process", original.pid)
+    assert instance.started_at == original.started_at
+    assert instance.pids == {original.pid, child}
+    assert await restarted.exit_status(instance) is None
+    assert await restarted.pids(instance) == {original.pid, child}
+    assert runtime.logs(original) == restarted.logs(instance)
+
+    await restarted.stop(instance, 0.5)
+
+    assert gone(original.pid) and gone(child)
+    assert not (state_dir / "pids" / "m1.json").exists()
+    status = await restarted.exit_status(instance)
+    assert status == ExitStatus(
+        None, "process ended (exit code unknown: adopted after an agent restart)"
+    )
+
+
+async def test_adopt_removes_stale_pid_files(runtime: ProcessRuntime, state_dir: Path) -> None:
+    pid_dir = state_dir / "pids"
+    pid_dir.mkdir(parents=True)
+    dead = await asyncio.create_subprocess_exec(sys.executable, "-c", "")
+    await dead.wait()
+    me = os.getpid()
+    files = {
+        "dead": {"pid": dead.pid, "start_ticks": 1, "started_at": 1.0},
+        # A live pid that started at another time: the kernel gave it to someone else.
+        "reused": {"pid": me, "start_ticks": start_ticks(me) - 1, "started_at": 1.0},
+        "no-ticks": {"pid": me, "start_ticks": None, "started_at": 1.0},
+        "other-boot": {"pid": me, "start_ticks": start_ticks(me), "boot_id": "another boot"},
+    }
+    for name, record in files.items():
+        (pid_dir / f"{name}.json").write_text(json.dumps(record))
+    (pid_dir / "garbage.json").write_text("{not json")
+    (pid_dir / "not-in-catalog.json").write_text(json.dumps(files["dead"]))
+    specs = {name: make_spec(SLEEPER, name=name) for name in [*files, "garbage", "absent"]}
+
+    assert await ProcessRuntime(state_dir).adopt(specs) == []
+
+    assert sorted(p.name for p in pid_dir.iterdir()) == ["not-in-catalog.json"]
+    assert not gone(me)
+
+
+async def test_shell_metacharacters_are_passed_literally(
+    runtime: ProcessRuntime, tmp_path: Path
+) -> None:
+    marker = tmp_path / "touched"
+    hostile = [f"$(touch {marker})", f"`touch {marker}`", f"; touch {marker}", "${HOME} | *"]
+    code = "import json, sys, time\nprint(json.dumps(sys.argv[1:]), flush=True)\ntime.sleep(120)"
+    instance = await runtime.start(make_spec(code, *hostile), {})
+
+    line = (await logged(runtime, instance, "touch"))[0]
+
+    assert json.loads(line) == hostile
+    assert not marker.exists()

@@ -1,0 +1,477 @@
+"""The simulated model server, run as a real process against a real simulator store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from agent.gpu.sim import SimBackend, SimGpuSpec
+from agent.simserver import (
+    CRASH_EXIT_CODE,
+    ENV_GPUS,
+    ENV_MODEL,
+    ENV_PORT,
+    ENV_STATE,
+    HANG_FRACTION,
+    SimServerOptions,
+    parse_options,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RELEASE_DELAY_S = 0.1
+DEADLINE_S = 10.0
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T | None], what: str, timeout: float = DEADLINE_S) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def request(port: int, path: str, body: object | None = None) -> tuple[int, dict[str, Any]] | None:
+    """(status, JSON body), or None while nothing answers on the port."""
+    data = None if body is None else json.dumps(body).encode()
+    call = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data)
+    if data is not None:
+        call.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(call, timeout=2) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.loads(error.read())
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, logs: Path) -> None:
+        self.proc = proc
+        self.port = port
+        self.logs = logs
+
+    @property
+    def stdout(self) -> str:
+        return (self.logs / "stdout").read_text()
+
+    @property
+    def stderr(self) -> str:
+        return (self.logs / "stderr").read_text()
+
+    def health(self) -> tuple[int, dict[str, Any]] | None:
+        return request(self.port, "/health")
+
+    def wait_health(self, status: int) -> dict[str, Any]:
+        def answered() -> dict[str, Any] | None:
+            self.check_running()
+            reply = self.health()
+            return reply[1] if reply is not None and reply[0] == status else None
+
+        return wait_for(answered, f"/health to answer {status}")
+
+    def check_running(self) -> None:
+        if self.proc.poll() is not None:
+            pytest.fail(f"the server exited with {self.proc.returncode}: {self.stderr}")
+
+    def wait_exit(self) -> int:
+        return self.proc.wait(DEADLINE_S)
+
+
+class Servers:
+    """Server processes of one test; whatever still runs at the end is killed."""
+
+    def __init__(self, state: Path, workdir: Path) -> None:
+        self.state = state
+        self.workdir = workdir
+        self.started: list[Server] = []
+
+    def start(
+        self,
+        *args: str,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        flags: bool = True,
+    ) -> Server:
+        port = free_port() if port is None else port
+        argv = [sys.executable, "-m", "agent.simserver"]
+        if flags:
+            argv += ["--port", str(port), "--state", str(self.state)]
+        argv += args  # after the defaults, so a test's own --state wins
+        base = {k: v for k, v in os.environ.items() if not k.startswith("MODELBUS_")}
+        logs = self.workdir / f"server{len(self.started)}"
+        logs.mkdir()
+        with (logs / "stdout").open("wb") as out, (logs / "stderr").open("wb") as err:
+            proc = subprocess.Popen(
+                argv,
+                cwd=REPO_ROOT,
+                env={**base, **(env or {})},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+            )
+        server = Server(proc, port, logs)
+        self.started.append(server)
+        return server
+
+    def close(self) -> None:
+        for server in self.started:
+            if server.proc.poll() is None:
+                server.proc.kill()
+            server.proc.wait(DEADLINE_S)
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    return tmp_path / "gpus.bin"
+
+
+@pytest.fixture
+def backend(state: Path) -> Iterator[SimBackend]:
+    specs = [SimGpuSpec(memory_total_mb=32768), SimGpuSpec(memory_total_mb=32768)]
+    with SimBackend(state, specs, release_delay_s=RELEASE_DELAY_S) as opened:
+        yield opened
+
+
+@pytest.fixture
+def servers(backend: SimBackend, state: Path, tmp_path: Path) -> Iterator[Servers]:
+    group = Servers(state, tmp_path)
+    yield group
+    group.close()
+
+
+def used(backend: SimBackend, gpu: int = 0) -> int:
+    value = backend.sample()[gpu].memory_used_mb
+    assert value is not None
+    return value
+
+
+def holders(backend: SimBackend, gpu: int = 0) -> dict[int, tuple[int | None, str | None]]:
+    return {p.pid: (p.used_mb, p.name) for p in backend.sample()[gpu].processes}
+
+
+def wait_freed(backend: SimBackend) -> None:
+    wait_for(lambda: used(backend, 0) == used(backend, 1) == 0, "the memory to come back")
+
+
+# ---- processes -------------------------------------------------------------------------------
+
+
+def test_answers_loading_then_ready_and_holds_its_vram(
+    servers: Servers, backend: SimBackend
+) -> None:
+    server = servers.start("--model", "m-ready", "--vram-mb", "4096", "--load-s", "1.0")
+
+    loading = server.wait_health(503)
+    assert loading["status"] == "loading"
+    assert 0 <= loading["progress"] < 1
+    assert server.wait_health(200) == {"status": "ok"}
+
+    assert used(backend, 0) == 4096
+    assert used(backend, 1) == 0
+    assert holders(backend, 0) == {server.proc.pid: (4096, "m-ready")}
+    wait_for(lambda: "ready" in server.stdout, "the ready line")
+    assert f"port {server.port}" in server.stdout or f":{server.port}" in server.stdout
+
+
+def test_memory_ramps_up_while_loading(servers: Servers, backend: SimBackend) -> None:
+    server = servers.start("--vram-mb", "2000", "--load-s", "1.0")
+    seen: list[int] = []
+    progress: list[float] = []
+
+    def ready() -> bool:
+        server.check_running()
+        seen.append(used(backend))
+        reply = server.health()
+        if reply is not None and reply[0] == 503:
+            progress.append(reply[1]["progress"])
+        return reply is not None and reply[0] == 200
+
+    wait_for(ready, "the server to finish loading")
+
+    assert any(0 < mb < 2000 for mb in seen), seen
+    assert seen == sorted(seen), "the memory only grows while loading"
+    assert progress == sorted(progress)
+    assert any(0 < p < 1 for p in progress), progress
+    assert used(backend) == 2000
+
+
+def test_splits_the_memory_across_its_gpus(servers: Servers, backend: SimBackend) -> None:
+    server = servers.start("--model", "m-split", "--gpus", "0,1", "--vram-mb", "1001")
+    server.wait_health(200)
+
+    assert (used(backend, 0), used(backend, 1)) == (501, 500)
+    assert holders(backend, 0) == {server.proc.pid: (501, "m-split")}
+    assert holders(backend, 1) == {server.proc.pid: (500, "m-split")}
+
+
+def test_serves_models_and_chat_completions(servers: Servers) -> None:
+    server = servers.start("--model", "m-chat", "--vram-mb", "100")
+    server.wait_health(200)
+
+    models = request(server.port, "/v1/models")
+    assert models is not None and models[0] == 200
+    assert models[1]["object"] == "list"
+    assert [entry["id"] for entry in models[1]["data"]] == ["m-chat"]
+    reply = request(
+        server.port, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert reply is not None
+    status, answer = reply
+    assert status == 200
+    assert answer["object"] == "chat.completion"
+    assert answer["model"] == "m-chat"
+    assert answer["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "Simulated answer from m-chat.",
+    }
+    assert answer["choices"][0]["finish_reason"] == "stop"
+
+    bad = request(server.port, "/v1/chat/completions", {"prompt": "no messages"})
+    assert bad is not None and bad[0] == 400
+    missing = request(server.port, "/v1/nothing-here")
+    assert missing is not None and missing[0] == 404
+    posted_to_health = request(server.port, "/health", {"x": 1})
+    assert posted_to_health is not None and posted_to_health[0] == 404
+
+
+def test_sigterm_releases_the_memory_and_exits_0(servers: Servers, backend: SimBackend) -> None:
+    server = servers.start("--gpus", "0,1", "--vram-mb", "3000")
+    server.wait_health(200)
+    assert used(backend, 0) == used(backend, 1) == 1500
+
+    server.proc.send_signal(signal.SIGTERM)
+
+    assert server.wait_exit() == 0
+    assert server.stdout.splitlines()[-1] == "stopping"
+    # Released memory is no longer listed at once, and comes back after the release delay.
+    assert server.proc.pid not in holders(backend, 0)
+    wait_freed(backend)
+
+
+def test_sigint_while_loading_releases_the_partial_memory(
+    servers: Servers, backend: SimBackend
+) -> None:
+    server = servers.start("--vram-mb", "1000", "--hang", "--load-s", "0.2")
+    wait_for(lambda: used(backend) > 0, "some memory to be held")
+
+    server.proc.send_signal(signal.SIGINT)
+
+    assert server.wait_exit() == 0
+    assert "stopping" in server.stdout
+    wait_freed(backend)
+
+
+def test_crash_after_exits_3_and_the_memory_comes_back(
+    servers: Servers, backend: SimBackend
+) -> None:
+    server = servers.start("--vram-mb", "2048", "--crash-after", "0.5")
+
+    assert server.wait_exit() == CRASH_EXIT_CODE
+
+    assert "ready" in server.stdout  # so it held the memory before crashing
+    assert server.stderr.splitlines()[-1] == "simulated crash"
+    assert "stopping" not in server.stdout
+    # The crashed process released nothing: the simulator notices the death itself.
+    wait_freed(backend)
+
+
+def test_crash_after_counts_from_process_start_so_it_can_crash_while_loading(
+    servers: Servers, backend: SimBackend
+) -> None:
+    server = servers.start("--vram-mb", "2048", "--load-s", "1.0", "--crash-after", "0.3")
+
+    assert server.wait_exit() == CRASH_EXIT_CODE
+
+    assert "ready" not in server.stdout
+    assert server.stderr.splitlines()[-1] == "simulated crash"
+    wait_freed(backend)
+
+
+def test_hang_never_becomes_ready(servers: Servers, backend: SimBackend) -> None:
+    load_s = 0.2
+    server = servers.start("--vram-mb", "1000", "--hang", "--load-s", str(load_s))
+    half = round(1000 * HANG_FRACTION)
+    stuck = (503, {"status": "loading", "progress": HANG_FRACTION})
+    wait_for(
+        lambda: used(backend) == half and server.health() == stuck,
+        "the load to stop at the hang point",
+    )
+
+    # Keep watching for several load times: it stays loading with the partial memory.
+    until = time.monotonic() + 3 * load_s
+    while time.monotonic() < until:
+        server.check_running()
+        assert server.health() == stuck
+        assert used(backend) == half
+    chat = request(server.port, "/v1/chat/completions", {"messages": [{"role": "user"}]})
+    assert chat is not None and chat[0] == 503
+    assert "ready" not in server.stdout
+
+
+def test_exit_at_once_fails_before_allocating(servers: Servers, backend: SimBackend) -> None:
+    server = servers.start("--vram-mb", "1000", "--exit-at-once")
+
+    assert server.wait_exit() == 1
+
+    assert "error: simulated startup failure" in server.stderr
+    assert used(backend, 0) == used(backend, 1) == 0
+    assert holders(backend, 0) == holders(backend, 1) == {}
+    assert server.health() is None
+
+
+def test_overuse_holds_more_than_the_estimate(servers: Servers, backend: SimBackend) -> None:
+    server = servers.start("--vram-mb", "1000", "--overuse-mb", "500", "--load-s", "0.2")
+    server.wait_health(200)
+
+    assert used(backend) == 1500
+    assert holders(backend) == {server.proc.pid: (1500, "sim-model")}
+
+
+def test_fail_health_after_answers_500_while_running(servers: Servers) -> None:
+    server = servers.start("--vram-mb", "100", "--fail-health-after", "0.5")
+    assert server.wait_health(200) == {"status": "ok"}
+
+    failed = server.wait_health(500)
+
+    assert failed["status"] == "error"
+    assert server.proc.poll() is None
+    chat = request(server.port, "/v1/chat/completions", {"messages": [{"role": "user"}]})
+    assert chat is not None and chat[0] == 500
+
+
+def test_environment_variables_replace_the_flags(
+    servers: Servers, backend: SimBackend, state: Path
+) -> None:
+    port = free_port()
+    env = {ENV_MODEL: "m-env", ENV_PORT: str(port), ENV_GPUS: "1", ENV_STATE: str(state)}
+    server = servers.start("--vram-mb", "700", port=port, env=env, flags=False)
+    server.wait_health(200)
+
+    assert used(backend, 0) == 0
+    assert holders(backend, 1) == {server.proc.pid: (700, "m-env")}
+    assert request(port, "/v1/models") is not None
+
+
+def test_port_in_use_exits_1_with_a_clear_message(servers: Servers, backend: SimBackend) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = servers.start("--vram-mb", "1000", port=port)
+
+        assert server.wait_exit() == 1
+
+    assert f"cannot listen on 127.0.0.1:{port}" in server.stderr
+    assert "address already in use" in server.stderr
+    assert used(backend, 0) == 0
+
+
+def test_missing_state_file_exits_1(servers: Servers, tmp_path: Path) -> None:
+    server = servers.start("--state", str(tmp_path / "nothing.bin"), "--vram-mb", "1")
+
+    assert server.wait_exit() == 1
+    assert "no simulated GPUs at" in server.stderr
+
+
+def test_a_gpu_the_simulator_lacks_exits_1(servers: Servers, backend: SimBackend) -> None:
+    server = servers.start("--gpus", "0,5", "--vram-mb", "1000")
+
+    assert server.wait_exit() == 1
+    assert "there is no simulated GPU 5" in server.stderr
+    assert used(backend, 0) == 0
+
+
+# ---- options (in-process) --------------------------------------------------------------------
+
+
+def test_flags_win_over_environment_variables() -> None:
+    env = {ENV_PORT: "9000", ENV_STATE: "/env/state", ENV_MODEL: "env-model", ENV_GPUS: "1"}
+
+    options = parse_options(["--port", "9100", "--gpus", "0, 1"], env)
+
+    assert options == SimServerOptions(
+        port=9100, state_file=Path("/env/state"), model="env-model", gpus=(0, 1)
+    )
+
+
+def test_failure_knobs_read_from_the_environment() -> None:
+    env = {
+        ENV_PORT: "9000",
+        ENV_STATE: "/s",
+        "MODELBUS_SIM_HANG": "yes",
+        "MODELBUS_SIM_CRASH_AFTER": "2.5",
+        "MODELBUS_SIM_OVERUSE_MB": "64",
+        "MODELBUS_SIM_VRAM_MB": "",  # empty counts as unset
+    }
+
+    options = parse_options([], env)
+
+    assert options.hang and not options.exit_at_once
+    assert options.crash_after_s == 2.5
+    assert options.overuse_mb == 64
+    assert options.vram_mb == 1024
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        ([], {ENV_STATE: "/s"}, "--port or MODELBUS_PORT"),
+        (["--port", "1"], {}, "--state or MODELBUS_SIM_STATE"),
+        (["--state", "/s"], {ENV_PORT: "http"}, "MODELBUS_PORT: invalid literal"),
+        (["--state", "/s", "--port", "1", "--gpus", "0,0"], {}, "--gpus:"),
+        (["--state", "/s", "--port", "1", "--utilization", "150"], {}, "not a percentage"),
+        (["--state", "/s", "--port", "1"], {"MODELBUS_SIM_HANG": "maybe"}, "MODELBUS_SIM_HANG"),
+    ],
+)
+def test_bad_options_exit_2_naming_the_source(
+    argv: list[str], env: dict[str, str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_options(argv, env)
+
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("gpus", "vram_mb", "overuse_mb", "split"),
+    [
+        ((0,), 1000, 0, {0: 1000}),
+        ((0, 1), 1001, 0, {0: 501, 1: 500}),
+        ((1, 0), 1000, 24, {1: 512, 0: 512}),
+        ((0, 1, 2), 2, 0, {0: 1, 1: 1, 2: 0}),
+    ],
+)
+def test_allocation_splits_evenly(
+    gpus: tuple[int, ...], vram_mb: int, overuse_mb: int, split: dict[int, int]
+) -> None:
+    options = SimServerOptions(
+        port=1, state_file=Path("/s"), gpus=gpus, vram_mb=vram_mb, overuse_mb=overuse_mb
+    )
+
+    assert options.allocation_mb() == split
