@@ -104,7 +104,7 @@ def run_agent(args: argparse.Namespace) -> int:
     try:
         backend = open_backend(config)
         service = AgentService(config, backend)
-        asyncio.run(_serve(service))
+        asyncio.run(_serve(service, args.config, overrides))
     except GpuUnavailableError as exc:
         print(f"modelbus agent: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -114,13 +114,24 @@ def run_agent(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _serve(service: AgentService) -> None:
+async def _serve(
+    service: AgentService, config_path: Path | None, overrides: dict[str, object]
+) -> None:
     from agent.mqtt import BrokerRefusedError
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(service.reload(config_path, overrides))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    # SIGHUP re-reads the catalog, as daemons do; running models are left alone.
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await service.start()
     try:
         await service.run(stop)

@@ -145,7 +145,14 @@ class LifecycleConfig(Strict):
     vram_wait_timeout_s: float = Field(
         default=30.0, gt=0, description="how long freed memory may take to come back"
     )
-    health_poll_s: float = Field(default=0.05, gt=0, le=5, description="while a model loads")
+    health_poll_s: float = Field(default=0.01, gt=0, le=5, description="while a model loads")
+    stop_settle_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=600,
+        description="fixed wait after stopping a server, for drivers that report memory "
+        "free before it is usable (0: rely on the measured memory alone)",
+    )
     monitor_interval_s: float = Field(
         default=1.0, gt=0, description="how often ready models are checked (crash, ttl)"
     )

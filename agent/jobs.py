@@ -48,6 +48,12 @@ class Job:
     result: dict[str, Any] | None = None
     error: ErrorInfo | None = None
     queue_position: int | None = None
+    # Seconds spent waiting on servers (stopping, starting), reported in the result so
+    # the agent's own overhead can be told apart from the servers' time.
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def add_time(self, name: str, seconds: float) -> None:
+        self.timings[name] = self.timings.get(name, 0.0) + seconds
 
     @property
     def finished(self) -> bool:

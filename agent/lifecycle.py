@@ -52,6 +52,8 @@ class Publisher(Protocol):
 
     async def model_changed(self, state: ModelState) -> None: ...
 
+    async def model_removed(self, name: str) -> None: ...
+
     async def job_changed(self, job: JobState) -> None: ...
 
     async def job_finished(self, job: JobState) -> None: ...
@@ -136,6 +138,9 @@ class Lifecycle:
         self._running: tuple[Job, asyncio.Task[None]] | None = None
         self._cancel_requested: set[str] = set()
         self._owners: dict[int, ProcessOwner] = {}
+        # Catalog changes that wait for a running model to stop.
+        self._pending_specs: dict[str, ModelSpec] = {}
+        self._leaving: set[str] = set()
 
     # ---- what others ask -------------------------------------------------
 
@@ -210,6 +215,47 @@ class Lifecycle:
             headroom_mb=self.config.headroom_mb,
         )
 
+    async def reload(self, catalog: Catalog) -> list[str]:
+        """Take a new catalog. Running models are left alone: one whose entry changed
+        keeps running as it was started and takes the new entry once stopped; one
+        that left the catalog stays until it is unloaded. Returns what changed."""
+        changes = []
+        for name, spec in catalog.models.items():
+            record = self.models.get(name)
+            if record is None:
+                self.models[name] = ModelRecord(spec)
+                changes.append(f"added {name}")
+            elif record.spec != spec:
+                if record.resident:
+                    self._pending_specs[name] = spec
+                    changes.append(f"changed {name} (applies once it is stopped)")
+                else:
+                    record.spec = spec
+                    changes.append(f"changed {name}")
+        for name in [n for n in self.models if n not in catalog.models]:
+            if self.models[name].resident:
+                changes.append(f"removed {name} (still running; gone once unloaded)")
+                self._leaving.add(name)
+            else:
+                del self.models[name]
+                await self.publisher.model_removed(name)
+                changes.append(f"removed {name}")
+        self.catalog = catalog
+        for name in catalog.models:
+            await self.publisher.model_changed(self.models[name].snapshot())
+        await self.publisher.state_changed()
+        return changes
+
+    async def _after_stop(self, record: ModelRecord) -> None:
+        """Apply a catalog change that waited for the model to stop."""
+        name = record.spec.name
+        if name in self._leaving:
+            self._leaving.discard(name)
+            self.models.pop(name, None)
+            await self.publisher.model_removed(name)
+        elif name in self._pending_specs:
+            record.spec = self._pending_specs.pop(name)
+
     # ---- running ---------------------------------------------------------
 
     async def start(self) -> None:
@@ -222,6 +268,7 @@ class Lifecycle:
         )
         for job in interrupted:
             await self.publisher.job_changed(job)
+            await self.publisher.job_finished(job)
             await self.publisher.event(
                 Event(
                     event_type="job_failed",
@@ -247,11 +294,17 @@ class Lifecycle:
                 record.instance = instance
                 record.gpus = tuple(record.spec.gpus)
                 record.loaded_at = instance.started_at or time.time()
+                # A server still loading when the old agent died keeps loading:
+                # the monitor turns it ready once healthy (or crashed if it never is).
                 healthy = await probe(record.spec.health) == 200
-                record.state = ModelLifecycle.READY
-                record.health = "ok" if healthy else "unhealthy"
+                record.state = ModelLifecycle.READY if healthy else ModelLifecycle.LOADING
+                record.health = "ok" if healthy else "starting"
                 log.info("adopted %s (%s) started before this agent", instance.model, name)
         await self._refresh_owners()
+        for record in self.models.values():
+            if record.instance is not None and record.state == ModelLifecycle.READY:
+                runtime = self.runtimes[record.spec.runtime]
+                record.vram_used_mb = await self._measured_vram(record.instance, runtime)
         for record in self.models.values():
             await self.publisher.model_changed(record.snapshot())
         for name in self.config.preload:
@@ -348,7 +401,7 @@ class Lifecycle:
         spec = record.spec
         record.last_used_at = time.time()
         if record.resident and record.state == ModelLifecycle.READY:
-            job.succeed(self._result(record, evicted=[]), f"{spec.name} is already loaded")
+            job.succeed(self._result(record, [], job), f"{spec.name} is already loaded")
             return
         if record.resident:
             # Crashed or unhealthy: stop what is left before starting it again.
@@ -391,7 +444,7 @@ class Lifecycle:
                     current.uncancel()
             await self._roll_back(record, evicted, failure)
             raise
-        result = self._result(record, evicted)
+        result = self._result(record, evicted, job)
         if evicted:
             await self.publisher.event(
                 Event(
@@ -404,8 +457,9 @@ class Lifecycle:
             )
         job.succeed(result, f"{spec.name} is ready")
 
-    def _result(self, record: ModelRecord, evicted: Sequence[str]) -> dict[str, Any]:
+    def _result(self, record: ModelRecord, evicted: Sequence[str], job: Job) -> dict[str, Any]:
         return {
+            "timings": {name: round(value, 4) for name, value in job.timings.items()},
             "model": record.spec.name,
             "gpus": list(record.gpus),
             "vram_used_mb": record.vram_used_mb,
@@ -427,11 +481,13 @@ class Lifecycle:
             instance = await runtime.start(spec, extra_env)
         except RuntimeFailure as exc:
             raise LoadFailure(ErrorCode.LOAD_FAILED, str(exc)) from None
+        job.add_time("start_s", time.monotonic() - started)
         record.instance, record.gpus = instance, gpus
         record.state, record.health, record.error = ModelLifecycle.LOADING, "starting", None
         await self.publisher.model_changed(record.snapshot())
         await self._wait_healthy(job, record, runtime, instance, started)
         load_s = time.monotonic() - started
+        job.add_time("healthy_s", load_s)
         await self._refresh_owners()
         record.vram_used_mb = await self._measured_vram(instance, runtime)
         record.state, record.health = ModelLifecycle.READY, "ok"
@@ -496,7 +552,8 @@ class Lifecycle:
         return ("; last output: " + " | ".join(lines[-3:])) if lines else ""
 
     async def _measured_vram(self, instance: Instance, runtime: Runtime) -> int | None:
-        pids = await runtime.pids(instance) | {p for p in [instance.pid] if p}
+        """What the driver shows its processes using (owners must be fresh)."""
+        pids = {pid for pid, owner in self._owners.items() if owner.model == instance.model}
         samples = await self.sample()
         used = [
             process.used_mb
@@ -572,16 +629,21 @@ class Lifecycle:
         share = (record.vram_used_mb or 0) // max(1, len(record.gpus or record.spec.gpus))
         record.state = ModelLifecycle.UNLOADING
         await self.publisher.model_changed(record.snapshot())
+        stopping = time.monotonic()
         try:
             await runtime.stop(instance, record.spec.stop_timeout_s)
         except RuntimeFailure as exc:
             record.state, record.error = ModelLifecycle.ERROR, str(exc)
             await self.publisher.model_changed(record.snapshot())
             raise LoadFailure(ErrorCode.INTERNAL, f"could not stop {name}: {exc}") from None
+        if job is not None:
+            job.add_time("stop_s", time.monotonic() - stopping)
         record.instance = None
         record.state, record.health = ModelLifecycle.STOPPED, None
         record.loaded_at = None
         await self._refresh_owners()
+        if self.config.stop_settle_s:
+            await asyncio.sleep(self.config.stop_settle_s)
         if job is not None:
             job.advance(JobPhase.WAITING_VRAM, job.progress, f"waiting for {name}'s memory")
             await self._job_update(job)
@@ -599,6 +661,7 @@ class Lifecycle:
             if not returned:
                 await self._vram_leak(name, share, gpus)
         await self.publisher.model_changed(record.snapshot())
+        await self._after_stop(record)
         if not quiet:
             await self.publisher.event(
                 Event(
@@ -657,9 +720,31 @@ class Lifecycle:
             await asyncio.sleep(self.config.monitor_interval_s)
             busy = self.queue.running.request.model if self.queue.running else None
             for name, record in self.models.items():
-                if record.state != ModelLifecycle.READY or record.instance is None or name == busy:
+                if record.instance is None or name == busy:
                     continue
-                await self._check(record)
+                if record.state == ModelLifecycle.READY:
+                    await self._check(record)
+                elif record.state == ModelLifecycle.LOADING:
+                    await self._check_adopted_loading(record)
+
+    async def _check_adopted_loading(self, record: ModelRecord) -> None:
+        """An adopted server that was still loading: ready once healthy."""
+        assert record.instance is not None
+        runtime = self.runtimes[record.spec.runtime]
+        status = await runtime.exit_status(record.instance)
+        if status is not None:
+            await self._crashed(record, status.reason + self._log_tail(runtime, record.instance))
+            return
+        if await probe(record.spec.health) == 200:
+            record.state, record.health = ModelLifecycle.READY, "ok"
+            record.vram_used_mb = await self._measured_vram(record.instance, runtime)
+            await self.publisher.model_changed(record.snapshot())
+            return
+        started = record.instance.started_at or record.loaded_at or time.time()
+        if time.time() - started > record.spec.load_timeout_s:
+            await self._crashed(
+                record, f"not healthy {record.spec.load_timeout_s:g} s after it was started"
+            )
 
     async def _check(self, record: ModelRecord) -> None:
         assert record.instance is not None
@@ -701,6 +786,7 @@ class Lifecycle:
         record.health_failures = 0
         await self._refresh_owners()
         await self.publisher.model_changed(record.snapshot())
+        await self._after_stop(record)
         await self.publisher.event(
             Event(
                 event_type="model_crashed",

@@ -165,13 +165,10 @@ def _plan(
     evictable = sorted((r for r in residents if _is_evictable(r, target)), key=_eviction_order)
     fits: list[_Fit] = []
     shortfalls: list[_Shortfall] = []
-    unknown: list[tuple[int, ...]] = []
+    invalid: list[tuple[int, ...]] = []
     for preference, placement in enumerate(target.placements):
-        if not placement or len(set(placement)) != len(placement):
-            unknown.append(placement)
-            continue
-        if any(g not in free_mb for g in placement):
-            unknown.append(placement)
+        if not _is_valid(placement, free_mb):
+            invalid.append(placement)
             continue
         required = required_per_gpu_mb(target.vram_mb, placement)
         candidates = [r for r in evictable if _touches(r, placement)]
@@ -188,7 +185,12 @@ def _plan(
         # Tell the operator about the placement that came closest; ties go to preference.
         closest = max(shortfalls, key=lambda s: s.best_case_mb)
         return _refuse_for_vram(gpus, target, closest, mode, headroom_mb)
-    return _refuse_for_placement(free_mb, target, unknown)
+    return _refuse_for_placement(free_mb, target, invalid)
+
+
+def _is_valid(placement: tuple[int, ...], free_mb: dict[int, int]) -> bool:
+    distinct = set(placement)
+    return bool(placement) and len(distinct) == len(placement) and distinct <= free_mb.keys()
 
 
 def _is_evictable(resident: Resident, target: Target) -> bool:

@@ -8,11 +8,12 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
 
 from agent import __version__
-from agent.config import AgentConfig
+from agent.config import AgentConfig, ConfigError, load_config
 from agent.gpu.base import (
     ChangeSignal,
     DriverInfo,
@@ -44,7 +45,6 @@ from shared.messages import (
     HostInfo,
     HostState,
     JobState,
-    JobStatus,
     ModelState,
     Reply,
     Severity,
@@ -424,11 +424,24 @@ class AgentService:
         await self.client.publish(self.topics.model(state.name), encode(state), qos=1, retain=True)
         await self.state_changed()
 
+    async def model_removed(self, name: str) -> None:
+        """An empty retained payload removes the model's topic from the broker."""
+        await self.client.publish(self.topics.model(name), b"", qos=1, retain=True)
+
+    async def reload(self, config_path: Path | None, overrides: Mapping[str, Any]) -> None:
+        """Re-read the catalog (SIGHUP); a broken file changes nothing."""
+        try:
+            config = load_config(config_path, overrides=overrides)
+        except ConfigError as exc:
+            log.error("catalog not reloaded: %s", exc)
+            return
+        changes = await self.lifecycle.reload(config.catalog)
+        log.info("catalog reloaded: %s", "; ".join(changes) or "no changes")
+        await self.client.publish(self.topics.info, encode(self.host_info()), qos=1, retain=True)
+
     async def job_changed(self, job: JobState) -> None:
-        if job.state in (JobStatus.QUEUED, JobStatus.RUNNING):
-            self._jobs[job.job_id] = job
-        else:
-            self._jobs.pop(job.job_id, None)
+        # Kept until cleared, so a reconnect republishes finished jobs too.
+        self._jobs[job.job_id] = job
         await self.client.publish(self.topics.job(job.job_id), encode(job), qos=1, retain=True)
 
     async def job_finished(self, job: JobState) -> None:
@@ -440,6 +453,7 @@ class AgentService:
     async def _clear_job_later(self, job_id: str) -> None:
         """Finished jobs stay visible for a while, then leave the retained store."""
         await asyncio.sleep(self.config.lifecycle.job_retention_s)
+        self._jobs.pop(job_id, None)
         await self.client.publish(self.topics.job(job_id), b"", qos=1, retain=True)
 
     async def event(self, event: Event) -> None:

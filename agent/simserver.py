@@ -278,6 +278,28 @@ def parse_options(
 # ---- output ----------------------------------------------------------------------------------
 
 
+# Benchmarks set this to a file: the server appends when it was spawned, became ready,
+# was asked to stop and exited, so the agent's own overhead can be told apart.
+ENV_TIMINGS = "MODELBUS_SIM_TIMINGS"
+
+
+def _process_started_at() -> float:
+    """When this process was created (epoch seconds, clock-tick resolution), so the
+    interpreter's start-up counts as the server's time, not the agent's."""
+    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    age_s = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - age_s
+
+
+def _record_timing(model: str, event: str, at: float | None = None) -> None:
+    path = os.environ.get(ENV_TIMINGS)
+    if not path:
+        return
+    line = json.dumps({"model": model, "pid": os.getpid(), "event": event, "t": at or time.time()})
+    with open(path, "a", encoding="utf-8") as timings:
+        timings.write(line + "\n")
+
+
 def _say(message: str) -> None:
     print(message, flush=True)
 
@@ -571,6 +593,7 @@ class _SimServer:
                 f"ready: {self.options.model} on http://{self.options.host}:"
                 f"{self.http.server_address[1]} (GPU {gpus}, {total} MiB)"
             )
+            _record_timing(self.options.model, "ready")
             if self.options.fail_health_after_s is not None:
                 self._pause_until(ready_at + self.options.fail_health_after_s)
                 self.http.status = _Status(Phase.UNHEALTHY, 1.0)
@@ -578,6 +601,7 @@ class _SimServer:
             self._pause_until(math.inf)
             raise AssertionError("unreachable: only a signal or a crash ends the wait")
         except _Stop:
+            _record_timing(self.options.model, "term")
             _say("stopping")
             return 0
         except _Crash:
@@ -595,6 +619,7 @@ class _SimServer:
             if not crashed:
                 self.client.release()
             self.client.close()
+            _record_timing(self.options.model, "exit")
 
     def _load(self) -> None:
         """Raise the memory step by step, publishing the progress; return once it is all
@@ -653,6 +678,8 @@ def _check_gpus(options: SimServerOptions, client: SimGpuClient) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     options = parse_options(argv)
+    if os.environ.get(ENV_TIMINGS):
+        _record_timing(options.model, "spawn", _process_started_at())
     if options.exit_at_once:
         _complain("error: simulated startup failure")
         return 1

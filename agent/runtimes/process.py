@@ -416,7 +416,14 @@ class ProcessRuntime:
             ) from None
 
     async def _wait_leader(self, tracked: _Tracked, deadline: float) -> bool:
-        """Whether the group leader ended before ``deadline``."""
+        """Whether the group leader ended before ``deadline``. Our own child is awaited
+        (no polling delay: a swap waits on this); an adopted one is polled."""
+        process = tracked.process
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.shield(process.wait()), max(0.0, deadline - time.monotonic())
+                )
         while tracked.leader_running():
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -310,3 +310,109 @@ async def test_concurrent_commands_are_each_answered_once_and_coalesced(
     assert peak == 1
     healthy = await host.ask("status")
     assert healthy.status == "ok"
+
+
+async def test_agent_killed_mid_swap_fails_the_job_and_adopts_the_server(
+    start_host, host: Host
+) -> None:
+    models = {"slow": sim_model(4096, load_s=2.0)}
+    agent = start_host(models)
+    await online(host)
+    reply = await host.ask("load", "slow")
+    assert reply.job_id
+    await host.bus.wait_topic(
+        host.topics.job(reply.job_id), lambda v: v and v["phase"] == "loading"
+    )
+    agent.kill()
+    await host.bus.wait_topic(host.topics.status, lambda v: v == "offline", raw=True)
+    mark = len(host.bus.messages)
+    start_host(models)
+    failed = await host.bus.wait_topic(
+        host.topics.job(reply.job_id), lambda v: v and v["state"] == "failed", after=mark
+    )
+    assert "restarted" in json.loads(failed.payload)["error"]["message"]
+    # The server kept loading; the new agent adopted it and saw it become ready.
+    await host.bus.wait_topic(
+        host.topics.model("slow"), lambda v: v and v["state"] == "ready", after=mark
+    )
+    await host.bus.wait_topic(
+        host.topics.gpu(0),
+        lambda v: any(p["model"] == "slow" and p["used_mb"] == 4096 for p in v["processes"]),
+        after=mark,
+    )
+    unloaded = await host.ask("unload", {"model": "slow", "wait": True})
+    assert unloaded.status == "ok"
+
+
+async def test_preload_and_idle_ttl(start_host, host: Host) -> None:
+    start_host(
+        {"warm": sim_model(1024, ttl_s=1.0), "cold": sim_model(1024)},
+        lifecycle={"preload": ["warm"]},
+    )
+    await online(host)
+    await host.wait_model("warm", "ready")
+    # Nobody uses it: the ttl unloads it by itself.
+    await host.wait_model("warm", "stopped")
+    assert host.model("cold")["state"] == "stopped"
+
+
+async def test_learned_load_time_and_vram_survive_a_restart(start_host, host: Host) -> None:
+    models = {"learner": sim_model(3000, load_s=0.5, extra=["--overuse-mb", "1000"])}
+    agent = start_host(models)
+    await online(host)
+    first = await host.ask("load", {"model": "learner", "wait": True})
+    assert first.status == "ok"
+    assert (await host.ask("unload", {"model": "learner", "wait": True})).status == "ok"
+    agent.terminate()
+    mark = len(host.bus.messages)
+    start_host(models)
+    await host.bus.wait_topic(host.topics.status, lambda v: v == "online", raw=True, after=mark)
+    # The plan uses the measured 4000 MiB, not the 3000 MiB estimate.
+    plan = await host.ask("plan", "learner")
+    assert plan.data is not None and plan.data["required_mb"] == 4000
+    # And the next load has an ETA from the learned load time.
+    reply = await host.ask("load", "learner")
+    assert reply.job_id
+    loading = await host.bus.wait_topic(
+        host.topics.job(reply.job_id),
+        lambda v: v and v["phase"] == "loading" and v["eta_s"] is not None,
+    )
+    assert json.loads(loading.payload)["eta_s"] <= 5
+
+
+async def test_sighup_reloads_the_catalog_and_leaves_running_models_alone(
+    start_host, host: Host, tmp_path: Path
+) -> None:
+    import signal
+
+    models = {"runs": sim_model(2048), "goes": sim_model(1024)}
+    agent = start_host(models)
+    await online(host)
+    assert (await host.ask("load", {"model": "runs", "wait": True})).status == "ok"
+    config_file = tmp_path / "agent.yaml"
+    original = config_file.read_text()
+
+    # A broken file changes nothing and the agent keeps serving.
+    config_file.write_text("models: [\n")
+    agent.process.send_signal(signal.SIGHUP)
+    assert (await host.ask("status")).status == "ok"
+
+    import yaml
+
+    config = yaml.safe_load(original)
+    config["models"]["runs"]["vram_mb"] = 4096  # changed while running
+    del config["models"]["goes"]
+    config["models"]["new"] = sim_model(512)
+    config_file.write_text(yaml.safe_dump(config))
+    mark = len(host.bus.messages)
+    agent.process.send_signal(signal.SIGHUP)
+    await host.bus.wait_topic(
+        host.topics.model("new"), lambda v: v["state"] == "stopped", after=mark
+    )
+    removed = await host.bus.wait_topic(host.topics.model("goes"), after=mark, raw=True)
+    assert removed.payload == b""  # an empty retained payload: the topic is gone
+    # The running model was left alone, still with the estimate it was started with.
+    runs = host.model("runs")
+    assert runs["state"] == "ready" and runs["vram_estimate_mb"] == 2048
+    assert "catalog not reloaded" in agent.output()
+    assert (await host.ask("load", {"model": "new", "wait": True})).status == "ok"

@@ -160,6 +160,14 @@ def test_least_recently_used_among_equal_priority() -> None:
     assert plan.evict == ("whisperx",)
 
 
+def test_name_settles_a_full_tie_whatever_the_input_order() -> None:
+    twins = [Resident("b-twin", (0,), 6144), Resident("a-twin", (0,), 6144)]
+    for residents in (twins, twins[::-1]):
+        plan = plan_switch([GpuMemory(0, TOTAL_MB, 1024)], residents, Target("t", 5000, ((0,),)))
+        assert isinstance(plan, Plan)
+        assert plan.evict == ("a-twin",)
+
+
 def test_busy_model_is_passed_over() -> None:
     residents = [
         loaded("whisperx", 1.0, busy=True),
@@ -377,6 +385,27 @@ def test_unknown_gpu_is_refused() -> None:
         evictable_mb=0,
         gpus=(3,),
     )
+
+
+@pytest.mark.parametrize(
+    ("placements", "message"),
+    [
+        ((), "t has no candidate GPUs (GPUs here: 0 and 1)"),
+        (((),), "t has an empty GPU placement (GPUs here: 0 and 1)"),
+        (((0, 0),), "t names a GPU twice in placement (0, 0) (GPUs here: 0 and 1)"),
+        (
+            ((1, 2, 3),),
+            "t asks for GPUs 2 and 3, which do not exist on this host (GPUs here: 0 and 1)",
+        ),
+    ],
+)
+def test_malformed_placements_are_refused(
+    placements: tuple[tuple[int, ...], ...], message: str
+) -> None:
+    gpus = [GpuMemory(0, TOTAL_MB, TOTAL_MB), GpuMemory(1, TOTAL_MB, TOTAL_MB)]
+    refusal = plan_switch(gpus, [], Target("t", 1000, placements))
+    assert isinstance(refusal, Refusal)
+    assert refusal.message == message
 
 
 def test_unknown_gpu_placement_is_skipped_for_a_valid_one() -> None:

@@ -1,0 +1,306 @@
+"""Swap benchmark: the agent's own overhead per switch, command round trips, and a
+burst of commands, over a local Mosquitto with simulated model servers.
+
+Not a test: it prints figures beside the model-lifecycle issue's targets and beside
+a baseline measured in the same run, the same agent configured to wait like the
+original orchestrators did (a fixed sleep after every stop, health polled once a
+second).
+
+Overhead of one switch = the job's duration minus what the servers themselves took:
+the evicted server's stop (SIGTERM until the process is reaped, which the agent awaits
+without polling: the job reports it as timings.stop_s) and the new server's start
+(process creation to ready, which the server reports itself). Everything else,
+planning, forking, waiting for memory, noticing health, bookkeeping, publishing, is
+the agent's.
+
+    .venv/bin/python bench/swap.py            # 50 switches, 1,000-command burst
+    .venv/bin/python bench/swap.py --quick    # 10 switches, 200-command burst
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from agent.broker import DEMO_CONFIG, MosquittoBroker, free_port
+from agent.mqtt import Connection, ConnectionSettings, Subscription, connect
+from shared.topics import HostTopics
+
+LOAD_S = 0.3
+TARGETS = {"overhead_p50": 25.0, "overhead_p99": 100.0, "rtt_p50": 3.0, "rtt_p99": 10.0}
+BASELINE_SETTLE_S = 2.0  # the originals slept after stopping a server
+BASELINE_HEALTH_POLL_S = 1.0  # and polled health once a second
+_ids = itertools.count()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+@dataclass
+class Figures:
+    overheads_ms: list[float]
+    rtts_ms: list[float]
+    burst_sent: int
+    burst_answered: int
+    burst_duplicates: int
+    burst_s: float
+
+
+def agent_config(workdir: Path, broker: MosquittoBroker, prefix: str, *, baseline: bool) -> Path:
+    models = {}
+    for name in ("alpha", "beta"):
+        argv = [sys.executable, "-m", "agent.simserver", "--port", "${PORT}", "--model", "${MODEL}"]
+        argv += ["--gpus", "${GPUS}", "--vram-mb", "20000", "--load-s", str(LOAD_S)]
+        models[name] = {
+            "runtime": "process",
+            "process": {
+                "argv": argv,
+                "env": {"MODELBUS_SIM_TIMINGS": str(workdir / f"{prefix}.timings")},
+            },
+            "port": free_port(),
+            "vram_mb": 20000,
+        }
+    config: dict[str, Any] = {
+        "host_id": "bench",
+        "prefix": prefix,
+        "state_dir": str(workdir / prefix),
+        "log_level": "warning",
+        "broker": {"url": broker.url},
+        "gpu": {
+            "backend": "sim",
+            "sim": {"release_delay_s": 0.0, "gpus": [{"memory_total_mb": 32768}]},
+        },
+        "models": models,
+        "lifecycle": {"job_retention_s": 3600},
+    }
+    if baseline:
+        config["lifecycle"].update(
+            {"stop_settle_s": BASELINE_SETTLE_S, "health_poll_s": BASELINE_HEALTH_POLL_S}
+        )
+    path = workdir / f"{prefix}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+async def request(
+    connection: Connection,
+    messages: Any,
+    topics: HostTopics,
+    prefix: str,
+    command: str,
+    body: dict[str, Any],
+) -> tuple[dict[str, Any], float]:
+    request_id = f"b{next(_ids)}"
+    reply_topic = f"{prefix}/reply/{request_id}"
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await connection.publish(
+        topics.command(command),
+        json.dumps({**body, "request_id": request_id}),
+        qos=1,
+        response_topic=reply_topic,
+    )
+    async for message in messages:
+        if message.topic == reply_topic:
+            return json.loads(message.payload), (loop.time() - started) * 1000
+    raise RuntimeError("the connection closed")
+
+
+def server_times(timings: Path) -> dict[int, dict[str, float]]:
+    by_pid: dict[int, dict[str, float]] = {}
+    for line in timings.read_text().splitlines():
+        record = json.loads(line)
+        by_pid.setdefault(record["pid"], {})[record["event"]] = record["t"]
+    return by_pid
+
+
+def seconds(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+async def burst(
+    broker: MosquittoBroker, topics: HostTopics, prefix: str, total: int, clients: int
+) -> tuple[int, int, float]:
+    per_client = total // clients
+    loop = asyncio.get_running_loop()
+
+    async def one(number: int) -> tuple[int, int]:
+        settings = ConnectionSettings(
+            "127.0.0.1", broker.port, f"burst-{prefix}-{number}", persistent_session=False
+        )
+        async with connect(settings) as connection:
+            await connection.subscribe([Subscription(f"{prefix}/reply/burst{number}/#")])
+            messages = connection.messages()
+            for i in range(per_client):
+                command = "plan" if i % 2 else "status"
+                body = json.dumps({"model": "alpha"} if command == "plan" else {})
+                await connection.publish(
+                    topics.command(command),
+                    body,
+                    qos=1,
+                    response_topic=f"{prefix}/reply/burst{number}/{i}",
+                )
+            seen: dict[str, int] = {}
+            async with asyncio.timeout(60):
+                async for message in messages:
+                    seen[message.topic] = seen.get(message.topic, 0) + 1
+                    if len(seen) == per_client:
+                        break
+            return len(seen), sum(seen.values()) - len(seen)
+
+    started = loop.time()
+    results = await asyncio.gather(*(one(n) for n in range(clients)))
+    return sum(r[0] for r in results), sum(r[1] for r in results), loop.time() - started
+
+
+async def measure(
+    broker: MosquittoBroker,
+    workdir: Path,
+    *,
+    baseline: bool,
+    switches: int,
+    round_trips: int,
+    burst_total: int,
+) -> Figures:
+    prefix = "bench-baseline" if baseline else "bench-modelbus"
+    config = agent_config(workdir, broker, prefix, baseline=baseline)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "agent", "agent", "--config", str(config)], cwd=REPO
+    )
+    topics = HostTopics(prefix, "bench")
+    settings = ConnectionSettings(
+        "127.0.0.1", broker.port, f"bench-{prefix}", persistent_session=False
+    )
+    try:
+        async with connect(settings) as connection:
+            await connection.subscribe(
+                [Subscription(topics.status), Subscription(f"{prefix}/reply/#")]
+            )
+            messages = connection.messages()
+            async for message in messages:
+                if message.topic == topics.status and message.payload == b"online":
+                    break
+            jobs = []
+            for i in range(switches + 1):
+                reply, _ = await request(
+                    connection,
+                    messages,
+                    topics,
+                    prefix,
+                    "switch",
+                    {"model": ("alpha", "beta")[i % 2], "wait": True},
+                )
+                assert reply["status"] == "ok", reply
+                if i:  # the first switch evicts nothing
+                    jobs.append(reply["data"]["job"])
+            rtts = []
+            for _ in range(round_trips):
+                reply, rtt = await request(connection, messages, topics, prefix, "status", {})
+                assert reply["status"] == "ok"
+                rtts.append(rtt)
+        answered, duplicates, burst_s = (
+            await burst(broker, topics, prefix, burst_total, 20) if burst_total else (0, 0, 0.0)
+        )
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(30)
+    times = server_times(workdir / f"{prefix}.timings")
+    overheads = []
+    for job in jobs:
+        start, end = seconds(job["started_at"]), seconds(job["finished_at"])
+        # The new server's own start: process creation to ready, as it reports it.
+        spawned = [r for r in times.values() if "ready" in r and start <= r["spawn"] <= end]
+        server_s = sum(r["ready"] - r["spawn"] for r in spawned)
+        # The old server's stop: SIGTERM to its exit, which the agent only waits on.
+        server_s += job["result"]["timings"].get("stop_s", 0.0)
+        overheads.append((end - start - server_s) * 1000)
+    return Figures(overheads, rtts, burst_total, answered, duplicates, burst_s)
+
+
+def row(name: str, ours: float, base: float | None, target: float | None) -> None:
+    base_text = f"{base:10.1f}" if base is not None else f"{'-':>10}"
+    target_text = f"{target:10.1f}" if target is not None else f"{'-':>10}"
+    verdict = "" if target is None else ("meets" if ours <= target else "MISSES")
+    print(f"{name:34} {ours:10.1f} {base_text} {target_text}  {verdict}")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--switches", type=int, default=50)
+    parser.add_argument("--round-trips", type=int, default=500)
+    parser.add_argument("--burst", type=int, default=1000)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.switches, args.round_trips, args.burst = 10, 100, 200
+    with tempfile.TemporaryDirectory() as tmp, MosquittoBroker(DEMO_CONFIG) as broker:
+        workdir = Path(tmp)
+        ours = await measure(
+            broker,
+            workdir,
+            baseline=False,
+            switches=args.switches,
+            round_trips=args.round_trips,
+            burst_total=args.burst,
+        )
+        base = (
+            await measure(
+                broker, workdir, baseline=True, switches=args.switches, round_trips=0, burst_total=0
+            )
+            if args.switches
+            else None
+        )
+    print(
+        f"swap bench: {args.switches} switches between two simulated servers "
+        f"(20 GB each on a 32 GB GPU, {LOAD_S:g} s load), local Mosquitto, {os.cpu_count()} cores"
+    )
+    print(f"{'figure':34} {'modelbus':>10} {'baseline':>10} {'target':>10}  verdict")
+    b = base.overheads_ms if base else None
+    row(
+        "agent overhead per switch p50, ms",
+        statistics.median(ours.overheads_ms),
+        statistics.median(b) if b else None,
+        TARGETS["overhead_p50"],
+    )
+    row(
+        "agent overhead per switch p99, ms",
+        percentile(ours.overheads_ms, 99),
+        percentile(b, 99) if b else None,
+        TARGETS["overhead_p99"],
+    )
+    row("status round trip p50, ms", statistics.median(ours.rtts_ms), None, TARGETS["rtt_p50"])
+    row("status round trip p99, ms", percentile(ours.rtts_ms, 99), None, TARGETS["rtt_p99"])
+    if b:
+        ratio = statistics.median(b) / statistics.median(ours.overheads_ms)
+        print(f"overhead ratio baseline/modelbus (p50): {ratio:.0f}x (target >= 20x)")
+    print(
+        f"burst: {ours.burst_answered}/{ours.burst_sent} commands from 20 clients answered, "
+        f"{ours.burst_duplicates} duplicate replies, in {ours.burst_s:.2f} s"
+    )
+    print(
+        f"baseline: fixed {BASELINE_SETTLE_S:g} s sleep after each stop, health polled every "
+        f"{BASELINE_HEALTH_POLL_S:g} s (the original orchestrators' waits)"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
