@@ -143,6 +143,26 @@ def run_demo(*, headless: bool, port: int | None) -> int:
             except subprocess.TimeoutExpired:
                 agent.kill()
                 agent.wait()
+        _stop_model_servers(workdir / "state")
         broker.stop()
         with contextlib.suppress(OSError):
             shutil.rmtree(workdir)
+
+
+def _stop_model_servers(state_dir: Path) -> None:
+    """An agent leaves its model servers running for the next agent to adopt; the
+    demo is over, so it stops them too and leaves nothing behind."""
+    import asyncio
+
+    from agent.config import load_config
+    from agent.runtimes.process import ProcessRuntime
+
+    specs = load_config(None, environ={}, overrides={"models": demo_catalog()}).models
+
+    async def stop_all() -> None:
+        runtime = ProcessRuntime(state_dir)
+        for instance in await runtime.adopt(specs):
+            await runtime.stop(instance, specs[instance.model].stop_timeout_s)
+
+    with contextlib.suppress(Exception):
+        asyncio.run(stop_all())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -60,6 +62,7 @@ def write_agent_config(
 class AgentProcess:
     def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.log = config.parent / "agent.log"
+        self.state_dir = config.parent / "state"
         self._log_handle = self.log.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "agent", "agent", "--config", str(config), *args],
@@ -87,3 +90,12 @@ class AgentProcess:
             self.process.kill()
             self.process.wait(10)
         self._log_handle.close()
+        stop_model_servers(self.state_dir)
+
+
+def stop_model_servers(state_dir: Path) -> None:
+    """Agents leave model servers running for the next agent to adopt; a test is
+    over, so kill them through their pid files (their own process groups)."""
+    for pid_file in (state_dir / "pids").glob("*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            os.killpg(json.loads(pid_file.read_text())["pid"], signal.SIGKILL)
