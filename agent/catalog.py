@@ -80,6 +80,13 @@ class ModelSpec(_Strict):
             raise ValueError("model names are 1-64 of [A-Za-z0-9._-] (no '/')")
         return value
 
+    @field_validator("health_url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith("http://"):
+            raise ValueError("health_url must be an http:// URL (macros like ${PORT} allowed)")
+        return value
+
     @field_validator("gpus")
     @classmethod
     def _distinct(cls, value: list[int]) -> list[int]:

@@ -1,7 +1,7 @@
 """A minimal asynchronous health probe: one HTTP GET over a fresh connection.
 
 Model servers answer ``/health`` on loopback; a full HTTP client would cost
-more than the probe itself, and we poll every 50 ms while a model loads.
+more than the probe itself, and we poll every 10 ms while a model loads.
 """
 
 from __future__ import annotations

@@ -141,6 +141,7 @@ class Lifecycle:
         # Catalog changes that wait for a running model to stop.
         self._pending_specs: dict[str, ModelSpec] = {}
         self._leaving: set[str] = set()
+        self._announcements: set[asyncio.Task[None]] = set()
 
     # ---- what others ask -------------------------------------------------
 
@@ -174,17 +175,17 @@ class Lifecycle:
                 f"unknown model {request.model!r}: the catalog has "
                 f"{', '.join(self.catalog.names()) or 'no models'}",
             )
-        if request.gpu is not None and len(spec.gpus) > 1:
-            raise CommandError(
-                ErrorCode.INVALID_PAYLOAD,
-                f"{request.model} spans GPUs {spec.gpus}; it cannot be moved to one GPU",
-            )
+        _check_gpu_override(spec, request.gpu)
         try:
             job, joined = self.queue.submit(Job(request, request_id=request_id, priority=priority))
         except QueueFullError as exc:
             raise CommandError(ErrorCode.QUEUE_FULL, str(exc)) from None
         if not joined:
             self._wakeup.set()
+            # Published and saved while still queued, so a restart cannot lose it.
+            announcement = asyncio.get_running_loop().create_task(self._job_update(job))
+            self._announcements.add(announcement)
+            announcement.add_done_callback(self._announcements.discard)
         return job, joined
 
     async def cancel(self, job_id: str) -> Job:
@@ -194,11 +195,12 @@ class Lifecycle:
             await self._job_update(queued, final=True)
             return queued
         if self._running is not None and self._running[0].job_id == job_id:
+            # Stopping the new server and restoring what it evicted takes time; the
+            # reply says the cancel was accepted and jobs/<id> shows it finish.
             job, task = self._running
             self._cancel_requested.add(job_id)
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(task)
+            job.message = "cancelling"
             return job
         raise CommandError(ErrorCode.NOT_FOUND, f"no queued or running job {job_id!r}")
 
@@ -207,6 +209,7 @@ class Lifecycle:
         spec = self.catalog.get(model)
         if spec is None:
             raise CommandError(ErrorCode.UNKNOWN_MODEL, f"unknown model {model!r}")
+        _check_gpu_override(spec, gpu)
         return plan_switch(
             _gpu_memory(await self.sample()),
             self._residents(),
@@ -452,6 +455,7 @@ class Lifecycle:
                     severity=Severity.INFO,
                     message=f"{spec.name} ready after evicting {', '.join(evicted)}",
                     model=spec.name,
+                    gpu=plan.gpus[0],
                     job_id=job.job_id,
                 )
             )
@@ -771,7 +775,8 @@ class Lifecycle:
         idle_s = time.time() - idle_since if idle_since is not None else 0.0
         if spec.ttl_s is not None and idle_s >= spec.ttl_s:
             log.info("%s idle for %.0f s (ttl %.0f s): unloading", spec.name, idle_s, spec.ttl_s)
-            self.submit(JobRequest("unload", spec.name), request_id="ttl")
+            # The operator asked for this unload by setting ttl_s: pinned or not.
+            self.submit(JobRequest("unload", spec.name, force=True), request_id="ttl")
 
     async def _crashed(self, record: ModelRecord, reason: str) -> None:
         name = record.spec.name
@@ -826,6 +831,14 @@ class Lifecycle:
     async def _positions_changed(self) -> None:
         for queued in self.queue.queued():
             await self.publisher.job_changed(queued.snapshot())
+
+
+def _check_gpu_override(spec: ModelSpec, gpu: int | None) -> None:
+    if gpu is not None and len(spec.gpus) > 1:
+        raise CommandError(
+            ErrorCode.INVALID_PAYLOAD,
+            f"{spec.name} spans GPUs {spec.gpus}; it cannot be moved to one GPU",
+        )
 
 
 def _gpu_memory(samples: Sequence[GpuSample]) -> list[GpuMemory]:

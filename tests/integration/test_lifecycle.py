@@ -246,6 +246,10 @@ async def test_cancel_queued_and_running_jobs(start_host, host: Host) -> None:
     running = await host.ask("load", "big")
     queued = await host.ask("load", "small")
     assert running.job_id and queued.job_id
+    # Queued jobs are published (and saved) at once, with their place in the queue.
+    await host.bus.wait_topic(
+        host.topics.job(queued.job_id), lambda v: v and v["state"] == "queued"
+    )
     cancelled = await host.ask("cancel", queued.job_id)
     assert cancelled.status == "ok" and cancelled.data is not None
     assert cancelled.data["job"]["state"] == "cancelled"
