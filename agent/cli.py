@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import signal
 import sys
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from agent.service import AgentService
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+SHUTDOWN_GRACE_S = 8.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -121,8 +123,15 @@ async def _serve(
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def shut_down() -> None:
+        # A shutdown that hangs would keep the host "online" with no agent behind it:
+        # after the grace period, print where every thread is stuck and exit.
+        faulthandler.dump_traceback_later(SHUTDOWN_GRACE_S, exit=True)
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, shut_down)
     reloads: set[asyncio.Task[None]] = set()
 
     def reload() -> None:

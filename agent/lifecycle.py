@@ -142,6 +142,7 @@ class Lifecycle:
         self._pending_specs: dict[str, ModelSpec] = {}
         self._leaving: set[str] = set()
         self._announcements: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     # ---- what others ask -------------------------------------------------
 
@@ -319,8 +320,14 @@ class Lifecycle:
             group.create_task(self._worker(), name="swap-worker")
             group.create_task(self._monitor(), name="model-monitor")
 
+    def stop(self) -> None:
+        """Ask the worker and the monitor to end. A flag besides the cancellation,
+        because aiomqtt's publish waits with wait_for, which on 3.11 can swallow one."""
+        self._stopping = True
+        self._wakeup.set()
+
     async def _worker(self) -> None:
-        while True:
+        while not self._stopping:
             job = self.queue.take()
             if job is None:
                 await self._wakeup.wait()
@@ -333,9 +340,12 @@ class Lifecycle:
             try:
                 await asyncio.shield(task)
             except asyncio.CancelledError:
-                if not task.done():  # the worker itself is being stopped
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    # The worker itself is being stopped (the agent shuts down).
                     task.cancel()
                     raise
+                # Otherwise only the job's task ended cancelled; it is finished below.
             finally:
                 self._running = None
                 self._cancel_requested.discard(job.job_id)
@@ -441,7 +451,11 @@ class Lifecycle:
             await self._start_and_wait(job, record, plan.gpus)
         except BaseException as failure:
             if isinstance(failure, asyncio.CancelledError):
-                # Clean up normally: the cancel was ours to act on, not to repeat.
+                if job.job_id not in self._cancel_requested:
+                    # The agent is stopping: leave the servers as they are; the next
+                    # agent adopts them and marks this job interrupted.
+                    raise
+                # A cancel command: clean up normally, the cancel was ours to act on.
                 current = asyncio.current_task()
                 if current is not None:
                     current.uncancel()
@@ -720,7 +734,7 @@ class Lifecycle:
     # ---- unattended ------------------------------------------------------
 
     async def _monitor(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.config.monitor_interval_s)
             busy = self.queue.running.request.model if self.queue.running else None
             for name, record in self.models.items():

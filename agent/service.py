@@ -146,6 +146,7 @@ class AgentService:
             lifecycle_task = group.create_task(self.lifecycle.run(), name="lifecycle")
             await stop.wait()
             # Model servers keep running: the next agent adopts them.
+            self.lifecycle.stop()
             lifecycle_task.cancel()
             await self._announce_offline()
             telemetry_task.cancel()
@@ -165,10 +166,10 @@ class AgentService:
             log.warning("could not publish 'offline' in time; the broker's will covers it")
 
     async def _call(self, fn: Callable[[], T]) -> T:
-        """Blocking backend calls run off the event loop, under a timeout."""
-        return await asyncio.wait_for(
-            asyncio.to_thread(fn), timeout=self.config.telemetry.sample_timeout_s
-        )
+        """Blocking backend calls run off the event loop, under a timeout (asyncio.timeout,
+        not wait_for, which on Python 3.11 can swallow a cancellation)."""
+        async with asyncio.timeout(self.config.telemetry.sample_timeout_s):
+            return await asyncio.to_thread(fn)
 
     # ---- telemetry -------------------------------------------------------
 

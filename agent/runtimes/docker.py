@@ -338,7 +338,9 @@ class DockerRuntime:
     ) -> T:
         limit = self.call_timeout_s if timeout_s is None else timeout_s
         try:
-            return await asyncio.wait_for(asyncio.to_thread(function, *args), limit)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel.
+            async with asyncio.timeout(limit):
+                return await asyncio.to_thread(function, *args)
         except RuntimeFailure:
             raise
         except TimeoutError:

@@ -420,10 +420,10 @@ class ProcessRuntime:
         (no polling delay: a swap waits on this); an adopted one is polled."""
         process = tracked.process
         if process is not None and process.returncode is None:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    asyncio.shield(process.wait()), max(0.0, deadline - time.monotonic())
-                )
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await asyncio.shield(process.wait())
         while tracked.leader_running():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -435,7 +435,8 @@ class ProcessRuntime:
         """Let the event loop collect our own child (no zombie, a known exit code)."""
         if tracked.process is not None and tracked.process.returncode is None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(tracked.process.wait(), REAP_WAIT_S)
+                async with asyncio.timeout(REAP_WAIT_S):
+                    await tracked.process.wait()
 
     # -- files --
 
