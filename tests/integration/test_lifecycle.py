@@ -98,8 +98,13 @@ def start_host(broker: MosquittoBroker, prefix: str, tmp_path: Path) -> Callable
 
     yield start
     for agent in agents:
-        agent.terminate()
-        agent.close()
+        try:
+            running = agent.process.poll() is None
+            code = agent.terminate()
+            # A clean shutdown, every time: a hang here once hid a swallowed cancel.
+            assert code == 0 or not running, agent.output()
+        finally:
+            agent.close()
 
 
 @pytest.fixture
