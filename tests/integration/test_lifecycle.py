@@ -425,3 +425,33 @@ async def test_sighup_reloads_the_catalog_and_leaves_running_models_alone(
     assert runs["state"] == "ready" and runs["vram_estimate_mb"] == 2048
     assert "catalog not reloaded" in agent.output()
     assert (await host.ask("load", {"model": "new", "wait": True})).status == "ok"
+
+
+async def test_failing_health_counts_as_a_crash(start_host, host: Host) -> None:
+    start_host({"sick": sim_model(1024, extra=["--fail-health-after", "0.3"])})
+    await online(host)
+    assert (await host.ask("load", {"model": "sick", "wait": True})).status == "ok"
+    crashed = await host.wait_model("sick", "crashed")
+    assert "health check failed" in crashed["error"]
+    # The hung server was stopped: its memory is free again.
+    await host.bus.wait_topic(host.topics.gpu(0), lambda v: v["memory_used_mb"] == 0)
+
+
+async def test_memory_that_does_not_come_back_is_reported(start_host, host: Host) -> None:
+    # The simulated driver takes 3 s to return memory; the agent waits 0.5 s.
+    start_host(
+        {"sticky": sim_model(3000)},
+        lifecycle={"vram_wait_timeout_s": 0.5},
+        extra={
+            "gpu": {
+                "backend": "sim",
+                "sim": {"release_delay_s": 3.0, "gpus": [{"memory_total_mb": 32768}]},
+            }
+        },
+    )
+    await online(host)
+    assert (await host.ask("load", {"model": "sticky", "wait": True})).status == "ok"
+    assert (await host.ask("unload", {"model": "sticky", "wait": True})).status == "ok"
+    leak = await host.wait_event("vram_leak")
+    assert leak["model"] == "sticky" and leak["severity"] == "warning"
+    assert "did not come back" in leak["message"]
