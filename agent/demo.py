@@ -99,6 +99,9 @@ def run_demo(*, headless: bool, port: int | None) -> int:
             stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+        if not _wait_until_online(broker.port, agent):
+            print("modelbus demo: the agent did not come online", file=sys.stderr)
+            return 1
         watch = shlex.join(
             [
                 "mosquitto_sub",
@@ -118,12 +121,22 @@ def run_demo(*, headless: bool, port: int | None) -> int:
                 "-e", f"{DEMO_PREFIX}/reply/me", "-m", "",
             ]
         )  # fmt: skip
+        switch = shlex.join(
+            [
+                "mosquitto_rr", "-h", "127.0.0.1", "-p", str(broker.port),
+                "-t", f"{DEMO_PREFIX}/{DEMO_HOST}/cmd/switch", "-e", f"{DEMO_PREFIX}/reply/me",
+                "-m", '{"model": "qwen3-vl-30b", "wait": true}',
+            ]
+        )  # fmt: skip
+        models = ", ".join(name for name, *_ in DEMO_MODELS)
         if not headless:
             print("The terminal UI is not built yet; running the demo headless.")
         print(
             f"modelbus demo: broker {broker.url}, agent '{DEMO_HOST}' on a simulated 32 GB GPU.\n"
+            f"  models:     {models}\n"
             f"  watch it:   {watch}\n"
             f"  ask status: {ask}\n"
+            f"  switch:     {switch}\n"
             "Press Ctrl-C to stop; everything started here stops with it.",
             flush=True,
         )
@@ -147,6 +160,31 @@ def run_demo(*, headless: bool, port: int | None) -> int:
         broker.stop()
         with contextlib.suppress(OSError):
             shutil.rmtree(workdir)
+
+
+def _wait_until_online(port: int, agent: subprocess.Popen[bytes], timeout_s: float = 30) -> bool:
+    """Print the commands only once the agent listens: a command sent before it
+    subscribed would be lost."""
+    import asyncio
+
+    from agent.mqtt import ConnectionSettings, Subscription, connect
+    from shared.topics import HostTopics
+
+    status = HostTopics(DEMO_PREFIX, DEMO_HOST).status
+
+    async def wait() -> bool:
+        settings = ConnectionSettings("127.0.0.1", port, "modelbus-demo", persistent_session=False)
+        async with asyncio.timeout(timeout_s), connect(settings) as connection:
+            await connection.subscribe([Subscription(status)])
+            async for message in connection.messages():
+                if message.payload == b"online":
+                    return True
+        return False
+
+    try:
+        return agent.poll() is None and asyncio.run(wait())
+    except Exception:  # unreachable broker, timeout: the caller says so
+        return False
 
 
 def _stop_model_servers(state_dir: Path) -> None:
