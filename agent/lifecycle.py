@@ -169,8 +169,10 @@ class Lifecycle:
         self, request: JobRequest, *, request_id: str | None, priority: int = 0
     ) -> tuple[Job, bool]:
         """Queue a GPU-changing job; an equal request joins the existing job."""
-        spec = self.catalog.get(request.model)
-        if spec is None:
+        record = self.models.get(request.model)
+        # A model that left the catalog but still runs can still be unloaded.
+        spec = record.spec if record is not None else None
+        if spec is None or (request.model not in self.catalog and request.command != "unload"):
             raise CommandError(
                 ErrorCode.UNKNOWN_MODEL,
                 f"unknown model {request.model!r}: the catalog has "
@@ -199,9 +201,10 @@ class Lifecycle:
             # Stopping the new server and restoring what it evicted takes time; the
             # reply says the cancel was accepted and jobs/<id> shows it finish.
             job, task = self._running
-            self._cancel_requested.add(job_id)
-            task.cancel()
-            job.message = "cancelling"
+            if job_id not in self._cancel_requested:  # a second cancel must not cut the rollback
+                self._cancel_requested.add(job_id)
+                task.cancel()
+                job.message = "cancelling"
             return job
         raise CommandError(ErrorCode.NOT_FOUND, f"no queued or running job {job_id!r}")
 
@@ -225,19 +228,21 @@ class Lifecycle:
         that left the catalog stays until it is unloaded. Returns what changed."""
         changes = []
         for name, spec in catalog.models.items():
+            self._leaving.discard(name)
+            self._pending_specs.pop(name, None)
             record = self.models.get(name)
             if record is None:
                 self.models[name] = ModelRecord(spec)
                 changes.append(f"added {name}")
             elif record.spec != spec:
-                if record.resident:
+                if record.resident or self._has_job(name):
                     self._pending_specs[name] = spec
                     changes.append(f"changed {name} (applies once it is stopped)")
                 else:
                     record.spec = spec
                     changes.append(f"changed {name}")
         for name in [n for n in self.models if n not in catalog.models]:
-            if self.models[name].resident:
+            if self.models[name].resident or self._has_job(name):
                 changes.append(f"removed {name} (still running; gone once unloaded)")
                 self._leaving.add(name)
             else:
@@ -249,6 +254,12 @@ class Lifecycle:
             await self.publisher.model_changed(self.models[name].snapshot())
         await self.publisher.state_changed()
         return changes
+
+    def _has_job(self, name: str) -> bool:
+        running = self.queue.running
+        return (running is not None and running.request.model == name) or any(
+            job.request.model == name for job in self.queue.queued()
+        )
 
     async def _after_stop(self, record: ModelRecord) -> None:
         """Apply a catalog change that waited for the model to stop."""
@@ -333,10 +344,10 @@ class Lifecycle:
                 await self._wakeup.wait()
                 self._wakeup.clear()
                 continue
-            await self._job_update(job)
-            await self._positions_changed()
             task = asyncio.create_task(self._execute(job), name=f"job-{job.job_id}")
             self._running = (job, task)
+            await self._job_update(job)
+            await self._positions_changed()
             try:
                 await asyncio.shield(task)
             except asyncio.CancelledError:
@@ -350,6 +361,8 @@ class Lifecycle:
                 self._running = None
                 self._cancel_requested.discard(job.job_id)
                 self.queue.done(job)
+                if not job.finished:  # cancelled before it could start its own bookkeeping
+                    job.cancel("cancelled while running")
             await self._job_update(job, final=True)
             await self.publisher.state_changed()
 
@@ -443,8 +456,9 @@ class Lifecycle:
                 for name in plan.evict:
                     job.advance(JobPhase.EVICTING, 0.05, f"evicting {name}")
                     await self._job_update(job)
-                    await self._stop(self.models[name], job, reason=f"evicted for {spec.name}")
+                    # Recorded first: a cancel in the middle of this stop restores it too.
                     evicted.append(name)
+                    await self._stop(self.models[name], job, reason=f"evicted for {spec.name}")
             job.advance(JobPhase.WAITING_VRAM, 0.1, "waiting for the driver to return the memory")
             await self._job_update(job)
             await self._wait_for_free(plan.gpus, plan.required_mb + self.config.headroom_mb)
@@ -502,6 +516,7 @@ class Lifecycle:
         job.add_time("start_s", time.monotonic() - started)
         record.instance, record.gpus = instance, gpus
         record.state, record.health, record.error = ModelLifecycle.LOADING, "starting", None
+        record.health_failures = 0
         await self.publisher.model_changed(record.snapshot())
         await self._wait_healthy(job, record, runtime, instance, started)
         load_s = time.monotonic() - started
@@ -603,14 +618,14 @@ class Lifecycle:
             )
         for name in reversed(evicted):
             restored = self.models[name]
+            if restored.resident:
+                continue  # the cancel came before it was stopped
+            gpus = restored.gpus or tuple(restored.spec.gpus)
             try:
                 await self._wait_for_free(
-                    tuple(restored.spec.gpus),
-                    (restored.vram_used_mb or restored.spec.vram_mb) // len(restored.spec.gpus),
+                    gpus, (restored.vram_used_mb or restored.spec.vram_mb) // len(gpus)
                 )
-                await self._start_and_wait(
-                    Job(JobRequest("load", name)), restored, tuple(restored.spec.gpus)
-                )
+                await self._start_and_wait(Job(JobRequest("load", name)), restored, gpus)
                 log.info("restored %s after a failed swap", name)
             except (LoadFailure, RuntimeFailure) as exc:
                 log.error("could not restore %s: %s", name, exc)
@@ -736,14 +751,20 @@ class Lifecycle:
     async def _monitor(self) -> None:
         while not self._stopping:
             await asyncio.sleep(self.config.monitor_interval_s)
-            busy = self.queue.running.request.model if self.queue.running else None
-            for name, record in self.models.items():
-                if record.instance is None or name == busy:
+            for name, record in list(self.models.items()):
+                if record.instance is None or self._swapping():
                     continue
-                if record.state == ModelLifecycle.READY:
-                    await self._check(record)
-                elif record.state == ModelLifecycle.LOADING:
-                    await self._check_adopted_loading(record)
+                try:
+                    if record.state == ModelLifecycle.READY:
+                        await self._check(record)
+                    elif record.state == ModelLifecycle.LOADING:
+                        await self._check_adopted_loading(record)
+                except Exception:  # one model's trouble must not stop the watch
+                    log.exception("checking %s failed", name)
+
+    def _swapping(self) -> bool:
+        """While a swap runs it may stop any model: the watch stands aside."""
+        return self.queue.running is not None
 
     async def _check_adopted_loading(self, record: ModelRecord) -> None:
         """An adopted server that was still loading: ready once healthy."""
@@ -768,13 +789,16 @@ class Lifecycle:
         assert record.instance is not None
         spec = record.spec
         runtime = self.runtimes[spec.runtime]
-        status = await runtime.exit_status(record.instance)
+        instance = record.instance
+        status = await runtime.exit_status(instance)
+        if record.instance is not instance or self._swapping():
+            return  # the swap worker stopped or replaced it meanwhile
         if status is not None:
-            await self._crashed(
-                record, f"{status.reason}" + self._log_tail(runtime, record.instance)
-            )
+            await self._crashed(record, f"{status.reason}" + self._log_tail(runtime, instance))
             return
         healthy = await probe(spec.health) == 200
+        if record.instance is not instance or self._swapping():
+            return
         record.health_failures = 0 if healthy else record.health_failures + 1
         health = "ok" if healthy else "failing"
         if health != record.health:
@@ -790,14 +814,19 @@ class Lifecycle:
         if spec.ttl_s is not None and idle_s >= spec.ttl_s:
             log.info("%s idle for %.0f s (ttl %.0f s): unloading", spec.name, idle_s, spec.ttl_s)
             # The operator asked for this unload by setting ttl_s: pinned or not.
-            self.submit(JobRequest("unload", spec.name, force=True), request_id="ttl")
+            try:
+                self.submit(JobRequest("unload", spec.name, force=True), request_id="ttl")
+            except CommandError as exc:
+                log.error("could not unload idle %s: %s", spec.name, exc.message)
 
     async def _crashed(self, record: ModelRecord, reason: str) -> None:
         name = record.spec.name
         log.error("%s crashed: %s", name, reason)
         instance = record.instance
         if instance is not None:
-            # Whatever is left (a hung process) still holds VRAM: stop it.
+            # Whatever is left (a hung process) still holds VRAM: stop it. Not READY
+            # meanwhile, so no load takes it for "already loaded".
+            record.state = ModelLifecycle.UNLOADING
             with contextlib.suppress(RuntimeFailure):
                 await self.runtimes[record.spec.runtime].stop(instance, record.spec.stop_timeout_s)
         record.instance = None
@@ -816,8 +845,11 @@ class Lifecycle:
             )
         )
         await self.publisher.state_changed()
-        if record.spec.restart == "on-crash":
-            self.submit(JobRequest("load", name), request_id="restart-on-crash")
+        if record.spec.restart == "on-crash" and name in self.catalog:
+            try:
+                self.submit(JobRequest("load", name), request_id="restart-on-crash")
+            except CommandError as exc:
+                log.error("could not restart %s: %s", name, exc.message)
 
     # ---- bookkeeping -----------------------------------------------------
 

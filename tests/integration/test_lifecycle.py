@@ -455,3 +455,29 @@ async def test_memory_that_does_not_come_back_is_reported(start_host, host: Host
     leak = await host.wait_event("vram_leak")
     assert leak["model"] == "sticky" and leak["severity"] == "warning"
     assert "did not come back" in leak["message"]
+
+
+async def test_a_running_model_removed_from_the_catalog_can_still_be_unloaded(
+    start_host, host: Host, tmp_path: Path
+) -> None:
+    import signal
+
+    import yaml
+
+    agent = start_host({"old": sim_model(1024)})
+    await online(host)
+    assert (await host.ask("load", {"model": "old", "wait": True})).status == "ok"
+    config_file = tmp_path / "agent.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    config["models"] = {"fresh": sim_model(512)}
+    config_file.write_text(yaml.safe_dump(config))
+    mark = len(host.bus.messages)
+    agent.process.send_signal(signal.SIGHUP)
+    await host.bus.wait_topic(host.topics.model("fresh"), after=mark)
+    refused = await host.ask("load", "old")
+    assert refused.error is not None and refused.error.code == "unknown_model"
+    assert (await host.ask("unload", {"model": "old", "wait": True})).status == "ok"
+    gone = await host.bus.wait_topic(
+        host.topics.model("old"), lambda v: v is None, after=mark, raw=False
+    )
+    assert gone.payload == b""
