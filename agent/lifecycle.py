@@ -196,6 +196,7 @@ class Lifecycle:
         if queued is not None:
             queued.cancel("cancelled while queued")
             await self._job_update(queued, final=True)
+            await self._positions_changed()
             return queued
         if self._running is not None and self._running[0].job_id == job_id:
             # Stopping the new server and restoring what it evicted takes time; the
