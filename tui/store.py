@@ -1,0 +1,394 @@
+"""What the TUI knows about the bus: every host's retained state, folded from raw messages.
+
+Pure: no MQTT, no Textual, no asyncio. The bridge feeds every message of
+``all_hosts_filter(prefix)`` to :meth:`BusStore.apply` and turns the returned
+:class:`Change` into a redraw of just that part of the screen.
+
+Bad input never raises: whatever cannot be used is counted in ``BusStore.skipped``
+by reason and the latest few are kept in ``BusStore.problems`` for a debug view.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from shared.messages import (
+    Availability,
+    Event,
+    GpuState,
+    HostInfo,
+    HostState,
+    JobState,
+    JobStatus,
+    ModelState,
+)
+from shared.topics import (
+    JOB_ID_PATTERN,
+    is_model_name,
+    is_prefix,
+    parse_topic,
+)
+
+MAX_EVENTS = 200
+MAX_PROBLEMS = 50
+MAX_PAYLOAD_BYTES = 256 * 1024
+_MAX_DETAIL_CHARS = 200
+
+# Kinds a watcher sees but does not show: commands and replies are other clients'
+# conversations; weights are not published yet and have no screen.
+_IGNORED_KINDS = frozenset({"cmd", "reply", "weights"})
+_SINGLE_KINDS = frozenset({"status", "info", "state", "events"})
+_KEYED_KINDS = frozenset({"gpu", "models", "jobs"})
+_GPU_INDEX = re.compile(r"[0-9]{1,4}")
+_JOB_ID = re.compile(JOB_ID_PATTERN)
+_ACTIVE_JOB_STATES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+
+_M = TypeVar("_M", bound=BaseModel)
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What one message changed. ``kind`` is the topic kind (``status``, ``info``,
+    ``gpu``, ``state``, ``models``, ``jobs``, ``events``); ``key`` is the GPU index,
+    model name or job id for the keyed kinds and None otherwise."""
+
+    host: str
+    kind: str
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    topic: str
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    label: str
+    mb: int
+
+
+@dataclass(frozen=True, slots=True)
+class HostEvent:
+    host: str
+    event: Event
+
+
+@dataclass(slots=True)
+class HostView:
+    """One host as last seen on the bus.
+
+    The store owns and mutates these in place (no copy per message at telemetry
+    rate): screens read them and must not modify them. The payload models inside
+    are frozen pydantic models and are replaced, never changed.
+    """
+
+    host_id: str
+    online: bool | None = None
+    info: HostInfo | None = None
+    gpus: dict[int, GpuState] = field(default_factory=dict)
+    state: HostState | None = None
+    models: dict[str, ModelState] = field(default_factory=dict)
+    jobs: dict[str, JobState] = field(default_factory=dict)
+    last_seen: float = 0.0
+
+
+class BusStore:
+    """Folds the messages under ``prefix`` into one :class:`HostView` per host."""
+
+    def __init__(
+        self,
+        prefix: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_events: int = MAX_EVENTS,
+    ) -> None:
+        if not is_prefix(prefix):
+            raise ValueError(f"invalid topic prefix {prefix!r}: use levels of [A-Za-z0-9._-]")
+        self.prefix = prefix
+        self._clock = clock
+        self._hosts: dict[str, HostView] = {}
+        self._events: deque[HostEvent] = deque(maxlen=max_events)
+        self.skipped: Counter[str] = Counter()
+        self.problems: deque[Problem] = deque(maxlen=MAX_PROBLEMS)
+
+    # -- reading ---------------------------------------------------------------
+
+    def hosts(self) -> list[HostView]:
+        return [self._hosts[h] for h in sorted(self._hosts)]
+
+    def host(self, host_id: str) -> HostView | None:
+        return self._hosts.get(host_id)
+
+    def events(self, host: str | None = None) -> list[HostEvent]:
+        """The latest events, newest first; only ``host``'s when given."""
+        return [e for e in self._events if host is None or e.host == host]
+
+    def active_jobs(self, host: str) -> list[JobState]:
+        """Running jobs, then queued ones by queue position, then finished ones, latest first.
+
+        The agent clears finished jobs after ``job_retention_s``, so every finished job
+        still here is a recent one.
+        """
+        view = self._hosts.get(host)
+        if view is None:
+            return []
+        jobs = list(view.jobs.values())
+        # Timestamps as floats: a naive datetime in a payload must not break sorting.
+        running = sorted(
+            (j for j in jobs if j.state is JobStatus.RUNNING),
+            key=lambda j: (j.started_at or j.created_at).timestamp(),
+        )
+        queued = sorted(
+            (j for j in jobs if j.state is JobStatus.QUEUED),
+            key=lambda j: (
+                j.queue_position is None,
+                j.queue_position or 0,
+                j.created_at.timestamp(),
+            ),
+        )
+        finished = sorted(
+            (j for j in jobs if j.state not in _ACTIVE_JOB_STATES),
+            key=lambda j: (j.finished_at or j.ts).timestamp(),
+            reverse=True,
+        )
+        return running + queued + finished
+
+    # -- writing ---------------------------------------------------------------
+
+    def apply(self, topic: str, payload: bytes, *, retained: bool = False) -> Change | None:
+        """Fold one message in; the change it made, or None when nothing changed."""
+        parsed = parse_topic(self.prefix, topic)
+        if parsed is None:
+            return self._unparsed(topic)
+        host, kind, arg = parsed.host, parsed.kind, parsed.argument
+        if kind in _IGNORED_KINDS:
+            return None
+        if kind not in _KEYED_KINDS and kind not in _SINGLE_KINDS:
+            return self._skip(topic, "unknown_kind", kind)
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            return self._skip(topic, "oversized", f"{len(payload)} bytes")
+        if kind in _SINGLE_KINDS:
+            if arg is not None:
+                return self._skip(topic, f"invalid_topic:{kind}", "unexpected level after kind")
+            if kind == "events":
+                return self._apply_event(host, topic, payload, retained=retained)
+            if kind == "status":
+                return self._apply_status(host, topic, payload)
+            if kind == "info":
+                return self._apply_info(host, topic, payload)
+            return self._apply_state(host, topic, payload)
+        if kind == "gpu":
+            return self._apply_gpu(host, arg, topic, payload)
+        if kind == "models":
+            return self._apply_model(host, arg, topic, payload)
+        return self._apply_job(host, arg, topic, payload)
+
+    def _apply_status(self, host: str, topic: str, payload: bytes) -> Change | None:
+        online: bool | None = None
+        if payload:  # an empty retained status was cleared: availability unknown again
+            try:
+                text = payload.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                text = ""
+            if text not in (Availability.ONLINE, Availability.OFFLINE):
+                return self._skip(topic, "invalid_payload:status", repr(payload[:40]))
+            online = text == Availability.ONLINE
+        view = self._touch(host) if payload else self._known(host)
+        if view is None:
+            return None
+        if view.online == online:
+            return None
+        view.online = online
+        return Change(host, "status")
+
+    def _apply_info(self, host: str, topic: str, payload: bytes) -> Change | None:
+        info = self._decode(HostInfo, "info", topic, payload) if payload else None
+        if payload and info is None:
+            return None
+        if info is not None and info.host_id != host:
+            return self._mismatch(topic, "info", host, info.host_id)
+        view = self._touch(host) if payload else self._known(host)
+        if view is None:
+            return None
+        if view.info == info:
+            return None
+        view.info = info
+        return Change(host, "info")
+
+    def _apply_state(self, host: str, topic: str, payload: bytes) -> Change | None:
+        state = self._decode(HostState, "state", topic, payload) if payload else None
+        if payload and state is None:
+            return None
+        view = self._touch(host) if payload else self._known(host)
+        if view is None:
+            return None
+        if view.state == state:
+            return None
+        view.state = state
+        return Change(host, "state")
+
+    def _apply_gpu(self, host: str, arg: str | None, topic: str, payload: bytes) -> Change | None:
+        if arg is None or _GPU_INDEX.fullmatch(arg) is None:
+            return self._skip(topic, "invalid_topic:gpu", f"GPU index {arg!r} is not a number")
+        index = int(arg)
+        if not payload:
+            view = self._known(host)
+            return _pop(view.gpus, index, Change(host, "gpu", str(index))) if view else None
+        gpu = self._decode(GpuState, "gpu", topic, payload)
+        if gpu is None:
+            return None
+        if gpu.index != index:
+            return self._mismatch(topic, "gpu", str(index), str(gpu.index))
+        return _put(self._touch(host).gpus, index, gpu, Change(host, "gpu", str(index)))
+
+    def _apply_model(self, host: str, arg: str | None, topic: str, payload: bytes) -> Change | None:
+        if arg is None or not is_model_name(arg):
+            return self._skip(topic, "invalid_topic:models", f"bad model name {arg!r}")
+        if not payload:  # the model left the catalog
+            view = self._known(host)
+            return _pop(view.models, arg, Change(host, "models", arg)) if view else None
+        model = self._decode(ModelState, "models", topic, payload)
+        if model is None:
+            return None
+        if model.name != arg:
+            return self._mismatch(topic, "models", arg, model.name)
+        return _put(self._touch(host).models, arg, model, Change(host, "models", arg))
+
+    def _apply_job(self, host: str, arg: str | None, topic: str, payload: bytes) -> Change | None:
+        if arg is None or _JOB_ID.fullmatch(arg) is None:
+            return self._skip(topic, "invalid_topic:jobs", f"bad job id {arg!r}")
+        if not payload:  # cleared after job_retention_s
+            view = self._known(host)
+            return _pop(view.jobs, arg, Change(host, "jobs", arg)) if view else None
+        job = self._decode(JobState, "jobs", topic, payload)
+        if job is None:
+            return None
+        if job.job_id != arg:
+            return self._mismatch(topic, "jobs", arg, job.job_id)
+        return _put(self._touch(host).jobs, arg, job, Change(host, "jobs", arg))
+
+    def _apply_event(
+        self, host: str, topic: str, payload: bytes, *, retained: bool
+    ) -> Change | None:
+        if retained:
+            # Events are never retained by agents; a retained one is replayed on every
+            # connect and would show stale news as new.
+            return self._skip(topic, "retained_event", "events must not be retained")
+        event = self._decode(Event, "events", topic, payload)
+        if event is None:
+            return None
+        self._touch(host)
+        self._events.appendleft(HostEvent(host, event))
+        return Change(host, "events")
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _known(self, host: str) -> HostView | None:
+        """The host's view, touched; None when never seen, so clearing a topic of an
+        unknown host does not invent that host."""
+        view = self._hosts.get(host)
+        if view is not None:
+            view.last_seen = self._clock()
+        return view
+
+    def _touch(self, host: str) -> HostView:
+        view = self._hosts.get(host)
+        if view is None:
+            view = self._hosts[host] = HostView(host)
+        view.last_seen = self._clock()
+        return view
+
+    def _decode(self, model: type[_M], kind: str, topic: str, payload: bytes) -> _M | None:
+        try:
+            return model.model_validate_json(payload)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+            if errors and errors[0]["type"] == "json_invalid":
+                self._skip(topic, "invalid_json", str(errors[0]["msg"]))
+            else:
+                where = ".".join(str(p) for p in errors[0]["loc"]) if errors else ""
+                msg = errors[0]["msg"] if errors else str(exc)
+                self._skip(topic, f"invalid_payload:{kind}", f"{where}: {msg}")
+            return None
+
+    def _unparsed(self, topic: str) -> Change | None:
+        if not topic.startswith(self.prefix + "/"):
+            return self._skip(topic, "foreign_topic", "not under the prefix")
+        levels = topic[len(self.prefix) + 1 :].split("/")
+        # P/reply/... and P/H/reply/<deep>... are reply topics clients chose; not ours.
+        if levels[0] == "reply" or (len(levels) > 1 and levels[1] in _IGNORED_KINDS):
+            return None
+        return self._skip(topic, "invalid_topic", "bad host id or too many levels")
+
+    def _mismatch(self, topic: str, kind: str, in_topic: str, in_payload: str) -> Change | None:
+        detail = f"topic says {in_topic!r}, payload says {in_payload!r}"
+        return self._skip(topic, f"invalid_payload:{kind}", detail)
+
+    def _skip(self, topic: str, reason: str, detail: str) -> Change | None:
+        """Count and remember an unusable message; always None, the change it made."""
+        self.skipped[reason] += 1
+        self.problems.append(Problem(topic, reason, detail[:_MAX_DETAIL_CHARS]))
+        return None
+
+
+def _put(table: dict[_K, _V], key: _K, value: _V, change: Change) -> Change | None:
+    if table.get(key) == value:
+        return None
+    table[key] = value
+    return change
+
+
+def _pop(table: dict[_K, _V], key: _K, change: Change) -> Change | None:
+    return change if table.pop(key, None) is not None else None
+
+
+def vram_segments(gpu: GpuState) -> list[Segment]:
+    """The GPU's memory as bar segments: one per model (by name), ``other``, ``free``.
+
+    ``other`` is memory of processes no model owns plus used memory no process
+    accounts for. The segments always add up to ``memory_total_mb`` (the last ones
+    are cut if processes claim more than the total); a GPU without a known total,
+    such as a lost one, has no segments. Empty segments are left out.
+    """
+    total = gpu.memory_total_mb
+    if total is None or total <= 0:
+        return []
+    by_model: dict[str, int] = {}
+    unowned = 0
+    for proc in gpu.processes:
+        mb = max(proc.used_mb or 0, 0)
+        if proc.model is None:
+            unowned += mb
+        else:
+            by_model[proc.model] = by_model.get(proc.model, 0) + mb
+    in_processes = unowned + sum(by_model.values())
+    if gpu.memory_used_mb is not None:
+        used = gpu.memory_used_mb
+    elif gpu.memory_free_mb is not None:
+        used = total - gpu.memory_free_mb
+    else:
+        used = in_processes
+    wanted = [Segment(name, by_model[name]) for name in sorted(by_model)]
+    wanted.append(Segment("other", unowned + max(used - in_processes, 0)))
+    segments: list[Segment] = []
+    left = total
+    for seg in wanted:
+        mb = min(seg.mb, left)
+        if mb > 0:
+            segments.append(Segment(seg.label, mb))
+            left -= mb
+    if left > 0:
+        segments.append(Segment("free", left))
+    return segments
