@@ -348,3 +348,67 @@ async def test_unreachable_daemon_is_a_clear_failure(tmp_path: Path) -> None:
     with pytest.raises(RuntimeFailure, match="is dockerd running"):
         await runtime.exit_status(instance)
     assert runtime.logs(instance) == []
+
+
+async def test_the_agent_runs_adopts_and_watches_a_docker_model(
+    dockerd: PrivateDockerd, client: Any, broker: Any, prefix: str, tmp_path: Path
+) -> None:
+    """End to end: a real agent process, commanded over the real broker, runs a model in
+    a container of the private dockerd, adopts it after a restart and notices its death."""
+    import json
+    import signal
+
+    from shared.topics import HostTopics
+    from tests.support.agent_process import AgentProcess, write_agent_config
+    from tests.support.bus import watch
+
+    spec = image_spec("boxed").model_dump(mode="json", exclude={"name"})
+    config = write_agent_config(
+        tmp_path / "agent.yaml",
+        broker_url=broker.url,
+        host_id="docker-host",
+        prefix=prefix,
+        models={"boxed": spec},
+    )
+    env = {"DOCKER_HOST": dockerd.base_url}
+    topics = HostTopics(prefix, "docker-host")
+    agents = [AgentProcess(config, env=env)]
+    try:
+        async with watch(broker.port, topics.everything_filter, f"{prefix}/reply/#") as bus:
+
+            async def ask(command: str, body: dict[str, Any]) -> dict[str, Any]:
+                mark = len(bus.messages)
+                await bus.connection.publish(
+                    topics.command(command),
+                    json.dumps(body),
+                    qos=1,
+                    response_topic=f"{prefix}/reply/t",
+                )
+                reply = await bus.wait_topic(f"{prefix}/reply/t", after=mark, timeout=30)
+                return dict(json.loads(reply.payload))
+
+            await bus.wait_topic(topics.status, lambda v: v == "online", raw=True)
+            loaded = await ask("load", {"model": "boxed", "wait": True})
+            assert loaded["status"] == "ok", loaded
+            name = container_name("docker-host", "boxed")
+            assert client.containers.get(name).status == "running"
+
+            # The agent restarts; the container keeps running and is adopted.
+            agents[0].process.send_signal(signal.SIGTERM)
+            assert agents[0].process.wait(15) == 0
+            mark = len(bus.messages)
+            agents.append(AgentProcess(config, env=env))
+            await bus.wait_topic(
+                topics.model("boxed"), lambda v: v and v["state"] == "ready", after=mark
+            )
+
+            # The container dies behind the agent's back: crashed.
+            client.containers.get(name).kill()
+            crashed = await bus.wait_topic(
+                topics.model("boxed"), lambda v: v and v["state"] == "crashed", after=mark
+            )
+            assert "container exited" in json.loads(crashed.payload)["error"]
+    finally:
+        for agent in agents:
+            agent.terminate()
+            agent.close()
