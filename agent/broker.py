@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Self
 
 # Loopback-only, anonymous: the demo broker is for this machine's user alone.
 DEMO_CONFIG = """\
@@ -55,23 +56,14 @@ def mosquitto_binary() -> str | None:
     )
 
 
-class MosquittoBroker:
-    """One mosquitto process. ``template`` holds ``@PORT@``, optionally ``@AUTH_PORT@``
-    and ``@DIR@`` (a directory the broker can read, for password and ACL files)."""
+class ChildBroker:
+    """What every broker modelbus runs as a child process shares: a port on the
+    loopback, a working directory, a log file, and a stop that leaves nothing behind."""
 
-    def __init__(
-        self,
-        template: str,
-        *,
-        files: Mapping[str, str | bytes] | None = None,
-        port: int | None = None,
-        auth_port: int | None = None,
-        workdir: Path | None = None,
-    ) -> None:
-        self.template = template
-        self.files = dict(files or {})
+    log_name = "broker.log"
+
+    def __init__(self, *, port: int | None = None, workdir: Path | None = None) -> None:
         self.port = port or free_port()
-        self.auth_port = auth_port or (free_port() if "@AUTH_PORT@" in template else None)
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="modelbus-broker-"))
         self.process: subprocess.Popen[bytes] | None = None
@@ -82,7 +74,65 @@ class MosquittoBroker:
 
     @property
     def log_file(self) -> Path:
-        return self.workdir / "mosquitto.log"
+        return self.workdir / self.log_name
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        raise NotImplementedError
+
+    def log_tail(self, lines: int = 10) -> str:
+        with contextlib.suppress(OSError):
+            tail = self.log_file.read_text(errors="replace").splitlines()[-lines:]
+            return " | ".join(tail) or "(empty log)"
+        return "(no log)"
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.cleanup()
+
+
+class MosquittoBroker(ChildBroker):
+    """One mosquitto process. ``template`` holds ``@PORT@``, optionally ``@AUTH_PORT@``
+    and ``@DIR@`` (a directory the broker can read, for password and ACL files)."""
+
+    log_name = "mosquitto.log"
+
+    def __init__(
+        self,
+        template: str,
+        *,
+        files: Mapping[str, str | bytes] | None = None,
+        port: int | None = None,
+        auth_port: int | None = None,
+        workdir: Path | None = None,
+    ) -> None:
+        super().__init__(port=port, workdir=workdir)
+        self.template = template
+        self.files = dict(files or {})
+        self.auth_port = auth_port or (free_port() if "@AUTH_PORT@" in template else None)
 
     def _prepare(self) -> Path:
         # mosquitto started as root drops to user 'mosquitto': it must be able to
@@ -131,34 +181,6 @@ class MosquittoBroker:
                 self.stop()
                 raise BrokerError(f"mosquitto did not accept connections: {self.log_tail()}")
             time.sleep(0.01)
-
-    def log_tail(self, lines: int = 10) -> str:
-        with contextlib.suppress(OSError):
-            return " | ".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        return "(no log)"
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    def cleanup(self) -> None:
-        self.stop()
-        if self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> MosquittoBroker:
-        self.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.cleanup()
 
 
 def _give_to_mosquitto(path: Path) -> None:

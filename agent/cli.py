@@ -40,6 +40,17 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="broker + simulated GPU agent, for trying modelbus")
     demo.add_argument("--headless", action="store_true", help="no TUI; print how to watch")
     demo.add_argument("--port", type=int, help="broker port (default: a free one)")
+    demo.add_argument(
+        "--embedded-broker",
+        action="store_true",
+        help="use the embedded amqtt broker (3.1.1, development fallback) even if mosquitto exists",
+    )
+
+    tui = sub.add_parser("tui", help="the terminal UI: every host on the bus, live")
+    tui.add_argument("--broker", help="broker URL, mqtt://user:pass@host:port or mqtts://...")
+    tui.add_argument("--host", help="the host to show first")
+    tui.add_argument("--prefix", help="topic prefix (default modelbus)")
+    tui.add_argument("--config", type=Path, help="read the broker section of this agent config")
 
     schema = sub.add_parser("schema", help="write the JSON Schemas of every payload")
     schema.add_argument("--out", type=Path, default=Path("docs/schema"))
@@ -66,7 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from agent.demo import run_demo
 
-        return run_demo(headless=args.headless, port=args.port)
+        return run_demo(
+            headless=args.headless, port=args.port, prefer_embedded=args.embedded_broker
+        )
+    if args.command == "tui":
+        return run_tui(args)
     if args.command == "schema":
         return write_schemas(args.out, check=args.check)
     if args.command == "sim":
@@ -146,6 +161,31 @@ async def _serve(
         await service.run(stop)
     except* BrokerRefusedError as group:
         raise group.exceptions[0] from None
+
+
+def run_tui(args: argparse.Namespace) -> int:
+    """The TUI reads the broker settings the agent reads (file, MODELBUS_BROKER_* env,
+    flags), so the same credentials and TLS files work for both."""
+    import os
+    import socket
+
+    from agent.config import ConfigError, load_config
+    from agent.mqtt import settings_from_config
+    from shared.topics import sanitize_host_id
+
+    overrides = {"broker.url": args.broker, "prefix": args.prefix}
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"modelbus tui: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.CRITICAL)  # the screen is the TUI's; logs would tear it
+    from tui.app import build_app
+
+    client_id = f"modelbus-tui-{sanitize_host_id(socket.gethostname())}-{os.getpid()}"
+    settings = settings_from_config(config.broker, client_id, persistent_session=False)
+    app = build_app(settings, config.prefix, host=args.host)
+    return app.run() or EXIT_OK
 
 
 def write_schemas(out: Path, *, check: bool) -> int:

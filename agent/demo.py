@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from agent.broker import DEMO_CONFIG, BrokerError, MosquittoBroker
+from agent.broker import BrokerError, MosquittoBroker
+from agent.embedded_broker import MOSQUITTO_DESCRIPTION, EmbeddedBroker, start_demo_broker
 
 DEMO_HOST = "demo"
 DEMO_PREFIX = "modelbus"
@@ -79,67 +80,41 @@ def demo_config(broker_url: str, state_dir: Path) -> dict[str, object]:
     }
 
 
-def run_demo(*, headless: bool, port: int | None) -> int:
+def run_demo(*, headless: bool, port: int | None, prefer_embedded: bool = False) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="modelbus-demo-"))
-    broker = MosquittoBroker(DEMO_CONFIG, port=port, workdir=workdir / "broker")
+    broker: MosquittoBroker | EmbeddedBroker | None = None
     agent: subprocess.Popen[bytes] | None = None
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     try:
         try:
-            broker.start()
+            broker, broker_name = start_demo_broker(
+                port, workdir / "broker", prefer_embedded=prefer_embedded
+            )
         except BrokerError as exc:
             print(f"modelbus demo: {exc}", file=sys.stderr)
             return 1
         config_file = workdir / "agent.yaml"
         config_file.write_text(yaml.safe_dump(demo_config(broker.url, workdir / "state")))
+        # Under the TUI the agent's log would tear the screen: it goes to a file.
+        agent_log = (workdir / "agent.log").open("wb") if not headless else None
         agent = subprocess.Popen(
             [sys.executable, "-m", "agent", "agent", "--config", str(config_file)],
             stdin=subprocess.DEVNULL,
+            stdout=agent_log,
+            stderr=agent_log,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         if not _wait_until_online(broker.port, agent):
             print("modelbus demo: the agent did not come online", file=sys.stderr)
+            if agent_log is not None:
+                agent_log.close()
+                sys.stderr.write((workdir / "agent.log").read_text()[-2000:])
             return 1
-        watch = shlex.join(
-            [
-                "mosquitto_sub",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(broker.port),
-                "-t",
-                f"{DEMO_PREFIX}/#",
-                "-v",
-            ]
-        )
-        ask = shlex.join(
-            [
-                "mosquitto_rr", "-h", "127.0.0.1", "-p", str(broker.port),
-                "-t", f"{DEMO_PREFIX}/{DEMO_HOST}/cmd/status",
-                "-e", f"{DEMO_PREFIX}/reply/me", "-m", "",
-            ]
-        )  # fmt: skip
-        switch = shlex.join(
-            [
-                "mosquitto_rr", "-h", "127.0.0.1", "-p", str(broker.port),
-                "-t", f"{DEMO_PREFIX}/{DEMO_HOST}/cmd/switch", "-e", f"{DEMO_PREFIX}/reply/me",
-                "-m", '{"model": "qwen3-vl-30b", "wait": true}',
-            ]
-        )  # fmt: skip
-        models = ", ".join(name for name, *_ in DEMO_MODELS)
         if not headless:
-            print("The terminal UI is not built yet; running the demo headless.")
-        print(
-            f"modelbus demo: broker {broker.url}, agent '{DEMO_HOST}' on a simulated 32 GB GPU.\n"
-            f"  models:     {models}\n"
-            f"  watch it:   {watch}\n"
-            f"  ask status: {ask}\n"
-            f"  switch:     {switch}\n"
-            "Press Ctrl-C to stop; everything started here stops with it.",
-            flush=True,
-        )
+            return _run_tui(broker.port, agent, stop)
+        print(_instructions(broker.port, broker.url, broker_name), flush=True)
         while not stop.is_set():
             if agent.poll() is not None:
                 print(
@@ -157,9 +132,76 @@ def run_demo(*, headless: bool, port: int | None) -> int:
                 agent.kill()
                 agent.wait()
         _stop_model_servers(workdir / "state")
-        broker.stop()
+        if broker is not None:
+            broker.stop()
         with contextlib.suppress(OSError):
             shutil.rmtree(workdir)
+
+
+def _run_tui(port: int, agent: subprocess.Popen[bytes], stop: threading.Event) -> int:
+    """The TUI in this process; quitting it (or SIGTERM) ends the demo."""
+    from agent.mqtt import ConnectionSettings
+    from tui.app import build_app
+
+    settings = ConnectionSettings(
+        "127.0.0.1", port, f"modelbus-demo-tui-{os.getpid()}", persistent_session=False
+    )
+    app = build_app(settings, DEMO_PREFIX, host=DEMO_HOST)
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+        app.call_later(app.exit)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)  # the SSH session went away
+    app.run()
+    if agent.poll() is not None:
+        print(f"modelbus demo: the agent exited with code {agent.returncode}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _instructions(port: int, url: str, broker_name: str) -> str:
+    watch = shlex.join(
+        ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-t", f"{DEMO_PREFIX}/#", "-v"]
+    )
+    models = ", ".join(name for name, *_ in DEMO_MODELS)
+    lines = [
+        f"modelbus demo: broker {url} ({broker_name}), "
+        f"agent '{DEMO_HOST}' on a simulated 32 GB GPU.",
+        f"  models:     {models}",
+        f"  watch it:   {watch}",
+    ]
+    if broker_name == MOSQUITTO_DESCRIPTION:
+        ask = shlex.join(
+            [
+                "mosquitto_rr", "-h", "127.0.0.1", "-p", str(port),
+                "-t", f"{DEMO_PREFIX}/{DEMO_HOST}/cmd/status",
+                "-e", f"{DEMO_PREFIX}/reply/me", "-m", "",
+            ]
+        )  # fmt: skip
+        switch = shlex.join(
+            [
+                "mosquitto_rr", "-h", "127.0.0.1", "-p", str(port),
+                "-t", f"{DEMO_PREFIX}/{DEMO_HOST}/cmd/switch", "-e", f"{DEMO_PREFIX}/reply/me",
+                "-m", '{"model": "qwen3-vl-30b", "wait": true}',
+            ]
+        )  # fmt: skip
+        lines += [f"  ask status: {ask}", f"  switch:     {switch}"]
+    else:
+        # mosquitto_rr needs MQTT 5; over 3.1.1 replies land on P/H/reply/<command>.
+        switch = shlex.join(
+            [
+                "mosquitto_pub", "-h", "127.0.0.1", "-p", str(port),
+                "-t", f"{DEMO_PREFIX}/{DEMO_HOST}/cmd/switch", "-m", "qwen3-vl-30b",
+            ]
+        )  # fmt: skip
+        lines += [
+            f"  switch:     {switch}",
+            f"  (replies arrive on {DEMO_PREFIX}/{DEMO_HOST}/reply/<command>)",
+        ]
+    lines.append("Press Ctrl-C to stop; everything started here stops with it.")
+    return "\n".join(lines)
 
 
 def _wait_until_online(port: int, agent: subprocess.Popen[bytes], timeout_s: float = 30) -> bool:

@@ -18,12 +18,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
+
+if TYPE_CHECKING:
+    from agent.config import BrokerConfig
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +101,33 @@ class ConnectionSettings:
         scheme = "mqtts" if self.tls else "mqtt"
         who = f"{self.username}@" if self.username else ""
         return f"{scheme}://{who}{self.host}:{self.port}"
+
+
+def settings_from_config(
+    broker: BrokerConfig, client_id: str, *, persistent_session: bool, will: Will | None = None
+) -> ConnectionSettings:
+    """Connection settings from the ``broker`` section shared by the agent and the TUI."""
+    username, password = broker.credentials
+    return ConnectionSettings(
+        host=broker.host,
+        port=broker.port,
+        client_id=client_id,
+        username=username,
+        password=password,
+        protocol=broker.protocol,
+        keepalive_s=broker.keepalive_s,
+        persistent_session=persistent_session,
+        session_expiry_s=broker.session_expiry_s,
+        connect_timeout_s=broker.connect_timeout_s,
+        tls=broker.tls,
+        ca_file=broker.ca_file,
+        cert_file=broker.cert_file,
+        key_file=broker.key_file,
+        tls_insecure=broker.tls_insecure,
+        will=will,
+        reconnect_min_s=broker.reconnect_min_s,
+        reconnect_max_s=broker.reconnect_max_s,
+    )
 
 
 @dataclass(slots=True)
@@ -410,6 +440,7 @@ class ReconnectingClient:
         qos: int = 0,
         retain: bool = False,
         correlation_data: bytes | None = None,
+        response_topic: str | None = None,
     ) -> bool:
         """Publish if connected; False when there is no connection (the caller's
         retained state is republished on the next connect anyway)."""
@@ -418,7 +449,12 @@ class ReconnectingClient:
             return False
         try:
             await connection.publish(
-                topic, payload, qos=qos, retain=retain, correlation_data=correlation_data
+                topic,
+                payload,
+                qos=qos,
+                retain=retain,
+                correlation_data=correlation_data,
+                response_topic=response_topic,
             )
         except aiomqtt.MqttError as exc:
             self._log.debug("publish to %s failed: %s", topic, exc)

@@ -31,6 +31,7 @@ from agent.mqtt import (
     ReconnectingClient,
     Subscription,
     Will,
+    settings_from_config,
 )
 from agent.runtimes.factory import build_runtimes
 from agent.store import Store
@@ -62,27 +63,11 @@ OFFLINE_PUBLISH_TIMEOUT_S = 2.0
 
 
 def connection_settings(config: AgentConfig, topics: HostTopics) -> ConnectionSettings:
-    broker = config.broker
-    username, password = broker.credentials
-    return ConnectionSettings(
-        host=broker.host,
-        port=broker.port,
-        client_id=config.client_id,
-        username=username,
-        password=password,
-        protocol=broker.protocol,
-        keepalive_s=broker.keepalive_s,
+    return settings_from_config(
+        config.broker,
+        config.client_id,
         persistent_session=True,
-        session_expiry_s=broker.session_expiry_s,
-        connect_timeout_s=broker.connect_timeout_s,
-        tls=broker.tls,
-        ca_file=broker.ca_file,
-        cert_file=broker.cert_file,
-        key_file=broker.key_file,
-        tls_insecure=broker.tls_insecure,
         will=Will(topics.status, Availability.OFFLINE.value.encode(), qos=1, retain=True),
-        reconnect_min_s=broker.reconnect_min_s,
-        reconnect_max_s=broker.reconnect_max_s,
     )
 
 

@@ -1,0 +1,123 @@
+"""The TUI's pure decisions: plan summaries, when an unload needs force, reply sentences."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from shared.messages import (
+    ErrorCode,
+    ErrorInfo,
+    JobPhase,
+    JobState,
+    JobStatus,
+    ModelLifecycle,
+    ModelState,
+    Reply,
+)
+from tui.actions import describe_reply, force_reason, summarize_plan
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def model(name: str = "m", **fields: object) -> ModelState:
+    values: dict[str, object] = {"name": name, "runtime": "process", "state": "ready", "ts": T0}
+    values.update(fields)
+    return ModelState.model_validate(values)
+
+
+def job(state: JobStatus, model_name: str = "m", command: str = "load") -> JobState:
+    return JobState(
+        job_id="j1",
+        command=command,
+        model=model_name,
+        state=state,
+        phase=JobPhase.LOADING,
+        created_at=T0,
+        ts=T0,
+    )
+
+
+def test_plan_with_evictions_names_them_and_the_memory_freed() -> None:
+    data = {
+        "model": "wan2.1-14b",
+        "fits": True,
+        "already_loaded": False,
+        "gpus": [0],
+        "evict": ["qwen3-vl-30b"],
+        "required_mb": 24576,
+        "free_before_mb": {"0": 9169},
+        "freed_mb": {"0": 17236},
+        "free_after_mb": {"0": 1829},
+    }
+    summary = summarize_plan("wan2.1-14b", data)
+    assert summary.fits and summary.needs_confirmation
+    assert summary.evict == ("qwen3-vl-30b",)
+    assert summary.freed_mb == 17236
+    assert summary.message == (
+        "Switching to wan2.1-14b stops qwen3-vl-30b, freeing 16.8G; 1.8G free afterwards."
+    )
+
+
+def test_plan_that_does_not_fit_carries_the_agents_sentence() -> None:
+    data = {"model": "big", "fits": False, "message": "needs 40 GiB, GPU 0 has 32 GiB"}
+    summary = summarize_plan("big", data)
+    assert not summary.fits and not summary.needs_confirmation
+    assert summary.message == "needs 40 GiB, GPU 0 has 32 GiB"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"fits": True, "already_loaded": True}, "m is already loaded; nothing to do."),
+        ({"fits": True, "evict": []}, "m fits next to what runs; nothing is stopped."),
+        (None, "m does not fit"),
+        (
+            {"fits": True, "evict": "oops", "freed_mb": [1]},
+            "m fits next to what runs; nothing is stopped.",
+        ),
+    ],
+)
+def test_plan_summary_survives_partial_or_odd_data(
+    data: dict[str, object] | None, expected: str
+) -> None:
+    assert summarize_plan("m", data).message == expected
+
+
+def test_force_reason_for_pinned_busy_and_job_bound_models() -> None:
+    assert force_reason(model(pinned=True), []) == "m is pinned"
+    assert force_reason(model(state=ModelLifecycle.LOADING), []) == "m is loading"
+    assert force_reason(model(), [job(JobStatus.RUNNING)]) == "m has a running load job"
+    assert force_reason(model(), [job(JobStatus.SUCCEEDED)]) is None
+    assert force_reason(model(), [job(JobStatus.QUEUED, model_name="other")]) is None
+    assert force_reason(model(state=ModelLifecycle.READY), []) is None
+
+
+def test_error_reply_says_code_and_message() -> None:
+    reply = Reply(
+        request_id="r",
+        command="install",
+        status="error",
+        error=ErrorInfo(code=ErrorCode.INVALID_PAYLOAD, message="repo ids may not contain '--'"),
+    )
+    assert describe_reply(reply) == (
+        False,
+        "install refused (invalid_payload): repo ids may not contain '--'",
+    )
+
+
+def test_job_reply_says_job_and_queue_position() -> None:
+    reply = Reply(
+        request_id="r",
+        command="switch",
+        status="ok",
+        job_id="abc",
+        data={"state": "queued", "joined": True, "queue_position": 2},
+    )
+    assert describe_reply(reply) == (
+        True,
+        "switch accepted as job abc (joined the same request), queue position 2",
+    )
+    plain = Reply(request_id="r", command="status", status="ok", data={})
+    assert describe_reply(plain) == (True, "status: ok")

@@ -1,0 +1,111 @@
+"""Rendering helpers of the TUI: VRAM bars, job rows and short figures."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shared.messages import GpuProcess, GpuState, JobPhase, JobState, JobStatus
+from tui.format import ago, duration, gib, used_of_total
+from tui.store import Segment
+from tui.widgets.jobs import FADE_AFTER_S, progress_bar, visible_jobs
+from tui.widgets.vram_bar import FREE_GLYPH, OTHER_GLYPH, render_bar, render_gpu
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_bar_splits_cells_in_proportion_with_distinct_glyphs() -> None:
+    segments = [
+        Segment("a", 16384),
+        Segment("b", 8192),
+        Segment("other", 4096),
+        Segment("free", 4096),
+    ]
+    bar = render_bar(segments, 32).plain
+    assert bar == "█" * 16 + "▓" * 8 + OTHER_GLYPH * 4 + FREE_GLYPH * 4
+
+
+def test_a_small_model_still_gets_a_cell() -> None:
+    bar = render_bar([Segment("big", 32000), Segment("tiny", 10), Segment("free", 758)], 20).plain
+    assert "▓" in bar and len(bar) == 20
+
+
+@given(
+    st.lists(st.integers(min_value=0, max_value=100_000), min_size=1, max_size=10),
+    st.integers(min_value=1, max_value=200),
+)
+def test_bar_always_fills_exactly_its_width(sizes: list[int], width: int) -> None:
+    segments = [Segment(f"m{i}", mb) for i, mb in enumerate(sizes)]
+    assert len(render_bar(segments, width).plain) == width
+
+
+def test_gpu_panel_lines_carry_figures_and_legend() -> None:
+    gpu = GpuState(
+        index=1,
+        name="Sim",
+        memory_total_mb=32768,
+        memory_used_mb=24576,
+        utilization_percent=40,
+        temperature_c=61,
+        power_w=280,
+        power_limit_w=575,
+        processes=[
+            GpuProcess(pid=1, used_mb=17408, model="qwen3-vl-30b"),
+            GpuProcess(pid=2, used_mb=6144, model="whisperx"),
+            GpuProcess(pid=3, used_mb=1024),
+        ],
+        alerts=["vram_high"],
+        ts=T0,
+    )
+    lines = render_gpu(gpu, 60).plain.splitlines()
+    assert lines[0].startswith("GPU1 [") and lines[0].endswith("] 24.0/32.0G")
+    assert len(lines[0]) == 60
+    assert "util 40%  61°C  280/575W" in lines[1] and "⚠ vram_high" in lines[1]
+    assert lines[2].split() == [
+        "█",
+        "qwen3-vl-30b",
+        "17.0G",
+        "▓",
+        "whisperx",
+        "6.0G",
+        OTHER_GLYPH,
+        "other",
+        "1.0G",
+    ]
+
+
+def job(state: JobStatus, finished_s_ago: float | None) -> JobState:
+    finished = T0 - timedelta(seconds=finished_s_ago) if finished_s_ago is not None else None
+    return JobState(
+        job_id=f"j{state.value}{finished_s_ago}",
+        command="switch",
+        model="m",
+        state=state,
+        phase=JobPhase.DONE if finished else JobPhase.LOADING,
+        created_at=T0 - timedelta(minutes=5),
+        finished_at=finished,
+        ts=T0,
+    )
+
+
+def test_finished_jobs_fade_out() -> None:
+    running = job(JobStatus.RUNNING, None)
+    recent = job(JobStatus.SUCCEEDED, 1)
+    old = job(JobStatus.FAILED, FADE_AFTER_S + 1)
+    assert visible_jobs([running, recent, old], T0) == [running, recent]
+
+
+def test_progress_bar_and_figures() -> None:
+    assert progress_bar(0.5, 10) == "━━━━━╌╌╌╌╌  50%"
+    assert gib(17408) == "17.0G" and gib(None) == "?"
+    assert used_of_total(1024, 32768) == "1.0/32.0G"
+    assert [duration(s) for s in (None, 5, 65, 7260, 200000)] == [
+        "-",
+        "5s",
+        "1m05s",
+        "2h01m",
+        "2d7h",
+    ]
+    assert ago(T0 - timedelta(seconds=90), T0) == "1m30s" and ago(None, T0) == "-"

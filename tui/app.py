@@ -1,0 +1,362 @@
+"""The modelbus terminal UI: every GPU host on the bus, live, and keys that command them.
+
+The app never touches MQTT: :class:`tui.bridge.BusBridge` folds bus messages into the
+:class:`tui.store.BusStore` and tells the app what changed; the app marks those
+panels dirty and redraws them on a short clock, so a burst of telemetry costs one
+redraw. Commands go back through ``bridge.send`` and their replies become notifications.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import Any
+
+from rich.text import Text
+from textual import work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, OptionList, Static
+
+from agent.mqtt import ConnectionSettings
+from shared.messages import ModelState, Reply, utc_now
+from shared.topics import CommandName
+from tui.actions import PlanSummary, describe_reply, force_reason, summarize_plan
+from tui.bridge import BusBridge, Link, LinkState
+from tui.format import ago
+from tui.screens import AskScreen, ConfirmScreen, DebugScreen
+from tui.store import BusStore, Change, HostView
+from tui.widgets.events import EventsPanel
+from tui.widgets.hosts import HostList
+from tui.widgets.jobs import JobsTable
+from tui.widgets.models import ModelsTable
+from tui.widgets.tables import selected_key
+from tui.widgets.vram_bar import GpuPanel
+
+# Redraw at most this often: telemetry from many hosts arrives in bursts.
+REDRAW_INTERVAL_S = 0.25
+# Ages ("loaded 3m ago") and fading jobs move with the clock, not with messages.
+CLOCK_INTERVAL_S = 1.0
+_HOST_LIST_KINDS = frozenset({"status", "info", "state"})
+
+_LINK_LOOK: dict[LinkState, tuple[str, str]] = {
+    LinkState.CONNECTING: ("◌ connecting to", "yellow"),
+    LinkState.CONNECTED: ("● connected to", "green"),
+    LinkState.RECONNECTING: ("◌ reconnecting to", "bold yellow"),
+    LinkState.REFUSED: ("✖ refused by", "bold reverse red"),
+}
+
+
+class ModelbusApp(App[int]):
+    TITLE = "modelbus"
+    CSS = """
+    #link { height: 1; padding: 0 1; background: $panel; }
+    #banner { height: auto; padding: 0 1; background: $error 30%; display: none; }
+    #banner.-shown { display: block; }
+    #main.-offline { text-opacity: 55%; }
+    #main { height: 1fr; }
+    """
+    BINDINGS = [
+        Binding("s", "switch", "Switch", id="model.switch"),
+        Binding("l", "load", "Load", id="model.load"),
+        Binding("u", "unload", "Unload", id="model.unload"),
+        Binding("p", "plan", "Plan", id="model.plan"),
+        Binding("i", "install", "Install", id="weights.install"),
+        Binding("c", "cancel_job", "Cancel job", id="job.cancel"),
+        Binding("d", "debug", "Debug", id="view.debug"),
+        Binding("right_square_bracket", "next_host(1)", "Next host", show=False, id="host.next"),
+        Binding("left_square_bracket", "next_host(-1)", "Prev host", show=False, id="host.prev"),
+        Binding("q", "quit", "Quit", id="app.quit"),
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True, id="app.quit_ctrl_c"),
+    ]
+
+    def __init__(
+        self,
+        store: BusStore,
+        *,
+        host: str | None = None,
+        link: Link | None = None,
+        now: Callable[[], datetime] = utc_now,
+        redraw_interval_s: float = REDRAW_INTERVAL_S,
+    ) -> None:
+        super().__init__()
+        self.store = store
+        self.bridge: BusBridge | None = None
+        self.selected_host = host
+        self.link = link or Link(LinkState.CONNECTING, "the broker")
+        self._now = now
+        self._redraw_interval_s = redraw_interval_s
+        self._dirty: set[str] = {"hosts", "gpus", "models", "jobs", "events", "link"}
+        self._refused_told = False
+        self._listed_hosts: set[str] = set()
+
+    # -- wiring ---------------------------------------------------------------------
+
+    def attach(self, bridge: BusBridge) -> None:
+        """Use ``bridge`` for the bus; call before ``run``."""
+        self.bridge = bridge
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="link")
+        with Horizontal():
+            yield HostList(id="hosts")
+            with Vertical(id="main"):
+                yield Static(id="banner")
+                yield GpuPanel(id="gpus")
+                yield ModelsTable(id="models")
+                yield JobsTable(id="jobs")
+        yield EventsPanel(id="events")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(ModelsTable).focus()
+        self.set_interval(self._redraw_interval_s, self._redraw)
+        self.set_interval(CLOCK_INTERVAL_S, self._clock_tick)
+        self._redraw()
+        if self.bridge is not None:
+            self.run_worker(self.bridge.run(), name="bus", group="bus", exit_on_error=True)
+
+    # -- from the bridge (same event loop) ------------------------------------------
+
+    def bus_changed(self, change: Change) -> None:
+        if change.kind in _HOST_LIST_KINDS or change.host not in self._listed_hosts:
+            self._dirty.add("hosts")
+        if change.kind == "events":
+            self._dirty.add("events")
+        elif change.host == self.selected_host or self.selected_host is None:
+            self._dirty.add({"models": "models", "jobs": "jobs"}.get(change.kind, "gpus"))
+        if change.kind == "status":
+            self._dirty.update(("link", "gpus"))
+
+    def link_changed(self, link: Link) -> None:
+        self.link = link
+        self._dirty.add("link")
+        if link.state is LinkState.REFUSED and not self._refused_told:
+            self._refused_told = True
+            self.notify(link.detail, title="Broker refused the connection", severity="error",
+                        timeout=30)  # fmt: skip
+
+    # -- drawing --------------------------------------------------------------------
+
+    def _clock_tick(self) -> None:
+        self._dirty.update(("models", "jobs", "link"))
+
+    def _redraw(self) -> None:
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, set()
+        views = self.store.hosts()
+        if self.selected_host is None and views:
+            self.selected_host = views[0].host_id
+            dirty.update(("gpus", "models", "jobs"))
+        view = self.store.host(self.selected_host) if self.selected_host else None
+        now = self._now()
+        if "link" in dirty:
+            self.query_one("#link", Static).update(self._link_text(views))
+            self._show_offline(view, now)
+        if "hosts" in dirty:
+            self.query_one(HostList).show(views, self.selected_host)
+            self._listed_hosts = {v.host_id for v in views}
+        if "gpus" in dirty:
+            self.query_one(GpuPanel).show(view)
+            self._show_offline(view, now)
+        if "models" in dirty:
+            self.query_one(ModelsTable).show(view.models if view else {}, now)
+        if "jobs" in dirty:
+            jobs = self.store.active_jobs(view.host_id) if view else []
+            self.query_one(JobsTable).show(jobs, now)
+        if "events" in dirty:
+            self.query_one(EventsPanel).show(self.store.events())
+
+    def _link_text(self, views: list[HostView]) -> Text:
+        words, style = _LINK_LOOK[self.link.state]
+        text = Text("modelbus ", style="bold")
+        text.append(f"{words} {self.link.broker}", style=style)
+        if self.link.protocol:
+            text.append(f" (MQTT {self.link.protocol})", style="dim")
+        offline = sum(1 for v in views if v.online is False)
+        text.append(f" │ {len(views)} host{'s' if len(views) != 1 else ''}")
+        if offline:
+            text.append(f" ({offline} offline)", style="bold yellow")
+        skipped = sum(self.store.skipped.values())
+        if skipped:
+            text.append(f" │ {skipped} skipped (d)", style="yellow")
+        return text
+
+    def _show_offline(self, view: HostView | None, now: datetime) -> None:
+        offline = view is not None and view.online is False
+        self.query_one("#main").set_class(offline, "-offline")
+        banner = self.query_one("#banner", Static)
+        banner.set_class(offline, "-shown")
+        if offline and view is not None:
+            since = view.state.ts if view.state else None
+            banner.update(
+                Text(
+                    f"{view.host_id} is OFFLINE: its agent is gone. Last known state "
+                    f"(from {ago(since, now)} ago) is shown greyed.",
+                    style="bold",
+                )
+            )
+
+    # -- hosts ----------------------------------------------------------------------
+
+    def on_option_list_option_highlighted(self, event: OptionList.OptionHighlighted) -> None:
+        host = event.option.id
+        if host is not None and host != self.selected_host:
+            self.selected_host = host
+            self._dirty.update(("gpus", "models", "jobs", "link"))
+            self._redraw()
+
+    def action_next_host(self, step: int) -> None:
+        ids = [v.host_id for v in self.store.hosts()]
+        if not ids:
+            return
+        current = ids.index(self.selected_host) if self.selected_host in ids else 0
+        self.selected_host = ids[(current + step) % len(ids)]
+        self._dirty.update(("hosts", "gpus", "models", "jobs", "link"))
+        self._redraw()
+
+    # -- commands -------------------------------------------------------------------
+
+    def _selected_model(self) -> tuple[str, ModelState] | None:
+        host = self.selected_host
+        view = self.store.host(host) if host else None
+        name = selected_key(self.query_one(ModelsTable))
+        if host is None or view is None or name is None or name not in view.models:
+            self.notify("Select a model in the models table first.", severity="warning")
+            return None
+        return host, view.models[name]
+
+    async def _send(self, host: str, command: CommandName, fields: dict[str, Any]) -> Reply | None:
+        if self.bridge is None:
+            self.notify("Not connected to a broker.", severity="error")
+            return None
+        return await self.bridge.send(host, command, fields)
+
+    def _tell(self, reply: Reply | None, host: str) -> None:
+        if reply is None:
+            return
+        ok, sentence = describe_reply(reply)
+        self.notify(
+            sentence,
+            title=f"{host}: {reply.command}",
+            severity="information" if ok else "error",
+            timeout=6 if ok else 12,
+        )
+
+    def action_load(self) -> None:
+        picked = self._selected_model()
+        if picked:
+            self._command(picked[0], CommandName.LOAD, {"model": picked[1].name})
+
+    @work(group="commands")
+    async def _command(self, host: str, command: CommandName, fields: dict[str, Any]) -> None:
+        self._tell(await self._send(host, command, fields), host)
+
+    @work(group="commands")
+    async def action_unload(self) -> None:
+        picked = self._selected_model()
+        if not picked:
+            return
+        host, model = picked
+        view = self.store.host(host)
+        reason = force_reason(model, view.jobs.values() if view else ())
+        fields: dict[str, Any] = {"model": model.name}
+        if reason is not None:
+            question = f"{reason}. Force-unload it anyway?"
+            if not await self.push_screen_wait(ConfirmScreen("Force unload", question)):
+                self.notify(f"{model.name} left running.")
+                return
+            fields["force"] = True
+        self._tell(await self._send(host, CommandName.UNLOAD, fields), host)
+
+    async def _plan(self) -> tuple[str, ModelState, PlanSummary] | None:
+        """Ask the selected model's host what a switch would do; None (and the error
+        told) when there is no selection or no answer."""
+        picked = self._selected_model()
+        if not picked:
+            return None
+        host, model = picked
+        reply = await self._send(host, CommandName.PLAN, {"model": model.name})
+        if reply is None or reply.status == "error":
+            self._tell(reply, host)
+            return None
+        return host, model, summarize_plan(model.name, reply.data)
+
+    @work(group="commands")
+    async def action_plan(self) -> None:
+        planned = await self._plan()
+        if planned:
+            host, _, summary = planned
+            self.notify(
+                summary.message,
+                title=f"{host}: plan",
+                severity="information" if summary.fits else "warning",
+            )
+
+    @work(group="commands")
+    async def action_switch(self) -> None:
+        """Plan first; the operator sees what would be stopped and confirms."""
+        planned = await self._plan()
+        if not planned:
+            return
+        host, model, summary = planned
+        if not summary.fits:
+            self.notify(summary.message, title=f"{host}: cannot switch", severity="error")
+            return
+        if summary.already_loaded:
+            self.notify(summary.message, title=f"{host}: switch")
+            return
+        title = f"Switch {host} to {model.name}"
+        if not await self.push_screen_wait(ConfirmScreen(title, summary.message, yes="Switch")):
+            self.notify("Switch not sent.")
+            return
+        self._tell(await self._send(host, CommandName.SWITCH, {"model": model.name}), host)
+
+    @work(group="commands")
+    async def action_install(self) -> None:
+        host = self.selected_host
+        if host is None:
+            self.notify("No host selected.", severity="warning")
+            return
+        repo = await self.push_screen_wait(
+            AskScreen(f"Install weights on {host}: Hugging Face repo", "org/name")
+        )
+        if repo:
+            self._tell(await self._send(host, CommandName.INSTALL, {"repo": repo}), host)
+
+    def action_cancel_job(self) -> None:
+        host = self.selected_host
+        job_id = selected_key(self.query_one(JobsTable))
+        view = self.store.host(host) if host else None
+        job = view.jobs.get(job_id) if view and job_id else None
+        if host is None or job is None or job.finished_at is not None:
+            self.notify("No running or queued job to cancel.", severity="warning")
+            return
+        self._command(host, CommandName.CANCEL, {"job_id": job.job_id})
+
+    def action_debug(self) -> None:
+        self.push_screen(DebugScreen(self.store))
+
+    def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for title, help_text, action in (
+            ("Switch to the selected model", "plan, confirm, then switch", self.action_switch),
+            ("Load the selected model", "start it next to what runs", self.action_load),
+            ("Unload the selected model", "stop it (asks before forcing)", self.action_unload),
+            ("Plan a switch", "what a switch would stop, changing nothing", self.action_plan),
+            ("Install weights", "download a Hugging Face repo", self.action_install),
+            ("Cancel the selected job", "stop a queued or running job", self.action_cancel_job),
+            ("Show skipped messages", "the debug view of bad bus input", self.action_debug),
+        ):
+            yield SystemCommand(title, help_text, action)
+
+
+def build_app(settings: ConnectionSettings, prefix: str, *, host: str | None = None) -> ModelbusApp:
+    """The app wired to a bridge on ``settings``; ``run()`` it."""
+    store = BusStore(prefix)
+    app = ModelbusApp(store, host=host, link=Link(LinkState.CONNECTING, settings.describe()))
+    app.attach(BusBridge(settings, store, on_change=app.bus_changed, on_link=app.link_changed))
+    return app

@@ -1,0 +1,63 @@
+"""Plain-text formatting of sizes, durations and ages for the TUI. Pure."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+
+def gib(mb: int | None) -> str:
+    """MiB as GiB with one decimal (``23.4G``); ``?`` when unknown."""
+    if mb is None:
+        return "?"
+    return f"{mb / 1024:.1f}G"
+
+
+def used_of_total(used_mb: int | None, total_mb: int | None) -> str:
+    if total_mb is None:
+        return "?/?"
+    return f"{gib(used_mb)[:-1]}/{gib(total_mb)}"
+
+
+def duration(seconds: float | None) -> str:
+    """A short duration: ``42s``, ``3m05s``, ``2h10m``, ``3d4h``; ``-`` when unknown."""
+    if seconds is None or seconds < 0:
+        return "-"
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours}h"
+
+
+def ago(moment: datetime | None, now: datetime) -> str:
+    """How long before ``now`` a moment was (``5m02s``); ``-`` when never."""
+    if moment is None:
+        return "-"
+    return duration((now - moment).total_seconds())
+
+
+def clock(moment: datetime) -> str:
+    """Local wall-clock time of an event, ``HH:MM:SS``."""
+    return moment.astimezone().strftime("%H:%M:%S")
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}%"
+
+
+def watts(value: float | None, limit: float | None = None) -> str:
+    if value is None:
+        return "-W"
+    if limit:
+        return f"{value:.0f}/{limit:.0f}W"
+    return f"{value:.0f}W"
+
+
+def celsius(value: int | None) -> str:
+    return "-°C" if value is None else f"{value}°C"

@@ -1,0 +1,61 @@
+"""The models table of the selected host."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from rich.text import Text
+from textual.widgets import DataTable
+
+from shared.messages import ModelLifecycle, ModelState
+from tui.format import ago, gib
+from tui.widgets.tables import sync_rows
+
+# Glyph + style, so states stand out with colour and without it.
+STATE_LOOK: dict[ModelLifecycle, tuple[str, str]] = {
+    ModelLifecycle.READY: ("●", "bold green"),
+    ModelLifecycle.LOADING: ("◐", "bold yellow"),
+    ModelLifecycle.UNLOADING: ("◑", "yellow"),
+    ModelLifecycle.STOPPED: ("○", "dim"),
+    ModelLifecycle.ERROR: ("✖", "bold reverse red"),
+    ModelLifecycle.CRASHED: ("✖", "bold reverse red"),
+}
+# Narrow headers: the table must fit 80 columns next to the host list.
+COLUMNS = ("Model", "State", "GPU", "VRAM/est", "Up", "Used", "Prio", "Pin")
+
+
+def state_text(model: ModelState) -> Text:
+    glyph, style = STATE_LOOK.get(model.state, ("?", ""))
+    return Text(f"{glyph} {model.state.value}", style=style)
+
+
+def model_row(model: ModelState, now: datetime) -> list[str | Text]:
+    used = gib(model.vram_used_mb)[:-1] if model.vram_used_mb else "-"
+    vram = f"{used}/{gib(model.vram_estimate_mb)}"
+    loaded = ago(model.loaded_at, now) if model.state is ModelLifecycle.READY else "-"
+    return [
+        model.name,
+        state_text(model),
+        ",".join(str(g) for g in model.gpus) or "-",
+        vram,
+        loaded,
+        ago(model.last_used_at, now),
+        str(model.priority),
+        "pin" if model.pinned else "",
+    ]
+
+
+class ModelsTable(DataTable[str | Text]):
+    DEFAULT_CSS = """
+    ModelsTable { height: 1fr; min-height: 4; }
+    """
+
+    def on_mount(self) -> None:
+        self.cursor_type = "row"
+        self.zebra_stripes = False
+        for label in COLUMNS:
+            self.add_column(label, key=label)
+
+    def show(self, models: dict[str, ModelState], now: datetime) -> None:
+        rows = [(name, model_row(models[name], now)) for name in sorted(models)]
+        sync_rows(self, rows)

@@ -1,0 +1,148 @@
+"""The per-GPU panel: a VRAM bar stacked by model, ``other`` and ``free``, with figures.
+
+Each segment has a glyph as well as a colour, so the bar still reads with
+``NO_COLOR`` (Textual then drops colours but keeps the characters).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+from rich.text import Text
+from textual.widget import Widget
+
+from shared.messages import GpuState
+from tui.format import celsius, gib, percent, used_of_total, watts
+from tui.store import HostView, Segment, vram_segments
+
+MODEL_GLYPHS = ("█", "▓", "▆", "▚", "▞", "▇")
+OTHER_GLYPH = "▒"
+FREE_GLYPH = "·"
+MODEL_COLOURS = (
+    "dodger_blue2",
+    "green3",
+    "dark_orange",
+    "magenta",
+    "cyan3",
+    "gold3",
+    "medium_purple",
+    "spring_green3",
+)
+_HIGH_USE = 0.9
+
+
+def model_colour(name: str) -> str:
+    """A colour per model name, the same on every GPU and host."""
+    return MODEL_COLOURS[zlib.crc32(name.encode()) % len(MODEL_COLOURS)]
+
+
+def _styles(segments: Sequence[Segment]) -> list[tuple[str, str]]:
+    """(glyph, style) per segment: models take glyphs in order so neighbours differ."""
+    styles: list[tuple[str, str]] = []
+    n = 0
+    for seg in segments:
+        if seg.label == "free":
+            styles.append((FREE_GLYPH, "grey50"))
+        elif seg.label == "other":
+            styles.append((OTHER_GLYPH, "grey62"))
+        else:
+            styles.append((MODEL_GLYPHS[n % len(MODEL_GLYPHS)], model_colour(seg.label)))
+            n += 1
+    return styles
+
+
+def render_bar(segments: Sequence[Segment], width: int) -> Text:
+    """``width`` cells split between the segments in proportion (largest remainder),
+    any non-empty used segment getting at least one cell while there is room."""
+    bar = Text()
+    total = sum(seg.mb for seg in segments)
+    if width <= 0:
+        return bar
+    if total <= 0:
+        return Text("?" * width, style="grey50")
+    exact = [seg.mb * width / total for seg in segments]
+    cells = [int(x) for x in exact]
+    for i, seg in enumerate(segments):
+        if cells[i] == 0 and seg.mb > 0 and seg.label != "free" and sum(cells) < width:
+            cells[i] = 1
+    by_remainder = sorted(
+        range(len(segments)), key=lambda i: exact[i] - int(exact[i]), reverse=True
+    )
+    for i in by_remainder:
+        if sum(cells) >= width:
+            break
+        cells[i] += 1
+    while sum(cells) > width:  # the minimum cells overshot: take from the widest
+        widest = max(range(len(cells)), key=cells.__getitem__)
+        cells[widest] -= 1
+    for (glyph, style), count in zip(_styles(segments), cells, strict=True):
+        bar.append(glyph * count, style=style)
+    return bar
+
+
+def render_legend(segments: Sequence[Segment]) -> Text:
+    legend = Text()
+    for (glyph, style), seg in zip(_styles(segments), segments, strict=True):
+        if seg.label == "free":
+            continue
+        if legend:
+            legend.append("  ")
+        legend.append(glyph, style=style)
+        legend.append(f" {seg.label} {gib(seg.mb)}")
+    return legend
+
+
+def render_gpu(gpu: GpuState, width: int) -> Text:
+    """Two or more lines: ``GPU i [bar] used/total util temp power``, then the legend."""
+    used = gpu.memory_used_mb
+    if used is None and gpu.memory_total_mb is not None and gpu.memory_free_mb is not None:
+        used = gpu.memory_total_mb - gpu.memory_free_mb
+    figures = used_of_total(used, gpu.memory_total_mb)
+    label = f"GPU{gpu.index} "
+    bar_width = max(width - len(label) - len(figures) - 3, 4)
+    line = Text(label, style="bold")
+    line.append("[")
+    line.append_text(render_bar(vram_segments(gpu), bar_width))
+    line.append("] ")
+    high = used is not None and gpu.memory_total_mb and used / gpu.memory_total_mb >= _HIGH_USE
+    line.append(figures, style="bold red" if high else "bold")
+    stats = Text("  ")
+    stats.append(f"util {percent(gpu.utilization_percent)}  {celsius(gpu.temperature_c)}  ")
+    stats.append(watts(gpu.power_w, gpu.power_limit_w))
+    if gpu.name:
+        stats.append(f"  {gpu.name}", style="dim")
+    for alert in gpu.alerts:
+        stats.append(f"  ⚠ {alert}", style="bold red")
+    legend = render_legend(vram_segments(gpu))
+    out = Text("\n").join([line, stats])
+    if legend:
+        out.append("\n  ")
+        out.append_text(legend)
+    return out
+
+
+class GpuPanel(Widget):
+    """Every GPU of the selected host."""
+
+    DEFAULT_CSS = """
+    GpuPanel { height: auto; max-height: 50%; padding: 0 1; }
+    """
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.view: HostView | None = None
+
+    def show(self, view: HostView | None) -> None:
+        self.view = view
+        self.refresh(layout=True)
+
+    def render(self) -> Text:
+        view = self.view
+        width = max(self.content_size.width, 20)
+        if view is None:
+            return Text("Waiting for a GPU host on the bus…", style="dim")
+        if not view.gpus:
+            return Text(f"{view.host_id}: no GPU telemetry yet", style="dim")
+        parts = [render_gpu(view.gpus[i], width) for i in sorted(view.gpus)]
+        return Text("\n").join(parts)
