@@ -518,6 +518,8 @@ class Lifecycle:
         record.instance, record.gpus = instance, gpus
         record.state, record.health, record.error = ModelLifecycle.LOADING, "starting", None
         record.health_failures = 0
+        # Own its memory from the start: a loading model's VRAM is not "other".
+        await self._refresh_owners()
         await self.publisher.model_changed(record.snapshot())
         await self._wait_healthy(job, record, runtime, instance, started)
         load_s = time.monotonic() - started

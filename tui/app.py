@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from rich.text import Text
-from textual import work
+from textual import events, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -39,14 +39,27 @@ from tui.widgets.vram_bar import GpuPanel
 REDRAW_INTERVAL_S = 0.25
 # Ages ("loaded 3m ago") and fading jobs move with the clock, not with messages.
 CLOCK_INTERVAL_S = 1.0
-_HOST_LIST_KINDS = frozenset({"status", "info", "state"})
+# Availability changes show at once; a host's VRAM figures in the list (its
+# ``state``, every second from every host) follow the clock.
+_HOST_LIST_KINDS = frozenset({"status", "info"})
+# What to redraw when the selected host's topic changes (its state shows in the list).
+_PANEL_OF_KIND = {
+    "gpu": "gpus",
+    "status": "gpus",
+    "info": "gpus",
+    "models": "models",
+    "jobs": "jobs",
+}
 
+# The header must fit 80 columns: a connected link is only its glyph.
 _LINK_LOOK: dict[LinkState, tuple[str, str]] = {
-    LinkState.CONNECTING: ("◌ connecting to", "yellow"),
-    LinkState.CONNECTED: ("● connected to", "green"),
-    LinkState.RECONNECTING: ("◌ reconnecting to", "bold yellow"),
+    LinkState.CONNECTING: ("◌ connecting", "yellow"),
+    LinkState.CONNECTED: ("●", "bold green"),
+    LinkState.RECONNECTING: ("◌ reconnecting", "bold yellow"),
     LinkState.REFUSED: ("✖ refused by", "bold reverse red"),
 }
+# From this width on the host list stands beside the dashboard.
+WIDE_COLUMNS = 110
 
 
 class ModelbusApp(App[int]):
@@ -55,7 +68,9 @@ class ModelbusApp(App[int]):
     #link { height: 1; padding: 0 1; background: $panel; }
     #banner { height: auto; padding: 0 1; background: $error 30%; display: none; }
     #banner.-shown { display: block; }
-    #main.-offline { text-opacity: 55%; }
+    #main.-offline > GpuPanel, #main.-offline > ModelsTable, #main.-offline > JobsTable {
+        text-opacity: 50%;
+    }
     #main { height: 1fr; }
     """
     BINDINGS = [
@@ -64,8 +79,9 @@ class ModelbusApp(App[int]):
         Binding("u", "unload", "Unload", id="model.unload"),
         Binding("p", "plan", "Plan", id="model.plan"),
         Binding("i", "install", "Install", id="weights.install"),
-        Binding("c", "cancel_job", "Cancel job", id="job.cancel"),
-        Binding("d", "debug", "Debug", id="view.debug"),
+        Binding("c", "cancel_job", "Cancel", id="job.cancel"),
+        # Shown in the header when something was skipped; the footer has no room at 80.
+        Binding("d", "debug", "Debug", show=False, id="view.debug"),
         Binding("right_square_bracket", "next_host(1)", "Next host", show=False, id="host.next"),
         Binding("left_square_bracket", "next_host(-1)", "Prev host", show=False, id="host.prev"),
         Binding("q", "quit", "Quit", id="app.quit"),
@@ -91,6 +107,7 @@ class ModelbusApp(App[int]):
         self._dirty: set[str] = {"hosts", "gpus", "models", "jobs", "events", "link"}
         self._refused_told = False
         self._listed_hosts: set[str] = set()
+        self._drew_gpus = False
 
     # -- wiring ---------------------------------------------------------------------
 
@@ -107,8 +124,11 @@ class ModelbusApp(App[int]):
                 yield GpuPanel(id="gpus")
                 yield ModelsTable(id="models")
                 yield JobsTable(id="jobs")
-        yield EventsPanel(id="events")
+                yield EventsPanel(id="events")
         yield Footer()
+
+    def on_resize(self, event: events.Resize) -> None:
+        self.query_one(HostList).display = event.size.width >= WIDE_COLUMNS
 
     def on_mount(self) -> None:
         self.query_one(ModelsTable).focus()
@@ -126,9 +146,15 @@ class ModelbusApp(App[int]):
         if change.kind == "events":
             self._dirty.add("events")
         elif change.host == self.selected_host or self.selected_host is None:
-            self._dirty.add({"models": "models", "jobs": "jobs"}.get(change.kind, "gpus"))
+            panel = _PANEL_OF_KIND.get(change.kind)
+            if panel is not None:
+                self._dirty.add(panel)
         if change.kind == "status":
-            self._dirty.update(("link", "gpus"))
+            self._dirty.add("link")
+        if not self._drew_gpus and change.kind == "gpu":
+            # The first bars are worth drawing at once, not at the next tick.
+            self._drew_gpus = True
+            self.call_next(self._redraw)
 
     def link_changed(self, link: Link) -> None:
         self.link = link
@@ -141,7 +167,7 @@ class ModelbusApp(App[int]):
     # -- drawing --------------------------------------------------------------------
 
     def _clock_tick(self) -> None:
-        self._dirty.update(("models", "jobs", "link"))
+        self._dirty.update(("models", "jobs", "link", "hosts"))
 
     def _redraw(self) -> None:
         if not self._dirty:
@@ -172,14 +198,18 @@ class ModelbusApp(App[int]):
 
     def _link_text(self, views: list[HostView]) -> Text:
         words, style = _LINK_LOOK[self.link.state]
-        text = Text("modelbus ", style="bold")
-        text.append(f"{words} {self.link.broker}", style=style)
+        text = Text.assemble((words, style), f" {self.link.broker}")
         if self.link.protocol:
-            text.append(f" (MQTT {self.link.protocol})", style="dim")
+            text.append(f" v{self.link.protocol}", style="dim")
+        ids = [v.host_id for v in views]
+        if self.selected_host in ids:
+            where = f"{ids.index(self.selected_host) + 1}/{len(ids)}" if len(ids) > 1 else ""
+            text.append(" │ ")
+            text.append(self.selected_host, style="bold")
+            text.append(f" {where} [ ]" if where else "")
         offline = sum(1 for v in views if v.online is False)
-        text.append(f" │ {len(views)} host{'s' if len(views) != 1 else ''}")
         if offline:
-            text.append(f" ({offline} offline)", style="bold yellow")
+            text.append(f" │ {offline} offline", style="bold yellow")
         skipped = sum(self.store.skipped.values())
         if skipped:
             text.append(f" │ {skipped} skipped (d)", style="yellow")

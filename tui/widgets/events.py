@@ -25,18 +25,21 @@ def render_events(events: Sequence[HostEvent], limit: int) -> Text:
     lines = []
     for item in events[:limit]:
         glyph, style = SEVERITY_LOOK.get(item.event.severity, ("?", ""))
-        line = Text(f"{clock(item.event.ts)} ", style="dim")
-        line.append(f"{glyph} {item.event.severity.value:<8}", style=style)
-        line.append(f" {item.host}: ", style="bold")
-        line.append(item.event.message)
-        lines.append(line)
+        lines.append(
+            Text.assemble(
+                (f"{clock(item.event.ts)} ", "dim"),
+                (f"{glyph} {item.event.severity.value:<8}", style),
+                (f" {item.host}: ", "bold"),
+                item.event.message,
+            )
+        )
     return Text("\n").join(lines)
 
 
 class EventsPanel(Widget):
     DEFAULT_CSS = """
     EventsPanel {
-        height: 4; padding: 0 1; border-top: hkey $secondary;
+        height: 1fr; min-height: 3; padding: 0 1; border-top: hkey $secondary;
         text-wrap: nowrap; text-overflow: ellipsis;
     }
     """

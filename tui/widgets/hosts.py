@@ -6,26 +6,39 @@ from rich.text import Text
 from textual.widgets import OptionList
 from textual.widgets.option_list import Option
 
-from tui.format import gib
 from tui.store import HostView
+
+NAME_CELLS = 11
+
+
+def _figure(mb: int) -> str:
+    """GiB, whole above 100 so a fleet's labels stay one line."""
+    return f"{mb / 1024:.0f}" if mb >= 100 * 1024 else f"{mb / 1024:.1f}"
 
 
 def host_label(view: HostView) -> Text:
+    name = view.host_id if len(view.host_id) <= NAME_CELLS else view.host_id[: NAME_CELLS - 1] + "…"
     if view.online is False:
-        return Text.assemble(("○ ", "dim"), (view.host_id, "dim strike"), (" offline", "dim"))
-    glyph = Text("● ", style="bold green") if view.online else Text("◌ ", style="dim")
-    label = glyph + Text(view.host_id, style="bold")
-    state = view.state
-    if state is not None:
-        label.append(f" {gib(state.used_mb)[:-1]}/{gib(state.total_mb)}")
-        if state.active_job:
-            label.append(" ⟳", style="yellow")
+        label = Text.assemble(("○ ", "dim"), (name, "dim strike"), (" offline", "dim"))
+    else:
+        glyph = ("● ", "bold green") if view.online else ("◌ ", "dim")
+        label = Text.assemble(glyph, (name, "bold"))
+        state = view.state
+        if state is not None:
+            label.append(f" {_figure(state.used_mb)}/{_figure(state.total_mb)}G")
+            if state.active_job:
+                label.append(" ⟳", style="yellow")
+    label.no_wrap = True
+    label.overflow = "ellipsis"
     return label
 
 
 class HostList(OptionList):
+    """Shown when the terminal is wide enough (see ModelbusApp.on_resize); narrower
+    ones show one host at a time, chosen with ``[`` and ``]``."""
+
     DEFAULT_CSS = """
-    HostList { width: 20; height: 1fr; border: none; border-right: vkey $secondary; }
+    HostList { width: 26; height: 1fr; display: none; border: none; border-right: vkey $secondary; }
     """
 
     def show(self, views: list[HostView], selected: str | None) -> None:

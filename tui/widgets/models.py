@@ -20,8 +20,8 @@ STATE_LOOK: dict[ModelLifecycle, tuple[str, str]] = {
     ModelLifecycle.ERROR: ("✖", "bold reverse red"),
     ModelLifecycle.CRASHED: ("✖", "bold reverse red"),
 }
-# Narrow headers: the table must fit 80 columns next to the host list.
-COLUMNS = ("Model", "State", "GPU", "VRAM/est", "Up", "Used", "Prio", "Pin")
+# Narrow headers, ages last: at 80 columns what matters most must be on screen.
+COLUMNS = ("Model", "State", "GPU", "VRAM/est", "Prio", "Up", "Idle")
 
 
 def state_text(model: ModelState) -> Text:
@@ -38,16 +38,15 @@ def model_row(model: ModelState, now: datetime) -> list[str | Text]:
         state_text(model),
         ",".join(str(g) for g in model.gpus) or "-",
         vram,
+        Text.assemble(str(model.priority), (" pin", "bold") if model.pinned else ""),
         loaded,
         ago(model.last_used_at, now),
-        str(model.priority),
-        "pin" if model.pinned else "",
     ]
 
 
 class ModelsTable(DataTable[str | Text]):
     DEFAULT_CSS = """
-    ModelsTable { height: 1fr; min-height: 4; }
+    ModelsTable { height: auto; max-height: 60%; }
     """
 
     def on_mount(self) -> None:

@@ -26,7 +26,7 @@ def sync_rows(table: DataTable[str | Text], rows: Sequence[tuple[str, Cells]]) -
     for key, cells in rows:
         for column, value in zip(columns, cells, strict=True):
             if table.get_cell(key, column) != value:
-                table.update_cell(key, column, value)
+                table.update_cell(key, column, value, update_width=True)
 
 
 def _cursor_key(table: DataTable[str | Text]) -> str | None:

@@ -101,8 +101,8 @@ def render_gpu(gpu: GpuState, width: int) -> Text:
     figures = used_of_total(used, gpu.memory_total_mb)
     label = f"GPU{gpu.index} "
     bar_width = max(width - len(label) - len(figures) - 3, 4)
-    line = Text(label, style="bold")
-    line.append("[")
+    # Styles go on the pieces: a style given to Text() would cover everything appended.
+    line = Text.assemble((label, "bold"), "[")
     line.append_text(render_bar(vram_segments(gpu), bar_width))
     line.append("] ")
     high = used is not None and gpu.memory_total_mb and used / gpu.memory_total_mb >= _HIGH_USE
@@ -132,10 +132,14 @@ class GpuPanel(Widget):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self.view: HostView | None = None
+        self._lines = 0
 
     def show(self, view: HostView | None) -> None:
         self.view = view
-        self.refresh(layout=True)
+        # A layout pass only when the panel's height changes (GPUs or legend lines).
+        lines = len(self.render().plain.splitlines())
+        self.refresh(layout=lines != self._lines)
+        self._lines = lines
 
     def render(self) -> Text:
         view = self.view
