@@ -116,22 +116,32 @@ class ModelbusApp(App[int]):
         self.bridge = bridge
 
     def compose(self) -> ComposeResult:
-        yield Static(id="link")
+        # Kept as attributes: App.query_one searches the screen on top, which is a
+        # dialog while one is open, and redraws go on behind dialogs.
+        self.link_line = Static(id="link")
+        self.hosts = HostList(id="hosts")
+        self.main = Vertical(id="main")
+        self.banner = Static(id="banner")
+        self.gpus = GpuPanel(id="gpus")
+        self.models = ModelsTable(id="models")
+        self.jobs = JobsTable(id="jobs")
+        self.events_panel = EventsPanel(id="events")
+        yield self.link_line
         with Horizontal():
-            yield HostList(id="hosts")
-            with Vertical(id="main"):
-                yield Static(id="banner")
-                yield GpuPanel(id="gpus")
-                yield ModelsTable(id="models")
-                yield JobsTable(id="jobs")
-                yield EventsPanel(id="events")
+            yield self.hosts
+            with self.main:
+                yield self.banner
+                yield self.gpus
+                yield self.models
+                yield self.jobs
+                yield self.events_panel
         yield Footer()
 
     def on_resize(self, event: events.Resize) -> None:
-        self.query_one(HostList).display = event.size.width >= WIDE_COLUMNS
+        self.hosts.display = event.size.width >= WIDE_COLUMNS
 
     def on_mount(self) -> None:
-        self.query_one(ModelsTable).focus()
+        self.models.focus()
         self.set_interval(self._redraw_interval_s, self._redraw)
         self.set_interval(CLOCK_INTERVAL_S, self._clock_tick)
         self._redraw()
@@ -180,21 +190,21 @@ class ModelbusApp(App[int]):
         view = self.store.host(self.selected_host) if self.selected_host else None
         now = self._now()
         if "link" in dirty:
-            self.query_one("#link", Static).update(self._link_text(views))
+            self.link_line.update(self._link_text(views))
             self._show_offline(view, now)
         if "hosts" in dirty:
-            self.query_one(HostList).show(views, self.selected_host)
+            self.hosts.show(views, self.selected_host)
             self._listed_hosts = {v.host_id for v in views}
         if "gpus" in dirty:
-            self.query_one(GpuPanel).show(view)
+            self.gpus.show(view)
             self._show_offline(view, now)
         if "models" in dirty:
-            self.query_one(ModelsTable).show(view.models if view else {}, now)
+            self.models.show(view.models if view else {}, now)
         if "jobs" in dirty:
             jobs = self.store.active_jobs(view.host_id) if view else []
-            self.query_one(JobsTable).show(jobs, now)
+            self.jobs.show(jobs, now)
         if "events" in dirty:
-            self.query_one(EventsPanel).show(self.store.events())
+            self.events_panel.show(self.store.events())
 
     def _link_text(self, views: list[HostView]) -> Text:
         words, style = _LINK_LOOK[self.link.state]
@@ -217,8 +227,8 @@ class ModelbusApp(App[int]):
 
     def _show_offline(self, view: HostView | None, now: datetime) -> None:
         offline = view is not None and view.online is False
-        self.query_one("#main").set_class(offline, "-offline")
-        banner = self.query_one("#banner", Static)
+        self.main.set_class(offline, "-offline")
+        banner = self.banner
         banner.set_class(offline, "-shown")
         if offline and view is not None:
             since = view.state.ts if view.state else None
@@ -253,7 +263,7 @@ class ModelbusApp(App[int]):
     def _selected_model(self) -> tuple[str, ModelState] | None:
         host = self.selected_host
         view = self.store.host(host) if host else None
-        name = selected_key(self.query_one(ModelsTable))
+        name = selected_key(self.models)
         if host is None or view is None or name is None or name not in view.models:
             self.notify("Select a model in the models table first.", severity="warning")
             return None
@@ -359,7 +369,7 @@ class ModelbusApp(App[int]):
 
     def action_cancel_job(self) -> None:
         host = self.selected_host
-        job_id = selected_key(self.query_one(JobsTable))
+        job_id = selected_key(self.jobs)
         view = self.store.host(host) if host else None
         job = view.jobs.get(job_id) if view and job_id else None
         if host is None or job is None or job.finished_at is not None:
