@@ -71,6 +71,9 @@ class ModelSpec(_Strict):
     stop_timeout_s: float = Field(default=30.0, gt=0)
     restart: Literal["never", "on-crash"] = "never"
     hf_repo: str | None = None
+    weights: str | None = Field(
+        default=None, description="the name of installed weights this model serves"
+    )
     description: str | None = None
 
     @field_validator("name")

@@ -165,6 +165,43 @@ class LifecycleConfig(Strict):
     preload: list[str] = Field(default_factory=list, description="models to load at start")
 
 
+class WeightsConfig(Strict):
+    dir: Path | None = Field(
+        default=None, description="where weights are installed; default <state_dir>/weights"
+    )
+    token: str | None = Field(
+        default=None, description="Hugging Face token for gated and private repos (or HF_TOKEN)"
+    )
+    endpoint: str | None = Field(
+        default=None, description="the hub's URL (or HF_ENDPOINT); default huggingface.co"
+    )
+    allow: list[str] = Field(
+        default_factory=list,
+        description="repos that may be installed: 'org/name' or 'org/*'; empty allows any",
+    )
+    queue_limit: int = Field(
+        default=8, ge=1, le=1000, description="queued installs at most (one downloads at a time)"
+    )
+    disk_reserve_mb: int = Field(
+        default=1024, ge=0, description="free disk an install must leave behind"
+    )
+    progress_interval_s: float = Field(
+        default=0.5, gt=0, le=1, description="how often a download's progress is published"
+    )
+    resolve_timeout_s: float = Field(
+        default=60.0, gt=0, description="how long listing a repo on the hub may take"
+    )
+
+    @field_validator("allow")
+    @classmethod
+    def _repo_patterns(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            org, _, name = pattern.partition("/")
+            if not org or "*" in org or (name and "*" in name and name != "*"):
+                raise ValueError(f"allow entry {pattern!r} must be 'org/name', 'org/*' or 'name'")
+        return patterns
+
+
 class AgentConfig(Strict):
     host_id: str = Field(default_factory=lambda: sanitize_host_id(socket.gethostname()))
     prefix: str = DEFAULT_PREFIX
@@ -174,6 +211,7 @@ class AgentConfig(Strict):
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     gpu: GpuConfig = Field(default_factory=GpuConfig)
     lifecycle: LifecycleConfig = Field(default_factory=LifecycleConfig)
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
     models: dict[str, ModelSpec] = Field(default_factory=dict)
 
     @field_validator("models", mode="before")
@@ -220,6 +258,10 @@ class AgentConfig(Strict):
         return self.broker.client_id or f"modelbus-agent-{self.host_id}"
 
     @property
+    def weights_dir(self) -> Path:
+        return self.weights.dir or self.state_dir / "weights"
+
+    @property
     def sim_state_file(self) -> Path:
         return self.gpu.sim.state_file or self.state_dir / "sim-gpus.bin"
 
@@ -241,6 +283,10 @@ ENV_OVERRIDES: Mapping[str, str] = {
     "MODELBUS_LOG_LEVEL": "log_level",
     "MODELBUS_GPU_BACKEND": "gpu.backend",
     "MODELBUS_TELEMETRY_INTERVAL": "telemetry.interval_s",
+    "MODELBUS_WEIGHTS_DIR": "weights.dir",
+    # The names huggingface_hub itself reads.
+    "HF_TOKEN": "weights.token",
+    "HF_ENDPOINT": "weights.endpoint",
 }
 
 

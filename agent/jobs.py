@@ -24,11 +24,15 @@ def new_job_id() -> str:
 class JobRequest:
     """What a job is asked to do; two equal requests are the same job."""
 
-    command: str  # load | unload | switch
-    model: str
+    command: str  # load | unload | switch | install
+    model: str  # for installs, the weights' name
     gpu: int | None = None
     exclusive: bool = False
     force: bool = False
+    repo: str | None = None
+    revision: str | None = None
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -48,6 +52,8 @@ class Job:
     result: dict[str, Any] | None = None
     error: ErrorInfo | None = None
     queue_position: int | None = None
+    bytes_done: int | None = None
+    bytes_total: int | None = None
     # Seconds spent waiting on servers (stopping, starting), reported in the result so
     # the agent's own overhead can be told apart from the servers' time.
     timings: dict[str, float] = field(default_factory=dict)
@@ -97,11 +103,14 @@ class Job:
             job_id=self.job_id,
             command=self.request.command,
             model=self.request.model,
+            repo=self.request.repo,
             request_id=self.request_id,
             state=self.state,
             phase=self.phase,
             progress=round(self.progress, 4),
             eta_s=None if self.eta_s is None else round(self.eta_s, 2),
+            bytes_done=self.bytes_done,
+            bytes_total=self.bytes_total,
             queue_position=self.queue_position,
             message=self.message,
             created_at=self.created_at,
@@ -119,9 +128,11 @@ class QueueFullError(Exception):
 
 @dataclass
 class SwapQueue:
-    """Queued jobs by (priority desc, arrival), plus the one running job."""
+    """Queued jobs by (priority desc, arrival), plus the one running job. The swap
+    worker has one; installs have their own, so a download never holds up a swap."""
 
     limit: int = 32
+    name: str = "swap"
     running: Job | None = None
     _queued: list[tuple[int, int, Job]] = field(default_factory=list)
     _arrival: itertools.count[int] = field(default_factory=itertools.count)
@@ -144,7 +155,9 @@ class SwapQueue:
             if existing.request == job.request and not existing.finished:
                 return existing, True
         if len(self._queued) >= self.limit:
-            raise QueueFullError(f"the swap queue is full ({self.limit} jobs); try again later")
+            raise QueueFullError(
+                f"the {self.name} queue is full ({self.limit} jobs); try again later"
+            )
         self._queued.append((-job.priority, next(self._arrival), job))
         self._queued.sort(key=lambda entry: (entry[0], entry[1]))
         self._number()

@@ -21,6 +21,7 @@ from agent.catalog import Catalog, ModelSpec
 from agent.config import LifecycleConfig
 from agent.gpu.base import GpuSample
 from agent.health import probe
+from agent.job_publishing import JobPublisher, publish_job
 from agent.jobs import Job, JobRequest, QueueFullError, SwapQueue
 from agent.planner import GpuMemory, Plan, Refusal, Resident, Target, plan_load, plan_switch
 from agent.runtimes.base import Instance, Runtime, RuntimeFailure
@@ -31,7 +32,6 @@ from shared.messages import (
     ErrorCode,
     Event,
     JobPhase,
-    JobState,
     LoadedModel,
     ModelLifecycle,
     ModelState,
@@ -47,18 +47,12 @@ PROGRESS_INTERVAL_S = 0.25
 LOG_LINES_IN_ERRORS = 8
 
 
-class Publisher(Protocol):
+class Publisher(JobPublisher, Protocol):
     """What the lifecycle tells the world; the service puts it on the bus."""
 
     async def model_changed(self, state: ModelState) -> None: ...
 
     async def model_removed(self, name: str) -> None: ...
-
-    async def job_changed(self, job: JobState) -> None: ...
-
-    async def job_finished(self, job: JobState) -> None: ...
-
-    async def event(self, event: Event) -> None: ...
 
     async def state_changed(self) -> None: ...
 
@@ -871,11 +865,7 @@ class Lifecycle:
         self._owners = owners
 
     async def _job_update(self, job: Job, *, final: bool = False) -> None:
-        snapshot = job.snapshot()
-        await self.publisher.job_changed(snapshot)
-        await asyncio.to_thread(self.store.save_job, snapshot)
-        if final:
-            await self.publisher.job_finished(snapshot)
+        await publish_job(job, self.store, self.publisher, final=final)
 
     async def _positions_changed(self) -> None:
         for queued in self.queue.queued():

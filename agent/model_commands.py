@@ -1,4 +1,4 @@
-"""The model commands (load, unload, switch, plan, cancel) as bus handlers.
+"""The job commands (load, unload, switch, install), plan, uninstall and cancel as bus handlers.
 
 Job commands reply at once with the job id, or, with ``wait: true``, once when
 the job ends; a request equal to a queued or running one joins that job.
@@ -10,16 +10,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
+from agent.installer import Installer
 from agent.intake import Intake
-from agent.jobs import JobRequest
+from agent.jobs import Job, JobRequest
 from agent.lifecycle import Lifecycle
 from agent.planner import Plan, Refusal
 from shared.commands import (
     CancelCommand,
     CommandError,
+    InstallCommand,
     LoadCommand,
     PlanCommand,
     SwitchCommand,
+    UninstallCommand,
     UnloadCommand,
 )
 from shared.messages import ErrorCode, JobState, JobStatus, Reply
@@ -30,8 +33,9 @@ SendReply = Callable[[Intake, Reply], Awaitable[None]]
 
 
 class ModelCommands:
-    def __init__(self, lifecycle: Lifecycle, send_reply: SendReply) -> None:
+    def __init__(self, lifecycle: Lifecycle, installer: Installer, send_reply: SendReply) -> None:
         self.lifecycle = lifecycle
+        self.installer = installer
         self._send_reply = send_reply
         self._waiting: dict[str, list[Intake]] = {}
 
@@ -40,12 +44,16 @@ class ModelCommands:
             CommandName.LOAD: self._job_command,
             CommandName.UNLOAD: self._job_command,
             CommandName.SWITCH: self._job_command,
+            CommandName.INSTALL: self._job_command,
+            CommandName.UNINSTALL: self._uninstall,
             CommandName.PLAN: self._plan,
             CommandName.CANCEL: self._cancel,
         }
 
-    async def _job_command(self, intake: Intake) -> Reply | None:
+    def _submit(self, intake: Intake) -> tuple[Job, bool]:
         command = intake.command
+        if isinstance(command, InstallCommand):
+            return self.installer.submit(command, request_id=intake.request_id)
         priority = 0
         if isinstance(command, LoadCommand):
             request = JobRequest("load", command.model, gpu=command.gpu)
@@ -56,12 +64,13 @@ class ModelCommands:
             )
         elif isinstance(command, UnloadCommand):
             request = JobRequest("unload", command.model, force=command.force)
-        else:  # pragma: no cover - the handler table only routes the three above
+        else:  # pragma: no cover - the handler table only routes the four job commands
             raise CommandError(ErrorCode.INTERNAL, "not a job command")
-        job, joined = self.lifecycle.submit(
-            request, request_id=intake.request_id, priority=priority
-        )
-        if getattr(command, "wait", False):
+        return self.lifecycle.submit(request, request_id=intake.request_id, priority=priority)
+
+    async def _job_command(self, intake: Intake) -> Reply | None:
+        job, joined = self._submit(intake)
+        if getattr(intake.command, "wait", False):
             self._waiting.setdefault(job.job_id, []).append(intake)
             return None
         return intake.reply_ok(
@@ -97,10 +106,17 @@ class ModelCommands:
         result = await self.lifecycle.plan(command.model, command.gpu, command.exclusive)
         return intake.reply_ok(data=describe_plan(command.model, result))
 
+    async def _uninstall(self, intake: Intake) -> Reply:
+        command = intake.command
+        assert isinstance(command, UninstallCommand)
+        return intake.reply_ok(data=await self.installer.uninstall(command.name))
+
     async def _cancel(self, intake: Intake) -> Reply:
         command = intake.command
         assert isinstance(command, CancelCommand)
-        job = await self.lifecycle.cancel(command.job_id)
+        job = await self.installer.cancel(command.job_id) or await self.lifecycle.cancel(
+            command.job_id
+        )
         return intake.reply_ok(
             job_id=job.job_id, data={"job": job.snapshot().model_dump(mode="json")}
         )

@@ -21,6 +21,7 @@ from agent.gpu.base import (
     GpuSample,
     GpuUnavailableError,
 )
+from agent.installer import Installer
 from agent.intake import Intake, command_level, read_command
 from agent.lifecycle import Lifecycle
 from agent.model_commands import ModelCommands
@@ -49,6 +50,7 @@ from shared.messages import (
     ModelState,
     Reply,
     Severity,
+    WeightsState,
     encode,
     utc_now,
 )
@@ -97,7 +99,16 @@ class AgentService:
             self._fresh_samples,
             sim_state_file=str(config.sim_state_file) if config.gpu.backend == "sim" else None,
         )
-        self.model_commands = ModelCommands(self.lifecycle, self._send_reply)
+        self.installer = Installer(
+            config.weights,
+            config.weights_dir,
+            config.catalog,
+            self.store,
+            self,
+            model_loaded=lambda name: name in self.lifecycle.loaded_models(),
+        )
+        self.model_commands = ModelCommands(self.lifecycle, self.installer, self._send_reply)
+        self._weights: WeightsState | None = None
         self.handlers: dict[str, CommandHandler] = {
             CommandName.STATUS: self._status,
             **self.model_commands.handlers(),
@@ -125,14 +136,19 @@ class AgentService:
         if self.driver is None:
             await self.start()
         await self.lifecycle.start()
+        await self.installer.start()
         async with asyncio.TaskGroup() as group:
             client_task = group.create_task(self.client.run(), name="mqtt")
             telemetry_task = group.create_task(self._telemetry_loop(), name="telemetry")
             lifecycle_task = group.create_task(self.lifecycle.run(), name="lifecycle")
+            installer_task = group.create_task(self.installer.run(), name="installer")
             await stop.wait()
-            # Model servers keep running: the next agent adopts them.
+            # Model servers keep running: the next agent adopts them. A download stops
+            # (its child process with it); installing again resumes from the files done.
             self.lifecycle.stop()
+            self.installer.stop()
             lifecycle_task.cancel()
+            installer_task.cancel()
             await self._announce_offline()
             telemetry_task.cancel()
             client_task.cancel()
@@ -308,6 +324,8 @@ class AgentService:
             )
         for job in list(self._jobs.values()):
             await connection.publish(self.topics.job(job.job_id), encode(job), qos=1, retain=True)
+        if self._weights is not None:
+            await connection.publish(self.topics.weights, encode(self._weights), qos=1, retain=True)
         async with self._telemetry_lock:
             self._changes.forget()
             await self._publish_telemetry(connection, publish_all=True)
@@ -401,6 +419,7 @@ class AgentService:
                     for record in self.lifecycle.models.values()
                 ],
                 "jobs": [job.model_dump(mode="json") for job in self._jobs.values()],
+                "weights": self._weights.model_dump(mode="json") if self._weights else None,
             }
         )
 
@@ -444,6 +463,10 @@ class AgentService:
 
     async def event(self, event: Event) -> None:
         await self._event(event)
+
+    async def weights_changed(self, state: WeightsState) -> None:
+        self._weights = state
+        await self.client.publish(self.topics.weights, encode(state), qos=1, retain=True)
 
     async def state_changed(self) -> None:
         if not self.gpus:

@@ -175,6 +175,7 @@ class ErrorCode(StrEnum):
     BUSY = "busy"
     TIMEOUT = "timeout"
     LOAD_FAILED = "load_failed"
+    DOWNLOAD_FAILED = "download_failed"
     CANCELLED = "cancelled"
     FORBIDDEN = "forbidden"
     PAYLOAD_TOO_LARGE = "payload_too_large"
@@ -214,18 +215,33 @@ class JobState(Published):
 class InstalledWeights(Published):
     name: str
     repo: str
-    revision: str | None = None
+    revision: str | None = Field(default=None, description="the commit sha installed")
     size_mb: int
     path: str
-    used_by: list[str] = Field(default_factory=list)
+    used_by: list[str] = Field(default_factory=list, description="catalog models using them")
+    installed_at: datetime | None = None
+    vram_estimate_mb: int | None = Field(
+        default=None, description="from safetensors metadata; an estimate until a load measures"
+    )
+
+
+class PartialWeights(Published):
+    """An install that did not finish (cancelled, failed, interrupted): not installed;
+    installing the same repo again resumes it, ``uninstall`` removes it."""
+
+    name: str
+    repo: str | None = None
+    size_mb: int
+    path: str
 
 
 class WeightsState(Published):
     """``P/H/weights``: installed weights and the disk they live on."""
 
     weights: list[InstalledWeights] = Field(default_factory=list)
+    partial: list[PartialWeights] = Field(default_factory=list)
     weights_dir: str
-    used_mb: int
+    used_mb: int = Field(description="installed and partial weights together")
     disk_total_mb: int | None = None
     disk_free_mb: int | None = None
     ts: datetime

@@ -12,6 +12,12 @@ def gib(mb: int | None) -> str:
     return f"{mb / 1024:.1f}G"
 
 
+def size(nbytes: int) -> str:
+    """Bytes for people: ``812M`` below a GiB, ``3.2G`` from there."""
+    mib = nbytes / (1024 * 1024)
+    return f"{mib:.0f}M" if mib < 1024 else f"{mib / 1024:.1f}G"
+
+
 def used_of_total(used_mb: int | None, total_mb: int | None) -> str:
     if total_mb is None:
         return "?/?"

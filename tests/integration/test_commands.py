@@ -95,7 +95,7 @@ async def test_bare_text_and_empty_payloads(bus: BusWatcher, prefix: str) -> Non
         ("load", b'["qwen"]', "invalid_payload", "JSON object"),
         ("reboot", b"", "unknown_command", "reboot"),
         ("status", b"x" * 20000, "payload_too_large", "limited"),
-        ("install", b"Qwen/Qwen3-8B", "unknown_command", "does not execute"),
+        ("uninstall", b"nothing-here", "not_found", "nothing-here"),
         ("load", b"qwen3-vl-30b", "unknown_model", "catalog has no models"),
         ("cancel", b"nosuchjob", "not_found", "nosuchjob"),
     ],

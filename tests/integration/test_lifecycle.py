@@ -4,123 +4,23 @@ model servers (real processes) on a simulated 32 GB GPU."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from agent.broker import MosquittoBroker
 from shared.messages import Reply
-from shared.topics import HostTopics
-from tests.support.agent_process import AgentProcess, write_agent_config
-from tests.support.bus import BusWatcher, watch
+from tests.support.bus import watch
+from tests.support.host import Host
 from tests.support.models import BUDGET, budget_catalog, sim_model
 
 pytestmark = pytest.mark.broker
-HOST = "lab"
-_request_ids = itertools.count()
-
-
-class Host:
-    """One agent under test and a client watching everything it publishes."""
-
-    def __init__(self, bus: BusWatcher, topics: HostTopics, prefix: str) -> None:
-        self.bus = bus
-        self.topics = topics
-        self.prefix = prefix
-
-    async def ask(
-        self, command: str, payload: dict[str, Any] | str = "", timeout: float = 30
-    ) -> Reply:
-        request_id = f"r{next(_request_ids)}"
-        body = (
-            payload
-            if isinstance(payload, str)
-            else json.dumps({**payload, "request_id": request_id})
-        )
-        reply_topic = f"{self.prefix}/reply/{request_id}"
-        mark = len(self.bus.messages)
-        await self.bus.connection.publish(
-            self.topics.command(command), body, qos=1, response_topic=reply_topic
-        )
-        message = await self.bus.wait_topic(reply_topic, after=mark, timeout=timeout)
-        return Reply.model_validate_json(message.payload)
-
-    def model(self, name: str) -> dict[str, Any]:
-        message = self.bus.latest(self.topics.model(name))
-        assert message is not None, f"no state for {name}"
-        return json.loads(message.payload)
-
-    def gpu_used(self) -> int:
-        message = self.bus.latest(self.topics.gpu(0))
-        assert message is not None
-        return int(json.loads(message.payload)["memory_used_mb"])
-
-    async def wait_model(self, name: str, state: str, timeout: float = 20) -> dict[str, Any]:
-        message = await self.bus.wait_topic(
-            self.topics.model(name), lambda v: v and v["state"] == state, timeout=timeout
-        )
-        return json.loads(message.payload)
-
-    async def wait_event(self, kind: str, timeout: float = 20) -> dict[str, Any]:
-        message = await self.bus.wait_topic(
-            self.topics.events, lambda v: v["event_type"] == kind, timeout=timeout
-        )
-        return json.loads(message.payload)
-
-    def events(self, kind: str) -> list[dict[str, Any]]:
-        return [
-            json.loads(m.payload)
-            for m in self.bus.on(self.topics.events)
-            if json.loads(m.payload)["event_type"] == kind
-        ]
-
-
-@pytest.fixture
-def start_host(broker: MosquittoBroker, prefix: str, tmp_path: Path) -> Callable[..., Any]:
-    agents: list[AgentProcess] = []
-
-    def start(models: dict[str, Any], **options: Any) -> AgentProcess:
-        config = write_agent_config(
-            tmp_path / "agent.yaml",
-            broker_url=broker.url,
-            host_id=HOST,
-            prefix=prefix,
-            models=models,
-            **options,
-        )
-        agent = AgentProcess(config)
-        agents.append(agent)
-        return agent
-
-    yield start
-    for agent in agents:
-        try:
-            running = agent.process.poll() is None
-            code = agent.terminate()
-            # A clean shutdown, every time: a hang here once hid a swallowed cancel.
-            assert code == 0 or not running, agent.output()
-        finally:
-            agent.close()
-
-
-@pytest.fixture
-async def host(broker: MosquittoBroker, prefix: str) -> AsyncIterator[Host]:
-    topics = HostTopics(prefix, HOST)
-    async with watch(broker.port, topics.everything_filter, f"{prefix}/reply/#") as bus:
-        yield Host(bus, topics, prefix)
-
-
-async def online(host: Host) -> None:
-    await host.bus.wait_topic(host.topics.status, lambda v: v == "online", raw=True, timeout=20)
 
 
 async def test_switch_sequence_replays_the_vram_budget_table(start_host, host: Host) -> None:
     start_host(budget_catalog())
-    await online(host)
+    await host.online()
     steps = [
         ("qwen3-vl-30b", []),
         ("whisperx", []),
@@ -149,7 +49,7 @@ async def test_switch_sequence_replays_the_vram_budget_table(start_host, host: H
 
 async def test_plan_reports_without_changing_anything(start_host, host: Host) -> None:
     start_host(budget_catalog())
-    await online(host)
+    await host.online()
     assert (await host.ask("load", {"model": "qwen3-vl-30b", "wait": True})).status == "ok"
     plan = await host.ask("plan", "wan2.1-14b")
     assert plan.status == "ok" and plan.data is not None
@@ -165,7 +65,7 @@ async def test_plan_reports_without_changing_anything(start_host, host: Host) ->
 
 async def test_unknown_model_and_pinned_unload(start_host, host: Host) -> None:
     start_host({"keeper": sim_model(2048, pinned=True)})
-    await online(host)
+    await host.online()
     unknown = await host.ask("load", "no-such-model")
     assert unknown.error is not None and unknown.error.code == "unknown_model"
     assert (await host.ask("load", {"model": "keeper", "wait": True})).status == "ok"
@@ -179,7 +79,7 @@ async def test_unknown_model_and_pinned_unload(start_host, host: Host) -> None:
 
 async def test_job_reply_at_once_then_progress_then_done(start_host, host: Host) -> None:
     start_host({"slow": sim_model(4096, load_s=1.0)})
-    await online(host)
+    await host.online()
     reply = await host.ask("load", "slow")
     assert reply.status == "ok" and reply.job_id
     job_topic = host.topics.job(reply.job_id)
@@ -198,7 +98,7 @@ async def test_failure_modes_of_the_server(start_host, host: Host) -> None:
             "greedy": sim_model(1024, extra=["--overuse-mb", "512"]),
         }
     )
-    await online(host)
+    await host.online()
     dies = await host.ask("load", {"model": "dies", "wait": True})
     assert dies.error is not None and dies.error.code == "load_failed"
     assert "simulated startup failure" in dies.error.message
@@ -215,7 +115,7 @@ async def test_failure_modes_of_the_server(start_host, host: Host) -> None:
 
 async def test_crash_is_detected_and_restarted(start_host, host: Host) -> None:
     start_host({"flaky": sim_model(2048, extra=["--crash-after", "1.0"], restart="on-crash")})
-    await online(host)
+    await host.online()
     assert (await host.ask("load", {"model": "flaky", "wait": True})).status == "ok"
     crashed = await host.wait_model("flaky", "crashed")
     assert "code 3" in crashed["error"]
@@ -237,7 +137,7 @@ async def test_failed_switch_rolls_back_the_evicted_model(start_host, host: Host
             "broken": sim_model(20000, extra=["--exit-at-once"]),
         }
     )
-    await online(host)
+    await host.online()
     assert (await host.ask("load", {"model": "resident", "wait": True})).status == "ok"
     reply = await host.ask("switch", {"model": "broken", "wait": True})
     assert reply.error is not None and reply.error.code == "load_failed"
@@ -247,7 +147,7 @@ async def test_failed_switch_rolls_back_the_evicted_model(start_host, host: Host
 
 async def test_cancel_queued_and_running_jobs(start_host, host: Host) -> None:
     start_host({"big": sim_model(8000, load_s=5.0), "small": sim_model(1000)})
-    await online(host)
+    await host.online()
     running = await host.ask("load", "big")
     queued = await host.ask("load", "small")
     assert running.job_id and queued.job_id
@@ -276,7 +176,7 @@ async def test_concurrent_commands_are_each_answered_once_and_coalesced(
     start_host, host: Host, broker: MosquittoBroker, prefix: str
 ) -> None:
     start_host(budget_catalog(load_s=0.1))
-    await online(host)
+    await host.online()
     names = list(BUDGET)
 
     async def client(number: int) -> list[Reply]:
@@ -326,7 +226,7 @@ async def test_agent_killed_mid_swap_fails_the_job_and_adopts_the_server(
 ) -> None:
     models = {"slow": sim_model(4096, load_s=2.0)}
     agent = start_host(models)
-    await online(host)
+    await host.online()
     reply = await host.ask("load", "slow")
     assert reply.job_id
     await host.bus.wait_topic(
@@ -358,7 +258,7 @@ async def test_preload_and_idle_ttl(start_host, host: Host) -> None:
         {"warm": sim_model(1024, ttl_s=1.0), "cold": sim_model(1024)},
         lifecycle={"preload": ["warm"]},
     )
-    await online(host)
+    await host.online()
     await host.wait_model("warm", "ready")
     # Nobody uses it: the ttl unloads it by itself.
     await host.wait_model("warm", "stopped")
@@ -368,7 +268,7 @@ async def test_preload_and_idle_ttl(start_host, host: Host) -> None:
 async def test_learned_load_time_and_vram_survive_a_restart(start_host, host: Host) -> None:
     models = {"learner": sim_model(3000, load_s=0.5, extra=["--overuse-mb", "1000"])}
     agent = start_host(models)
-    await online(host)
+    await host.online()
     first = await host.ask("load", {"model": "learner", "wait": True})
     assert first.status == "ok"
     assert (await host.ask("unload", {"model": "learner", "wait": True})).status == "ok"
@@ -396,7 +296,7 @@ async def test_sighup_reloads_the_catalog_and_leaves_running_models_alone(
 
     models = {"runs": sim_model(2048), "goes": sim_model(1024)}
     agent = start_host(models)
-    await online(host)
+    await host.online()
     assert (await host.ask("load", {"model": "runs", "wait": True})).status == "ok"
     config_file = tmp_path / "agent.yaml"
     original = config_file.read_text()
@@ -429,7 +329,7 @@ async def test_sighup_reloads_the_catalog_and_leaves_running_models_alone(
 
 async def test_failing_health_counts_as_a_crash(start_host, host: Host) -> None:
     start_host({"sick": sim_model(1024, extra=["--fail-health-after", "0.3"])})
-    await online(host)
+    await host.online()
     assert (await host.ask("load", {"model": "sick", "wait": True})).status == "ok"
     crashed = await host.wait_model("sick", "crashed")
     assert "health check failed" in crashed["error"]
@@ -449,7 +349,7 @@ async def test_memory_that_does_not_come_back_is_reported(start_host, host: Host
             }
         },
     )
-    await online(host)
+    await host.online()
     assert (await host.ask("load", {"model": "sticky", "wait": True})).status == "ok"
     assert (await host.ask("unload", {"model": "sticky", "wait": True})).status == "ok"
     leak = await host.wait_event("vram_leak")
@@ -465,7 +365,7 @@ async def test_a_running_model_removed_from_the_catalog_can_still_be_unloaded(
     import yaml
 
     agent = start_host({"old": sim_model(1024)})
-    await online(host)
+    await host.online()
     assert (await host.ask("load", {"model": "old", "wait": True})).status == "ok"
     config_file = tmp_path / "agent.yaml"
     config = yaml.safe_load(config_file.read_text())

@@ -4,6 +4,7 @@ agent process running simulated model servers on a simulated 32 GB GPU."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from shared.topics import HostTopics
 from tests.conftest import TEST_USERS
 from tests.support.agent_process import AgentProcess, write_agent_config
 from tests.support.bus import client_settings, watch
+from tests.support.fake_hub import FakeHub
 from tests.support.models import budget_catalog
 from tui.app import ModelbusApp, build_app
 from tui.bridge import LinkState
@@ -318,3 +320,39 @@ def test_tui_command_refuses_a_bad_broker_url_with_one_line(
     assert main(["tui", "--broker", "http://nowhere"]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert err.startswith("modelbus tui: ") and "mqtt://" in err and err.count("\n") == 1
+
+
+async def test_install_key_shows_live_download_progress(
+    broker: MosquittoBroker, prefix: str, tmp_path: Path
+) -> None:
+    with FakeHub() as hub:
+        hub.add_repo("acme/big", {"config.json": "{}", "weights.bin": 8 * 1024 * 1024})
+        hub.throttle(3 * 1024 * 1024)  # about 3 s: progress is seen on the way
+        config = write_agent_config(
+            tmp_path / "agent.yaml",
+            broker_url=broker.url,
+            host_id=HOST,
+            prefix=prefix,
+            extra={"weights": {"dir": str(tmp_path / "weights"), "endpoint": hub.endpoint}},
+        )
+        process = AgentProcess(config)
+        try:
+            app = tui(broker, prefix)
+            async with app.run_test(size=(120, 40), notifications=True) as pilot:
+                await until(pilot, lambda: "GPU0 [" in gpu_text(app))
+                await pilot.press("i")
+                await until(pilot, lambda: isinstance(app.screen, AskScreen))
+                await pilot.press(*"acme/big", "enter")
+                jobs = app.query_one(JobsTable)
+
+                def row() -> str:
+                    cells = jobs.get_row_at(0) if jobs.row_count else []
+                    return " | ".join(str(cell) for cell in cells)
+
+                # A row like "install big  ▶ downloading  ━━━━╌╌╌╌ 40%  1s  3M/8M downloading ..."
+                partly = re.compile(r"▶ downloading \| .* \| [1-7]M/8M downloading")
+                await until(pilot, lambda: "install big" in row() and partly.search(row()))
+                await until(pilot, lambda: "succeeded" in row(), timeout=30)
+                assert any("install accepted as job" in n for n in notes(app))
+        finally:
+            process.close()

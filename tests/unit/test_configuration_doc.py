@@ -35,7 +35,16 @@ def test_the_example_states_the_real_defaults() -> None:
     documented: dict[str, Any] = yaml.safe_load(documented_yaml())
     defaults = AgentConfig().model_dump(mode="json")
     # host_id and state_dir depend on the machine; the rest must match exactly.
-    for key in ("broker", "telemetry", "gpu", "lifecycle", "models", "prefix", "log_level"):
+    for key in (
+        "broker",
+        "telemetry",
+        "gpu",
+        "lifecycle",
+        "weights",
+        "models",
+        "prefix",
+        "log_level",
+    ):
         assert documented[key] == defaults[key], key
 
 

@@ -8,9 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shared.messages import GpuProcess, GpuState, JobPhase, JobState, JobStatus
-from tui.format import ago, duration, gib, used_of_total
+from tui.format import ago, duration, gib, size, used_of_total
 from tui.store import Segment
-from tui.widgets.jobs import FADE_AFTER_S, progress_bar, visible_jobs
+from tui.widgets.jobs import FADE_AFTER_S, job_row, progress_bar, visible_jobs
 from tui.widgets.vram_bar import FREE_GLYPH, OTHER_GLYPH, render_bar, render_gpu
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -109,3 +109,26 @@ def test_progress_bar_and_figures() -> None:
         "2d7h",
     ]
     assert ago(T0 - timedelta(seconds=90), T0) == "1m30s" and ago(None, T0) == "-"
+
+
+def test_a_download_row_says_how_much_of_how_much() -> None:
+    download = JobState(
+        job_id="d1",
+        command="install",
+        model="tiny",
+        repo="acme/tiny",
+        state=JobStatus.RUNNING,
+        phase=JobPhase.DOWNLOADING,
+        progress=0.25,
+        eta_s=12,
+        bytes_done=1024 * 1024 * 1024,
+        bytes_total=4 * 1024 * 1024 * 1024,
+        message="downloading acme/tiny@abc",
+        created_at=T0,
+        ts=T0,
+    )
+    cells = [str(cell) for cell in job_row(download)]
+    assert cells[0] == "install tiny"
+    assert cells[2].endswith(" 25%") and cells[3] == "12s"
+    assert cells[4].startswith("1.0G/4.0G downloading")
+    assert size(300 * 1024 * 1024) == "300M" and size(0) == "0M"

@@ -8,7 +8,7 @@ from rich.text import Text
 from textual.widgets import DataTable
 
 from shared.messages import JobState, JobStatus
-from tui.format import duration
+from tui.format import duration, size
 from tui.widgets.tables import sync_rows
 
 # How long a finished job stays on screen (the agent keeps it retained longer).
@@ -49,12 +49,15 @@ def job_row(job: JobState) -> list[str | Text]:
             Text(message[:40], style="dim"),
         ]
     if job.state is JobStatus.RUNNING:
+        detail = job.message or ""
+        if job.bytes_total:  # downloads: how much of how much
+            detail = f"{size(job.bytes_done or 0)}/{size(job.bytes_total)} {detail}"
         return [
             Text(title, style="bold"),
             Text(f"▶ {job.phase.value}"),
             progress_bar(job.progress),
             duration(job.eta_s),
-            (job.message or "")[:40],
+            detail[:48],
         ]
     position = f"#{job.queue_position}" if job.queue_position else ""
     return [title, Text(f"… queued {position}"), "", "", (job.message or "")[:40]]

@@ -1,0 +1,361 @@
+"""agent.hub against FakeHub: the real huggingface_hub, in the real child process."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.hub import (
+    HubError,
+    HubSettings,
+    RepoFile,
+    ResolvedRepo,
+    download,
+    remove_incomplete,
+    resolve,
+)
+from shared.messages import ErrorCode
+from tests.support.fake_hub import FakeHub, safetensors_bytes
+
+MiB = 1024 * 1024
+TOKEN = "hf_fake_token"
+
+SMALL_REPO = {
+    "config.json": '{"architectures": ["Fake"]}',
+    "tokenizer.json": "{}",
+    "model.safetensors": safetensors_bytes({"w": ("F16", (64, 32))}),
+    "weights/extra.bin": 3 * MiB + 17,
+}
+
+
+def child_pids() -> list[int]:
+    """Live (not yet reaped) children of this process."""
+    me = str(os.getpid())
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces, so split after its closing paren.
+        if stat.rsplit(")", 1)[1].split()[1] == me:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_children() -> Iterator[None]:
+    before = set(child_pids())
+    yield
+    assert set(child_pids()) <= before, "a hub child outlived its call"
+
+
+@pytest.fixture
+def hub() -> Iterator[FakeHub]:
+    with FakeHub(tokens=(TOKEN,)) as fake:
+        yield fake
+
+
+def settings_for(hub: FakeHub, token: str | None = None) -> HubSettings:
+    return HubSettings(endpoint=hub.endpoint, token=token, timeout_s=30, chunk_bytes=MiB)
+
+
+def incomplete(local: Path) -> list[Path]:
+    return sorted(local.rglob("*.incomplete"))
+
+
+def written(local: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(local)): p.read_bytes()
+        for p in sorted(local.rglob("*"))
+        if p.is_file() and ".cache" not in p.parts
+    }
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def pinned(sha: str, files: dict[str, int]) -> ResolvedRepo:
+    """What resolve answers for a fresh local_dir, without spending a child on it."""
+    return ResolvedRepo(
+        "org/m", sha, tuple(RepoFile(path, size, False) for path, size in files.items())
+    )
+
+
+async def failure(resolving: Awaitable[ResolvedRepo]) -> HubError:
+    with pytest.raises(HubError) as raised:
+        await resolving
+    return raised.value
+
+
+def resolved_paths(resolved: ResolvedRepo) -> list[str]:
+    return [f.path for f in resolved.files]
+
+
+# --- resolve
+
+
+async def test_resolve_pins_the_commit_and_lists_sizes_without_touching_local_dir(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    sha = hub.add_repo("org/tiny", SMALL_REPO)
+    local = tmp_path / "tiny"
+
+    resolved = await resolve(settings_for(hub), "org/tiny", None, None, None, local)
+
+    sizes = {name: len(hub.file_content("org/tiny", name)) for name in SMALL_REPO}
+    assert resolved.repo == "org/tiny" and resolved.revision == sha
+    assert resolved.files == tuple(RepoFile(n, sizes[n], False) for n in sorted(sizes))
+    assert resolved.total_bytes == resolved.missing_bytes == sum(sizes.values())
+    assert not local.exists()
+    assert not hub.gets("weights/extra.bin")
+
+
+async def test_resolve_applies_include_and_exclude(hub: FakeHub, tmp_path: Path) -> None:
+    hub.add_repo("org/tiny", SMALL_REPO)
+    settings = settings_for(hub)
+    local = tmp_path / "tiny"
+
+    only_json, no_bins, nothing = await asyncio.gather(
+        resolve(settings, "org/tiny", "main", ["*.json"], None, local),
+        resolve(settings, "org/tiny", None, None, ["*.bin", "tok*"], local),
+        resolve(settings, "org/tiny", None, ["*.gguf"], None, local),
+    )
+    assert resolved_paths(only_json) == ["config.json", "tokenizer.json"]
+    assert resolved_paths(no_bins) == ["config.json", "model.safetensors"]
+    assert nothing.files == ()  # the caller decides what installing nothing means
+
+
+# --- download
+
+
+async def test_download_reports_progress_then_skips_what_is_complete(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    sha = hub.add_repo("org/tiny", SMALL_REPO)
+    settings = settings_for(hub)
+    local = tmp_path / "tiny"
+    resolved = await resolve(settings, "org/tiny", sha, None, None, local)
+    hub.throttle(16 * MiB)  # long enough for a report before the end
+    progress: list[int] = []
+
+    await download(settings, resolved, None, None, local, progress.append)
+
+    assert len(progress) >= 2, progress
+    assert progress == sorted(progress) and progress[-1] == resolved.missing_bytes
+    assert written(local) == {n: hub.file_content("org/tiny", n) for n in SMALL_REPO}
+    assert incomplete(local) == []
+
+    # Everything is present now: a new resolve says so, and a download fetches nothing.
+    hub.throttle(None)
+    again = await resolve(settings, "org/tiny", None, None, None, local)
+    assert again.revision == sha and all(f.present for f in again.files)
+    assert again.missing_bytes == 0 and again.total_bytes == resolved.total_bytes
+    hub.requests.clear()
+    progress.clear()
+    await download(settings, again, None, None, local, progress.append)
+    assert progress == [0]
+    assert not [r for r in hub.requests if "/resolve/" in r.path and r.method == "GET"]
+
+
+async def test_cancel_mid_file_kills_the_child_and_keeps_finished_files(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    sha = hub.add_repo("org/m", {"a.safetensors": MiB, "b.safetensors": 4 * MiB})
+    hold = hub.hold_after("b.safetensors", 2 * MiB)
+    # One file at a time, in path order: a is complete before b starts.
+    settings = dataclasses.replace(settings_for(hub), max_workers=1)
+    local = tmp_path / "m"
+    progress: list[int] = []
+    task = asyncio.create_task(
+        download(
+            settings,
+            pinned(sha, {"a.safetensors": MiB, "b.safetensors": 4 * MiB}),
+            None,
+            None,
+            local,
+            progress.append,
+        )
+    )
+    # a is complete and 2 MiB of b are on disk; the server holds the rest.
+    await wait_until(lambda: bool(progress) and progress[-1] >= 3 * MiB)
+    assert hold.reached.is_set() and (local / "a.safetensors").exists() and incomplete(local)
+
+    started = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - started < 2
+    assert child_pids() == []
+    assert incomplete(local) == []
+    assert not (local / "b.safetensors").exists()
+    hold.release()
+
+    # The next run skips a and fetches b again, from byte 0.
+    resolved = await resolve(settings, "org/m", None, None, None, local)
+    assert [(f.path, f.present) for f in resolved.files] == [
+        ("a.safetensors", True),
+        ("b.safetensors", False),
+    ]
+    hub.requests.clear()
+    progress.clear()
+    await download(settings, resolved, None, None, local, progress.append)
+    assert progress[-1] == resolved.missing_bytes == 4 * MiB
+    assert not hub.gets("a.safetensors")
+    assert [r.range for r in hub.gets("b.safetensors")] == [None]
+    assert written(local) == {
+        n: hub.file_content("org/m", n) for n in ("a.safetensors", "b.safetensors")
+    }
+
+
+async def test_a_child_that_dies_is_download_failed_and_leaves_no_partial_file(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    sha = hub.add_repo("org/m", {"model.safetensors": 4 * MiB})
+    hold = hub.hold_after("model.safetensors", MiB)
+    local = tmp_path / "m"
+    progress: list[int] = []
+    task = asyncio.create_task(
+        download(
+            settings_for(hub),
+            pinned(sha, {"model.safetensors": 4 * MiB}),
+            None,
+            None,
+            local,
+            progress.append,
+        )
+    )
+    await wait_until(lambda: bool(progress) and progress[-1] >= MiB)
+    (child,) = child_pids()
+    os.kill(child, signal.SIGKILL)  # as the OOM killer would
+
+    with pytest.raises(HubError) as raised:
+        await task
+    hold.release()
+    assert raised.value.code == ErrorCode.DOWNLOAD_FAILED
+    assert "status -9" in raised.value.message
+    assert incomplete(local) == []
+
+
+async def test_a_dropped_connection_is_resumed_with_a_range(hub: FakeHub, tmp_path: Path) -> None:
+    sha = hub.add_repo("org/m", {"model.safetensors": 3 * MiB})
+    hub.drop_after("model.safetensors", 2 * MiB)
+    local = tmp_path / "m"
+    progress: list[int] = []
+
+    await download(
+        settings_for(hub),
+        pinned(sha, {"model.safetensors": 3 * MiB}),
+        None,
+        None,
+        local,
+        progress.append,
+    )
+
+    assert [r.range for r in hub.gets("model.safetensors")] == [None, f"bytes={2 * MiB}-"]
+    assert (local / "model.safetensors").read_bytes() == hub.file_content(
+        "org/m", "model.safetensors"
+    )
+    assert progress[-1] == 3 * MiB
+
+
+async def test_a_server_error_is_download_failed(hub: FakeHub, tmp_path: Path) -> None:
+    sha = hub.add_repo("org/m", {"config.json": "{}", "model.safetensors": MiB})
+    hub.fail("model.safetensors", 500, times=20)
+    local = tmp_path / "m"
+
+    with pytest.raises(HubError) as raised:
+        await download(
+            settings_for(hub),
+            pinned(sha, {"config.json": 2, "model.safetensors": MiB}),
+            None,
+            None,
+            local,
+            lambda _n: None,
+        )
+    assert raised.value.code == ErrorCode.DOWNLOAD_FAILED, raised.value.message
+    assert "org/m" in raised.value.message
+    assert incomplete(local) == []
+
+
+# --- errors
+
+
+async def test_each_hub_refusal_is_a_hub_error_with_its_code(hub: FakeHub, tmp_path: Path) -> None:
+    hub.add_repo("org/tiny", {"config.json": "{}"})
+    hub.add_repo("org/private", {"config.json": "{}"}, private=True)
+    hub.add_repo("org/gated", {"config.json": "{}", "model.safetensors": 1000}, gated=True)
+    anonymous, wrong = settings_for(hub), settings_for(hub, "hf_wrong")
+
+    # Independent children: run them side by side.
+    missing, revision, private, gated, bad_token = await asyncio.gather(
+        failure(resolve(anonymous, "org/missing", None, None, None, tmp_path / "a")),
+        failure(resolve(anonymous, "org/tiny", "nope", None, None, tmp_path / "b")),
+        failure(resolve(anonymous, "org/private", None, None, None, tmp_path / "c")),
+        failure(resolve(anonymous, "org/gated", None, None, None, tmp_path / "d")),
+        failure(resolve(wrong, "org/tiny", None, None, None, tmp_path / "e")),
+    )
+
+    assert missing.code == ErrorCode.NOT_FOUND
+    assert missing.message == (
+        f"repository 'org/missing' was not found on {hub.endpoint}; check the id, or set a token "
+        "for a private repo"
+    )
+    assert revision.code == ErrorCode.NOT_FOUND and "revision 'nope'" in revision.message
+    assert private.code == ErrorCode.NOT_FOUND and "'org/private'" in private.message
+    assert gated.code == ErrorCode.FORBIDDEN
+    assert gated.message == (
+        "'org/gated' is gated: accept its terms on the hub and set weights.token or HF_TOKEN"
+    )
+    assert bad_token.code == ErrorCode.FORBIDDEN and "HTTP 401" in bad_token.message
+
+
+async def test_the_token_opens_a_gated_repo(hub: FakeHub, tmp_path: Path) -> None:
+    hub.add_repo("org/gated", {"config.json": "{}", "model.safetensors": 1000}, gated=True)
+    authorized = settings_for(hub, TOKEN)
+    local = tmp_path / "g"
+
+    resolved = await resolve(authorized, "org/gated", None, None, None, local)
+    await download(authorized, resolved, None, None, local, lambda _n: None)
+
+    assert written(local) == {n: hub.file_content("org/gated", n) for n in resolved_paths(resolved)}
+    assert hub.gets("model.safetensors")
+    assert all(r.authorization == f"Bearer {TOKEN}" for r in hub.requests)
+
+
+async def test_a_silent_hub_times_out_the_resolve(tmp_path: Path) -> None:
+    with socket.socket() as silent:  # accepts connections (backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        settings = HubSettings(endpoint=endpoint, timeout_s=1)
+        with pytest.raises(HubError) as raised:
+            await resolve(settings, "org/m", None, None, None, tmp_path / "m")
+    assert raised.value.code == ErrorCode.TIMEOUT and endpoint in raised.value.message
+
+
+def test_remove_incomplete_deletes_only_the_orphans(tmp_path: Path) -> None:
+    download_dir = tmp_path / ".cache" / "huggingface" / "download"
+    (download_dir / "weights").mkdir(parents=True)
+    for name in ("a.incomplete", "weights/b.incomplete", "a.metadata", "a.lock"):
+        (download_dir / name).write_bytes(b"x")
+    assert remove_incomplete(tmp_path) == 2
+    assert sorted(p.name for p in download_dir.rglob("*") if p.is_file()) == [
+        "a.lock",
+        "a.metadata",
+    ]
+    assert remove_incomplete(tmp_path / "never-created") == 0
