@@ -37,7 +37,8 @@ SMALL_REPO = {
 
 
 def child_pids() -> list[int]:
-    """Live (not yet reaped) children of this process."""
+    """Live (not yet reaped) hub children of this process (the session's broker and
+    other tests' processes are children too)."""
     me = str(os.getpid())
     found = []
     for entry in Path("/proc").iterdir():
@@ -48,7 +49,13 @@ def child_pids() -> list[int]:
         except OSError:
             continue
         # pid (comm) state ppid ...: comm may hold spaces, so split after its closing paren.
-        if stat.rsplit(")", 1)[1].split()[1] == me:
+        if stat.rsplit(")", 1)[1].split()[1] != me:
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"agent.hub" in command:
             found.append(int(entry.name))
     return found
 
