@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the Docker runtime's integration tests need on a fresh Debian/Ubuntu
-# machine: dockerd (docker.io) and a static busybox to build the test image from.
-# Idempotent and quiet: does nothing when both are already there.
+# machine: dockerd (docker.io) and a static busybox to build the test image from;
+# and a Compose (Debian's docker-compose) for tests/integration/test_deployment.py,
+# unless `docker compose` already answers.
+# Idempotent and quiet: does nothing when all are already there.
 set -euo pipefail
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -15,6 +17,9 @@ static_busybox() {
 packages=()
 have dockerd || packages+=(docker.io)
 static_busybox || packages+=(busybox-static)
+if ! have docker-compose && ! docker compose version >/dev/null 2>&1; then
+  packages+=(docker-compose)
+fi
 [ "${#packages[@]}" -eq 0 ] && exit 0
 
 echo "==> installing ${packages[*]}"

@@ -1,6 +1,9 @@
 """``modelbus``: one command, several subcommands.
 
-Exit codes: 0 ok, 1 runtime failure (no GPU, broker refused), 2 usage or configuration error.
+Exit codes: 0 ok; 1 runtime failure (no GPU, broker refused the agent) or, for the client
+commands (status, load, unload, switch, plan, install, uninstall, cancel, events), an error
+reply or a failed job; 2 usage or configuration error; 3 timeout (client commands); 4 broker
+unreachable or refusing the client (client commands). See docs/client.md.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from agent.service import AgentService
@@ -24,6 +27,11 @@ SHUTDOWN_GRACE_S = 8.0
 
 
 def _parser() -> argparse.ArgumentParser:
+    return _parsers()[0]
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser and each subcommand's own, which names itself in its errors."""
     parser = argparse.ArgumentParser(
         prog="modelbus", description="Share too little VRAM between AI model servers, over MQTT."
     )
@@ -56,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     schema.add_argument("--out", type=Path, default=Path("docs/schema"))
     schema.add_argument("--check", action="store_true", help="fail if the files are out of date")
 
+    _add_client_commands(sub)
+
     sim = sub.add_parser("sim", help="poke the simulated GPUs")
     sim_sub = sim.add_subparsers(dest="sim_command", required=True, metavar="ACTION")
     show = sim_sub.add_parser("show", help="print the simulated GPUs")
@@ -67,11 +77,143 @@ def _parser() -> argparse.ArgumentParser:
     alloc.add_argument("--ramp", type=float, default=0.0, help="seconds to ramp up")
     alloc.add_argument("--hold", type=float, help="seconds to hold (default: until stopped)")
     alloc.add_argument("--name", default="alloc")
-    return parser
+    return parser, sub.choices
+
+
+CLIENT_COMMANDS = frozenset(
+    {"status", "load", "unload", "switch", "plan", "install", "uninstall", "cancel", "events"}
+)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _gpu_index(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a GPU index (0, 1, ...)") from None
+    if not 0 <= value <= 63:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a GPU index between 0 and 63")
+    return value
+
+
+def _host_id(text: str) -> str:
+    from shared.topics import is_host_id
+
+    if not is_host_id(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a host id: use 1-64 of a-z, 0-9, '_' and '-'"
+        )
+    return text
+
+
+def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The client commands: one command to one host over the bus (agent/client.py)."""
+    bus = argparse.ArgumentParser(add_help=False)
+    where = bus.add_argument_group("bus")
+    where.add_argument("--broker", help="broker URL, mqtt://user:pass@host:port or mqtts://...")
+    where.add_argument("--prefix", help="topic prefix (default modelbus)")
+    where.add_argument("--config", type=Path, help="read the broker section of this agent config")
+    where.add_argument(
+        "--host", type=_host_id, help="the host to command (default: the only one online)"
+    )
+    where.add_argument("--json", action="store_true", help="print JSON only on stdout")
+    where.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="S",
+        help="seconds to wait for the reply (default 30) or, with --wait, for the job's end",
+    )
+    job = argparse.ArgumentParser(add_help=False)
+    job.add_argument(
+        "--wait", action="store_true", help="follow the job until it ends, showing its progress"
+    )
+
+    def add(name: str, help_text: str, *, wait: bool = False) -> argparse.ArgumentParser:
+        parents = [bus, job] if wait else [bus]
+        # No abbreviations: '--ex' silently meaning '--exclusive' is a surprise, not a help.
+        return sub.add_parser(name, help=help_text, parents=parents, allow_abbrev=False)
+
+    add("status", "print a host's GPUs, models and jobs")
+    load = add("load", "start a model next to what runs (never evicts)", wait=True)
+    load.add_argument("model", metavar="MODEL")
+    load.add_argument("--gpu", type=_gpu_index, metavar="N", help="load on this GPU")
+    load.add_argument("--priority", type=int, metavar="N", help="place in the swap queue")
+    unload = add("unload", "stop a model", wait=True)
+    unload.add_argument("model", metavar="MODEL", nargs="?")
+    unload.add_argument("--all", action="store_true", help="stop every loaded model")
+    unload.add_argument("--force", action="store_true", help="stop it even if pinned")
+    switch = add("switch", "make a model ready, evicting what must go", wait=True)
+    switch.add_argument("model", metavar="MODEL")
+    switch.add_argument("--gpu", type=_gpu_index, metavar="N", help="load on this GPU")
+    switch.add_argument("--exclusive", action="store_true", help="stop every evictable model")
+    plan = add("plan", "what a switch would do now; changes nothing")
+    plan.add_argument("model", metavar="MODEL")
+    plan.add_argument("--gpu", type=_gpu_index, metavar="N", help="plan for this GPU")
+    plan.add_argument("--exclusive", action="store_true", help="plan an exclusive switch")
+    install = add("install", "download weights from the Hugging Face Hub", wait=True)
+    install.add_argument("repo", metavar="REPO", help="org/name on the hub")
+    install.add_argument("--revision", metavar="R", help="branch, tag or commit (default main)")
+    install.add_argument(
+        "--include", nargs="+", metavar="GLOB", action="extend", help="only files matching"
+    )
+    install.add_argument(
+        "--exclude", nargs="+", metavar="GLOB", action="extend", help="skip files matching"
+    )
+    install.add_argument("--name", metavar="N", help="folder name (default: the repo's last part)")
+    uninstall = add("uninstall", "delete installed or partial weights", wait=True)
+    uninstall.add_argument("name", metavar="NAME")
+    cancel = add("cancel", "cancel a queued or running job")
+    cancel.add_argument("job_id", metavar="JOB_ID")
+    events = add("events", "print events as they arrive (Ctrl-C stops)")
+    events.add_argument("--count", type=_count, metavar="N", help="stop after N events")
+
+
+def _client_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The command's JSON fields; unset options are left out for the agent's defaults."""
+    names = {
+        "status": (),
+        "load": ("model", "gpu", "priority"),
+        "unload": ("model", "all", "force"),
+        "switch": ("model", "gpu", "exclusive"),
+        "plan": ("model", "gpu", "exclusive"),
+        "install": ("repo", "revision", "include", "exclude", "name"),
+        "uninstall": ("name",),
+        "cancel": ("job_id",),
+    }[args.command]
+    values = {name: getattr(args, name) for name in names}
+    return {name: value for name, value in values.items() if value not in (None, False)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser, commands = _parsers()
+    args, unknown = parser.parse_known_args(argv)
+    command_parser = commands.get(args.command, parser)
+    if unknown:
+        # argparse would blame "modelbus"; the subcommand's usage shows what it takes.
+        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "unload" and (args.model is None) == (not args.all):
+        command_parser.error("give a MODEL or --all (not both)")
+    if args.command == "unload" and args.all and args.wait:
+        command_parser.error("--wait cannot be used with --all (one job per model)")
     if args.command == "agent":
         return run_agent(args)
     if args.command == "demo":
@@ -86,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return write_schemas(args.out, check=args.check)
     if args.command == "sim":
         return run_sim(args)
+    if args.command in CLIENT_COMMANDS:
+        return run_client(args)
     return EXIT_USAGE
 
 
@@ -186,6 +330,46 @@ def run_tui(args: argparse.Namespace) -> int:
     settings = settings_from_config(config.broker, client_id, persistent_session=False)
     app = build_app(settings, config.prefix, host=args.host)
     return app.run() or EXIT_OK
+
+
+def run_client(args: argparse.Namespace) -> int:
+    """A client command reads the broker settings as ``modelbus tui`` does (file,
+    MODELBUS_BROKER* env, flags) and connects with a fresh id and a clean session."""
+    import secrets
+
+    from agent.client import Request, run_command, run_events
+    from agent.config import ConfigError, load_config
+    from agent.mqtt import settings_from_config
+    from shared.topics import CommandName
+
+    overrides = {"broker.url": args.broker, "prefix": args.prefix}
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"modelbus {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    # Library logs would break the one-line messages; what matters is in the exit code.
+    logging.basicConfig(level=logging.CRITICAL)
+    client_id = f"modelbus-cli-{secrets.token_hex(6)}"
+    settings = settings_from_config(config.broker, client_id, persistent_session=False)
+    if args.command == "events":
+        return run_events(
+            settings,
+            config.prefix,
+            host=args.host,
+            count=args.count,
+            json_output=args.json,
+            timeout_s=args.timeout,
+        )
+    request = Request(
+        command=CommandName(args.command),
+        fields=_client_fields(args),
+        host=args.host,
+        wait=getattr(args, "wait", False),
+        json_output=args.json,
+        timeout_s=args.timeout,
+    )
+    return run_command(settings, config.prefix, request)
 
 
 def write_schemas(out: Path, *, check: bool) -> int:

@@ -17,6 +17,7 @@ from urllib.parse import unquote, urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from agent.alerts import AlertsConfig
 from agent.catalog import Catalog, ModelSpec
 from shared.commands import describe_validation_error
 from shared.topics import DEFAULT_PREFIX, is_host_id, is_prefix, sanitize_host_id
@@ -202,6 +203,29 @@ class WeightsConfig(Strict):
         return patterns
 
 
+class HomeAssistantConfig(Strict):
+    enabled: bool = Field(
+        default=True, description="publish MQTT discovery; false removes what was published"
+    )
+    discovery_prefix: str = Field(
+        default="homeassistant", description="Home Assistant's discovery prefix"
+    )
+    republish_delay_max_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=300,
+        description="after Home Assistant announces 'online', republish within a random "
+        "delay up to this, so a fleet does not answer at once",
+    )
+
+    @field_validator("discovery_prefix")
+    @classmethod
+    def _plain_levels(cls, value: str) -> str:
+        if not is_prefix(value):
+            raise ValueError("must be topic levels of [A-Za-z0-9._-], without wildcards")
+        return value
+
+
 class AgentConfig(Strict):
     host_id: str = Field(default_factory=lambda: sanitize_host_id(socket.gethostname()))
     prefix: str = DEFAULT_PREFIX
@@ -212,6 +236,8 @@ class AgentConfig(Strict):
     gpu: GpuConfig = Field(default_factory=GpuConfig)
     lifecycle: LifecycleConfig = Field(default_factory=LifecycleConfig)
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
+    homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     models: dict[str, ModelSpec] = Field(default_factory=dict)
 
     @field_validator("models", mode="before")

@@ -62,13 +62,16 @@ class ModelCommands:
             request = JobRequest(
                 "switch", command.model, gpu=command.gpu, exclusive=command.exclusive
             )
-        elif isinstance(command, UnloadCommand):
+        elif isinstance(command, UnloadCommand) and command.model is not None:
             request = JobRequest("unload", command.model, force=command.force)
         else:  # pragma: no cover - the handler table only routes the four job commands
             raise CommandError(ErrorCode.INTERNAL, "not a job command")
         return self.lifecycle.submit(request, request_id=intake.request_id, priority=priority)
 
     async def _job_command(self, intake: Intake) -> Reply | None:
+        command = intake.command
+        if isinstance(command, UnloadCommand) and command.all:
+            return self._unload_all(intake, command)
         job, joined = self._submit(intake)
         if getattr(intake.command, "wait", False):
             self._waiting.setdefault(job.job_id, []).append(intake)
@@ -81,6 +84,19 @@ class ModelCommands:
                 "queue_position": job.queue_position,
             },
         )
+
+    def _unload_all(self, intake: Intake, command: UnloadCommand) -> Reply:
+        """One unload job per loaded model (pinned ones only with force); the reply
+        lists them, each followed on its own jobs/<id> topic."""
+        jobs = []
+        for name, record in self.lifecycle.models.items():
+            if not record.resident or (record.spec.pinned and not command.force):
+                continue
+            job, _ = self.lifecycle.submit(
+                JobRequest("unload", name, force=command.force), request_id=intake.request_id
+            )
+            jobs.append({"model": name, "job_id": job.job_id})
+        return intake.reply_ok(data={"jobs": jobs})
 
     async def job_finished(self, job: JobState) -> None:
         """Answer everyone who asked to wait for this job."""

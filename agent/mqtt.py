@@ -42,6 +42,10 @@ _BANNED = {0x8A}
 _UNSUPPORTED_PROTOCOL = {1, 0x84}
 
 
+# What a lost connection raises from publish; callers catch it without importing aiomqtt.
+MqttError = aiomqtt.MqttError
+
+
 class BrokerRefusedError(Exception):
     """The broker refused us for a reason retrying cannot fix (credentials, client id, ban)."""
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import random
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -13,6 +15,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent import __version__
+from agent.alerts import AlertTracker
+from agent.alerts import to_event as alert_event
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.gpu.base import (
     ChangeSignal,
@@ -21,6 +25,7 @@ from agent.gpu.base import (
     GpuSample,
     GpuUnavailableError,
 )
+from agent.ha_discovery import discovery_payload
 from agent.installer import Installer
 from agent.intake import Intake, command_level, read_command
 from agent.lifecycle import Lifecycle
@@ -29,6 +34,7 @@ from agent.mqtt import (
     Connection,
     ConnectionSettings,
     Message,
+    MqttError,
     ReconnectingClient,
     Subscription,
     Will,
@@ -115,9 +121,18 @@ class AgentService:
         }
         self._job_clearers: set[asyncio.Task[None]] = set()
         self._jobs: dict[str, JobState] = {}
+        subscriptions = [Subscription(self.topics.command_filter, 1, retain_as_published=True)]
+        self._ha = config.homeassistant
+        self._ha_status = f"{self._ha.discovery_prefix}/status"
+        if self._ha.enabled:
+            # Home Assistant's birth: after its restart, discovery must be sent again.
+            subscriptions.append(Subscription(self._ha_status, 1))
+        self._discovery_pending: asyncio.Task[None] | None = None
+        self._alerts = AlertTracker(config.alerts)
+        self._discovered_gpus: tuple[int, ...] = ()
         self.client = ReconnectingClient(
             connection_settings(config, self.topics),
-            subscriptions=[Subscription(self.topics.command_filter, 1, retain_as_published=True)],
+            subscriptions=subscriptions,
             on_connected=self._on_connected,
             on_message=self._on_message,
             name="agent",
@@ -154,6 +169,8 @@ class AgentService:
             client_task.cancel()
             for clearer in self._job_clearers:
                 clearer.cancel()
+            if self._discovery_pending is not None:
+                self._discovery_pending.cancel()
         await asyncio.to_thread(self.backend.close)
         await asyncio.to_thread(self.store.close)
 
@@ -178,19 +195,36 @@ class AgentService:
         return await self._call(self.backend.sample)
 
     def _host_state(self) -> HostState:
+        running = self.lifecycle.queue.running
         return host_state(
             self.gpus,
             utc_now(),
             loaded_models=self.lifecycle.loaded_models(),
             queue_length=len(self.lifecycle.queue),
             active_job=self.lifecycle.active_job,
+            active_job_progress=running.progress if running else None,
         )
 
     async def _sample(self) -> None:
         previous = {s.index: s.lost for s in self._samples}
         self._samples = await self._call(self.backend.sample)
         ts = utc_now()
-        self.gpus = [gpu_state(sample, ts, self.lifecycle.owner_of) for sample in self._samples]
+        gpus = [gpu_state(sample, ts, self.lifecycle.owner_of) for sample in self._samples]
+        # Threshold alerts (with hysteresis) judge the fresh figures; each start and
+        # clear is one event, and what is active goes into the GPU's alerts list.
+        changes = self._alerts.update(gpus, time.monotonic())
+        self.gpus = [
+            gpu.model_copy(update={"alerts": [*gpu.alerts, *self._alerts.active(gpu.index)]})
+            if self._alerts.active(gpu.index)
+            else gpu
+            for gpu in gpus
+        ]
+        for change in changes:
+            await self._event(alert_event(change))
+        indices = tuple(sample.index for sample in self._samples)
+        if self._discovered_gpus and indices != self._discovered_gpus:
+            self._discovered_gpus = indices
+            self._schedule_discovery()
         self.state = self._host_state()
         for sample in self._samples:
             if sample.lost and not previous.get(sample.index, False):
@@ -282,8 +316,14 @@ class AgentService:
                 log.error("GPU sampling failed: %s", exc or "timed out")
                 return
             connection = self.client.connection
-            if connection is not None:
+            if connection is None:
+                return
+            try:
                 await self._publish_telemetry(connection, publish_all=publish_all)
+            except MqttError as exc:
+                # The connection dropped mid-publish: the client reconnects and the
+                # next connect republishes everything.
+                log.debug("telemetry not published: %s", exc)
 
     async def _publish_telemetry(self, connection: Connection, *, publish_all: bool) -> None:
         for gpu in self.gpus:
@@ -318,6 +358,7 @@ class AgentService:
         that sees ``online`` can trust the retained state beside it."""
         self._protocol = connection.protocol
         await connection.publish(self.topics.info, encode(self.host_info()), qos=1, retain=True)
+        await self._publish_discovery()
         for record in self.lifecycle.models.values():
             await connection.publish(
                 self.topics.model(record.spec.name), encode(record.snapshot()), qos=1, retain=True
@@ -332,6 +373,8 @@ class AgentService:
         await connection.publish(self.topics.status, Availability.ONLINE.value, qos=1, retain=True)
 
     async def _event(self, event: Event) -> None:
+        if not self.config.alerts.allows(event.event_type):
+            return  # an alert the operator switched off
         log.log(
             logging.ERROR
             if event.severity in (Severity.ERROR, Severity.CRITICAL)
@@ -345,6 +388,10 @@ class AgentService:
     # ---- commands --------------------------------------------------------
 
     async def _on_message(self, connection: Connection, message: Message) -> None:
+        if message.topic == self._ha_status:
+            if message.payload.strip() == b"online":
+                self._schedule_discovery()
+            return
         level = command_level(self.topics, message.topic)
         if level is None:
             return
@@ -443,6 +490,7 @@ class AgentService:
         changes = await self.lifecycle.reload(config.catalog)
         log.info("catalog reloaded: %s", "; ".join(changes) or "no changes")
         await self.client.publish(self.topics.info, encode(self.host_info()), qos=1, retain=True)
+        await self._publish_discovery()
 
     async def job_changed(self, job: JobState) -> None:
         # Kept until cleared, so a reconnect republishes finished jobs too.
@@ -464,6 +512,41 @@ class AgentService:
     async def event(self, event: Event) -> None:
         await self._event(event)
 
+    # ---- Home Assistant ----------------------------------------------------
+
+    async def _publish_discovery(self) -> None:
+        """The host's retained discovery config; an empty one when turned off, which
+        makes Home Assistant remove the device (and is harmless when there was none)."""
+        topic = self.topics.discovery_config(self._ha.discovery_prefix)
+        if not self._ha.enabled:
+            await self.client.publish(topic, b"", qos=1, retain=True)
+            return
+        info = self.host_info()
+        self._discovered_gpus = tuple(gpu.index for gpu in info.gpus)
+        payload = discovery_payload(
+            self.topics,
+            hostname=info.hostname,
+            agent_version=info.agent_version,
+            gpus=info.gpus,
+            models=self.lifecycle.catalog.names(),
+            gpu_backend=info.gpu_backend,
+        )
+        await self.client.publish(topic, json.dumps(payload), qos=1, retain=True)
+
+    def _schedule_discovery(self) -> None:
+        """One republish per announcement, after a random delay; announcements that
+        come while one is pending join it, so a flapping Home Assistant cannot flood."""
+        if not self._ha.enabled:
+            return
+        if self._discovery_pending is not None and not self._discovery_pending.done():
+            return
+
+        async def later() -> None:
+            await asyncio.sleep(random.uniform(0, self._ha.republish_delay_max_s))
+            await self._publish_discovery()
+
+        self._discovery_pending = asyncio.get_running_loop().create_task(later())
+
     async def weights_changed(self, state: WeightsState) -> None:
         self._weights = state
         await self.client.publish(self.topics.weights, encode(state), qos=1, retain=True)
@@ -472,6 +555,7 @@ class AgentService:
         if not self.gpus:
             return
         self.state = self._host_state()
-        connection = self.client.connection
-        if connection is not None and self._changes.changed(self.topics.state, self.state):
-            await connection.publish(self.topics.state, encode(self.state), qos=0, retain=True)
+        if self._changes.changed(self.topics.state, self.state):
+            # Through the client: a connection lost just now must not fail the caller
+            # (a job's last step); the next connect republishes the state anyway.
+            await self.client.publish(self.topics.state, encode(self.state), qos=0, retain=True)

@@ -84,6 +84,7 @@ def host_state(
     loaded_models: Mapping[str, LoadedModel] | None = None,
     queue_length: int = 0,
     active_job: str | None = None,
+    active_job_progress: float | None = None,
 ) -> HostState:
     """The summary in the shape of the original ``/models/status``: totals over the
     GPUs that answer, plus per-GPU detail."""
@@ -109,6 +110,7 @@ def host_state(
         ],
         queue_length=queue_length,
         active_job=active_job,
+        active_job_progress=active_job_progress,
         ts=ts,
     )
 

@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    model_validator,
 )
 
 from shared.messages import ErrorCode
@@ -72,9 +73,18 @@ class LoadCommand(CommandBase):
 class UnloadCommand(CommandBase):
     command_name = CommandName.UNLOAD
     main_argument = "model"
-    model: ModelName
+    model: ModelName | None = None
+    all: bool = Field(default=False, description="unload every loaded model (pinned need force)")
     force: bool = False
     wait: bool = False
+
+    @model_validator(mode="after")
+    def _one_target(self) -> UnloadCommand:
+        if (self.model is None) == (not self.all):
+            raise ValueError("give either 'model' or 'all': true")
+        if self.all and self.wait:
+            raise ValueError("'wait' cannot be used with 'all' (one job per model)")
+        return self
 
 
 class SwitchCommand(CommandBase):

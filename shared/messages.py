@@ -113,6 +113,9 @@ class HostState(Published):
     gpus: list[GpuSummary] = Field(default_factory=list)
     queue_length: int = 0
     active_job: str | None = None
+    active_job_progress: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="the running swap job's progress"
+    )
     ts: datetime
 
 

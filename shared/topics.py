@@ -123,9 +123,13 @@ class HostTopics:
         return f"{self.base}/#"
 
     @property
-    def discovery_config(self) -> str:
-        object_id = f"{self.prefix}_{self.host}".replace("/", "_")
-        return f"homeassistant/device/{object_id}/config"
+    def device_id(self) -> str:
+        """``modelbus_gpu1``: Home Assistant's id for this host; what HA ids cannot
+        hold (``/``, ``.``) becomes ``_``."""
+        return re.sub(r"[^a-zA-Z0-9_-]", "_", f"{self.prefix}_{self.host}")
+
+    def discovery_config(self, discovery_prefix: str = "homeassistant") -> str:
+        return f"{discovery_prefix}/device/{self.device_id}/config"
 
     def is_allowed_response_topic(self, topic: str) -> bool:
         """MQTT 5 response topics must stay inside ``P/reply/#`` or ``P/H/reply/#``,

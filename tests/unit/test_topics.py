@@ -25,12 +25,13 @@ def test_every_topic_of_a_host() -> None:
     assert t.command("switch") == "modelbus/gpu1/cmd/switch"
     assert t.reply("switch") == "modelbus/gpu1/reply/switch"
     assert t.command_filter == "modelbus/gpu1/cmd/+"
-    assert t.discovery_config == "homeassistant/device/modelbus_gpu1/config"
+    assert t.discovery_config() == "homeassistant/device/modelbus_gpu1/config"
     assert all_hosts_filter("modelbus") == "modelbus/+/#"
 
 
 def test_nested_prefix_flattens_in_discovery_ids() -> None:
-    assert HostTopics("lab/mb", "h").discovery_config == "homeassistant/device/lab_mb_h/config"
+    assert HostTopics("lab/mb", "h").discovery_config() == "homeassistant/device/lab_mb_h/config"
+    assert HostTopics("a.b", "h").discovery_config("ha") == "ha/device/a_b_h/config"
 
 
 @pytest.mark.parametrize("host", ["GPU1", "a/b", "", "x" * 65, "reply", "gpu+", "gpu#"])

@@ -1,0 +1,731 @@
+"""The client commands (``modelbus status``, ``switch``, ``events``...): the bus from a shell.
+
+One command is one short connection: a fresh client id and a clean session (MQTT 5, 3.1.1
+where the broker has no 5, as :func:`agent.mqtt.connect` decides). Everything an answer can
+arrive on is subscribed to *before* the command is published, so nothing slips past: the
+reply topic (``P/reply/cli-<random>`` under MQTT 5, ``P/H/reply/<command>`` matched by
+request id under 3.1.1) and, with ``--wait``, ``P/H/jobs/+``, whose updates are kept until
+the reply names the job to follow. Only :mod:`agent.mqtt` talks to the broker.
+
+Exit codes: 0 ok, 1 error reply or failed job, 2 usage, 3 timeout, 4 broker unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import math
+import secrets
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, TextIO
+
+from pydantic import BaseModel, ValidationError
+
+from agent.mqtt import (
+    BrokerRefusedError,
+    Connection,
+    ConnectionSettings,
+    Message,
+    MqttError,
+    Subscription,
+    connect,
+)
+from shared.messages import (
+    Event,
+    GpuState,
+    HostInfo,
+    HostState,
+    JobState,
+    JobStatus,
+    ModelState,
+    Reply,
+)
+from shared.topics import CommandName, HostTopics, parse_topic
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130
+
+DEFAULT_REPLY_TIMEOUT_S = 30.0
+# Retained ``P/+/status`` messages arrive at once after subscribing; this is how long
+# to collect them when no --host was given.
+DISCOVERY_WINDOW_S = 0.5
+PROGRESS_BAR_WIDTH = 24
+ENDED = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+class ClientExit(Exception):
+    """Ends a client command with an exit code and one line for stderr."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One client command as the command line gave it."""
+
+    command: CommandName
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    host: str | None = None
+    wait: bool = False
+    json_output: bool = False
+    timeout_s: float | None = None
+
+
+# -- the session -----------------------------------------------------------------------
+
+
+class Session:
+    """One connection. A pump moves messages into a queue; every message read is also
+    kept, in order, so a job update that came before its reply can be found later."""
+
+    def __init__(self, connection: Connection, prefix: str) -> None:
+        self.connection = connection
+        self.prefix = prefix
+        self.token = secrets.token_hex(4)
+        # Under P/reply/#, which the shipped ACL lets operators read.
+        self.reply_topic = f"{prefix}/reply/cli-{self.token}"
+        self.seen: list[Message] = []
+        self._queue: asyncio.Queue[Message | BaseException] = asyncio.Queue()
+        self._pump_task: asyncio.Task[None] | None = None
+        self._request_ids = (f"cli-{self.token}-{n}" for n in itertools.count(1))
+
+    async def __aenter__(self) -> Session:
+        self._pump_task = asyncio.create_task(self._pump())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump_task
+
+    async def _pump(self) -> None:
+        try:
+            async for message in self.connection.messages():
+                self._queue.put_nowait(message)
+        except Exception as exc:  # the reader re-raises it where it waits
+            self._queue.put_nowait(exc)
+        else:
+            self._queue.put_nowait(ConnectionError("the broker closed the connection"))
+
+    @property
+    def protocol(self) -> str:
+        return self.connection.protocol
+
+    def next_request_id(self) -> str:
+        return next(self._request_ids)
+
+    async def subscribe(self, *filters: str) -> None:
+        await self.connection.subscribe([Subscription(f, qos=1) for f in filters])
+
+    async def next(self, deadline: float | None) -> Message:
+        """The next message; TimeoutError at ``deadline`` (the loop's clock)."""
+        async with asyncio.timeout_at(deadline):
+            item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        self.seen.append(item)
+        return item
+
+    def last_seen(self, topic: str) -> Message | None:
+        return next((m for m in reversed(self.seen) if m.topic == topic), None)
+
+
+def _deadline(seconds: float | None) -> float | None:
+    return None if seconds is None else asyncio.get_running_loop().time() + seconds
+
+
+# -- hosts -----------------------------------------------------------------------------
+
+
+async def host_statuses(session: Session, window_s: float = DISCOVERY_WINDOW_S) -> dict[str, str]:
+    """``{host: "online"|"offline"}`` from the retained ``P/+/status`` messages."""
+    await session.subscribe(f"{session.prefix}/+/status")
+    deadline = _deadline(window_s)
+    statuses: dict[str, str] = {}
+    with contextlib.suppress(TimeoutError):
+        while True:
+            message = await session.next(deadline)
+            parsed = parse_topic(session.prefix, message.topic)
+            if parsed is not None and parsed.kind == "status" and parsed.argument is None:
+                statuses[parsed.host] = message.payload.decode("utf-8", "replace").strip()
+    return statuses
+
+
+async def resolve_host(session: Session, host: str | None) -> str:
+    """``host`` itself, or the one host online on the bus; anything else is a usage error."""
+    if host is not None:
+        return host
+    statuses = await host_statuses(session)
+    online = sorted(h for h, status in statuses.items() if status == "online")
+    if len(online) == 1:
+        return online[0]
+    if online:
+        raise ClientExit(
+            EXIT_USAGE, f"{len(online)} hosts are online ({', '.join(online)}); pass --host HOST"
+        )
+    offline = sorted(statuses)
+    seen = f" (offline: {', '.join(offline)})" if offline else ""
+    raise ClientExit(
+        EXIT_USAGE,
+        f"no host is online under prefix {session.prefix!r}{seen}; pass --host HOST, "
+        "or check --broker and --prefix",
+    )
+
+
+# -- one command, one reply ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A reply, parsed and as sent (the raw JSON keeps fields this version does not know)."""
+
+    reply: Reply
+    raw: dict[str, Any]
+
+
+async def send(
+    session: Session,
+    host: str,
+    command: CommandName,
+    fields: Mapping[str, Any],
+    deadline: float | None,
+) -> Answer:
+    """Publish one command and wait for its reply (TimeoutError at ``deadline``)."""
+    topics = HostTopics(session.prefix, host)
+    request_id = session.next_request_id()
+    # MQTT 3.1.1 has no response topic: the agent answers on P/H/reply/<command>, which
+    # other clients share, so the request id tells ours apart.
+    reply_filter = session.reply_topic if session.protocol == "5" else topics.reply(command)
+    await session.subscribe(reply_filter)
+    await session.connection.publish(
+        topics.command(command),
+        json.dumps({**fields, "request_id": request_id}),
+        qos=1,
+        response_topic=session.reply_topic,
+        correlation_data=request_id.encode(),
+    )
+    while True:
+        message = await session.next(deadline)
+        if message.topic != reply_filter:
+            continue
+        try:
+            reply = Reply.model_validate_json(message.payload)
+        except ValidationError:
+            continue
+        if reply.request_id == request_id:
+            return Answer(reply, json.loads(message.payload))
+
+
+async def follow_job(
+    session: Session,
+    host: str,
+    job_id: str,
+    on_update: Callable[[JobState], None],
+    deadline: float | None,
+) -> tuple[JobState, dict[str, Any]]:
+    """Every update of ``P/H/jobs/<job_id>`` (those already received first) until the job
+    ends; TimeoutError at ``deadline``."""
+    topic = HostTopics(session.prefix, host).job(job_id)
+    backlog = iter([m for m in session.seen if m.topic == topic])
+    while True:
+        message = next(backlog, None) or await session.next(deadline)
+        if message.topic != topic:
+            continue
+        if not message.payload:
+            raise ClientExit(EXIT_ERROR, f"job {job_id} was cleared before it was seen to end")
+        job = JobState.model_validate_json(message.payload)
+        on_update(job)
+        if job.state in ENDED:
+            return job, json.loads(message.payload)
+
+
+async def run_request(session: Session, request: Request, out: TextIO, err: TextIO) -> int:
+    host = await resolve_host(session, request.host)
+    topics = HostTopics(session.prefix, host)
+    name = request.command.value
+    reply_deadline = _deadline(request.timeout_s or DEFAULT_REPLY_TIMEOUT_S)
+    # The job's own end has no limit unless --timeout gave one (a download can take hours).
+    job_deadline = _deadline(request.timeout_s)
+    # Subscribed before publishing: the host's status (to explain silence) and, to wait,
+    # every job of the host, since the job id is only known from the reply.
+    filters = [topics.status]
+    if request.wait:
+        filters.append(topics.job("+"))
+    await session.subscribe(*filters)
+    try:
+        answer = await send(session, host, request.command, request.fields, reply_deadline)
+    except TimeoutError:
+        waited = request.timeout_s or DEFAULT_REPLY_TIMEOUT_S
+        raise ClientExit(
+            EXIT_TIMEOUT, f"no reply from {host} within {waited:g} s; {_why_silent(session, host)}"
+        ) from None
+    reply = answer.reply
+    if request.json_output and not (request.wait and reply.status == "ok" and reply.job_id):
+        print(json.dumps(answer.raw), file=out, flush=True)
+    if reply.status == "error":
+        error = reply.error
+        what = f"{error.code}: {error.message}" if error else "error reply without details"
+        print(f"modelbus {name}: {what}", file=err, flush=True)
+        return EXIT_ERROR
+    if not (request.wait and reply.job_id):
+        if not request.json_output:
+            for line in format_reply(host, answer, request.fields):
+                print(line, file=out, flush=True)
+        return EXIT_OK
+
+    job_id = reply.job_id
+    progress = JobProgress(out, tty=_isatty(out)) if not request.json_output else None
+    try:
+        job, raw_job = await follow_job(
+            session, host, job_id, progress.update if progress else _ignore, job_deadline
+        )
+    except TimeoutError:
+        if progress is not None:
+            progress.close()
+        raise ClientExit(
+            EXIT_TIMEOUT,
+            f"job {job_id} did not end within {request.timeout_s:g} s; it goes on on {host} "
+            f"(modelbus cancel {job_id} stops it)",
+        ) from None
+    if progress is not None:
+        progress.close()
+    if request.json_output:
+        print(json.dumps(raw_job), file=out, flush=True)
+    elif job.state is JobStatus.SUCCEEDED:
+        print(job_summary(job), file=out, flush=True)
+    if job.state is JobStatus.SUCCEEDED:
+        return EXIT_OK
+    error = job.error
+    what = f"{error.code}: {error.message}" if error else job.message or "no details"
+    print(f"modelbus {name}: job {job_id} {job.state}: {what}", file=err, flush=True)
+    return EXIT_ERROR
+
+
+def _ignore(_job: JobState) -> None:
+    return None
+
+
+def _why_silent(session: Session, host: str) -> str:
+    status = session.last_seen(HostTopics(session.prefix, host).status)
+    if status is None:
+        return (
+            f"no host {host!r} has announced itself under prefix {session.prefix!r} "
+            "(check --host, --prefix and --broker)"
+        )
+    if status.payload.decode("utf-8", "replace").strip() != "online":
+        return f"{host} is offline: start its agent"
+    return "its agent is online but busy or stuck; try again or raise --timeout"
+
+
+# -- events ----------------------------------------------------------------------------
+
+
+async def stream_events(
+    session: Session,
+    host: str | None,
+    *,
+    count: int | None,
+    json_output: bool,
+    timeout_s: float | None,
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    topic = HostTopics(session.prefix, host).events if host else f"{session.prefix}/+/events"
+    await session.subscribe(topic)
+    # On stderr so stdout stays the events only; scripts (and tests) can wait for it.
+    print(f"modelbus events: listening on {topic} (Ctrl-C to stop)", file=err, flush=True)
+    deadline = _deadline(timeout_s)
+    printed = 0
+    while count is None or printed < count:
+        try:
+            message = await session.next(deadline)
+        except TimeoutError:
+            if count is None:
+                return EXIT_OK
+            raise ClientExit(
+                EXIT_TIMEOUT, f"{printed} of {count} event(s) within {timeout_s:g} s"
+            ) from None
+        parsed = parse_topic(session.prefix, message.topic)
+        if parsed is None or parsed.kind != "events" or parsed.argument is not None:
+            continue
+        try:
+            event = Event.model_validate_json(message.payload)
+        except ValidationError:
+            continue
+        if json_output:
+            line = json.dumps({"host": parsed.host, **json.loads(message.payload)})
+        else:
+            line = format_event(parsed.host, event)
+        print(line, file=out, flush=True)
+        printed += 1
+    return EXIT_OK
+
+
+def format_event(host: str, event: Event) -> str:
+    when = event.ts.astimezone().strftime("%H:%M:%S")
+    about = " ".join(
+        part
+        for part in (
+            f"model={event.model}" if event.model else "",
+            f"gpu={event.gpu}" if event.gpu is not None else "",
+            f"job={event.job_id}" if event.job_id else "",
+        )
+        if part
+    )
+    line = f"{when} {host} {event.severity.value:<8} {event.event_type}: {event.message}"
+    return f"{line} [{about}]" if about else line
+
+
+# -- entry points ----------------------------------------------------------------------
+
+
+def run_command(
+    settings: ConnectionSettings,
+    prefix: str,
+    request: Request,
+    *,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Send one command (and follow its job with ``wait``); the process's exit code."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+
+    async def body(session: Session) -> int:
+        return await run_request(session, request, out, err)
+
+    return _run(settings, prefix, request.command.value, body, err, interrupted=EXIT_INTERRUPTED)
+
+
+def run_events(
+    settings: ConnectionSettings,
+    prefix: str,
+    *,
+    host: str | None,
+    count: int | None,
+    json_output: bool,
+    timeout_s: float | None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Print events as they arrive until ``count`` were printed or Ctrl-C (exit 0)."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+
+    async def body(session: Session) -> int:
+        return await stream_events(
+            session,
+            host,
+            count=count,
+            json_output=json_output,
+            timeout_s=timeout_s,
+            out=out,
+            err=err,
+        )
+
+    return _run(settings, prefix, "events", body, err, interrupted=EXIT_OK)
+
+
+def _run(
+    settings: ConnectionSettings,
+    prefix: str,
+    name: str,
+    body: Callable[[Session], Any],
+    err: TextIO,
+    *,
+    interrupted: int,
+) -> int:
+    async def main() -> int:
+        async with connect(settings) as connection, Session(connection, prefix) as session:
+            code: int = await body(session)
+            return code
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        if interrupted != EXIT_OK:
+            print(f"modelbus {name}: interrupted", file=err, flush=True)
+        return interrupted
+    except ClientExit as exc:
+        print(f"modelbus {name}: {exc.message}", file=err, flush=True)
+        return exc.code
+    except BrokerRefusedError as exc:
+        print(f"modelbus {name}: {exc}", file=err, flush=True)
+        return EXIT_UNREACHABLE
+    except (ConnectionError, OSError) as exc:
+        print(f"modelbus {name}: {_unreachable(settings, exc)}", file=err, flush=True)
+        return EXIT_UNREACHABLE
+    except MqttError as exc:
+        print(f"modelbus {name}: {_unreachable(settings, exc)}", file=err, flush=True)
+        return EXIT_UNREACHABLE
+
+
+def _unreachable(settings: ConnectionSettings, exc: BaseException) -> str:
+    return (
+        f"cannot reach the broker at {settings.describe()} ({exc}); is it running? "
+        "(set it with --broker, MODELBUS_BROKER or --config)"
+    )
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+# -- job progress ----------------------------------------------------------------------
+
+
+class JobProgress:
+    """A job's updates on a terminal: one ``\\r``-redrawn bar; elsewhere (pipes, logs)
+    one plain line per state or phase change and per 10 % step."""
+
+    def __init__(self, out: TextIO, *, tty: bool) -> None:
+        self.out = out
+        self.tty = tty
+        self._last_key: tuple[str, str, int] | None = None
+        self._drawn = 0
+
+    def update(self, job: JobState) -> None:
+        if self.tty:
+            line = progress_bar(job)
+            pad = max(0, self._drawn - len(line))
+            self.out.write("\r" + line + " " * pad)
+            self.out.flush()
+            self._drawn = len(line)
+            return
+        if job.state in ENDED:
+            return  # the summary line (or the error on stderr) says how it ended
+        key = (job.state.value, job.phase.value, math.floor(job.progress * 10))
+        if key != self._last_key:
+            self._last_key = key
+            print(progress_line(job), file=self.out, flush=True)
+
+    def close(self) -> None:
+        if self.tty and self._drawn:
+            self.out.write("\n")
+            self.out.flush()
+            self._drawn = 0
+
+
+def _subject(job: JobState) -> str:
+    return job.model or job.repo or job.job_id
+
+
+def _details(job: JobState) -> list[str]:
+    parts = []
+    if job.bytes_total:
+        parts.append(f"{format_bytes(job.bytes_done or 0)}/{format_bytes(job.bytes_total)}")
+    if job.queue_position is not None and job.state is JobStatus.QUEUED:
+        parts.append(f"position {job.queue_position}")
+    if job.eta_s is not None and job.state not in ENDED:
+        parts.append(f"ETA {format_duration(job.eta_s)}")
+    return parts
+
+
+def progress_bar(job: JobState, width: int = PROGRESS_BAR_WIDTH) -> str:
+    filled = round(job.progress * width)
+    bar = "#" * filled + "-" * (width - filled)
+    parts = [
+        f"{job.command} {_subject(job)}",
+        f"[{bar}]",
+        f"{job.progress * 100:3.0f}%",
+        job.phase.value,
+        *_details(job),
+    ]
+    return "  ".join(parts)
+
+
+def progress_line(job: JobState) -> str:
+    parts = [
+        f"{job.command} {_subject(job)}:",
+        f"{job.state.value}/{job.phase.value}",
+        f"{job.progress * 100:.0f}%",
+        *_details(job),
+    ]
+    line = " ".join(parts)
+    return f"{line} - {job.message}" if job.message else line
+
+
+def job_summary(job: JobState) -> str:
+    took = ""
+    if job.started_at and job.finished_at:
+        took = f" in {format_duration((job.finished_at - job.started_at).total_seconds())}"
+    line = f"{job.command} {_subject(job)}: {job.state.value}{took}"
+    result = job.result or {}
+    extras = []
+    if result.get("evicted"):
+        extras.append(f"evicted {', '.join(map(str, result['evicted']))}")
+    if result.get("service"):
+        extras.append(f"serving at {result['service']}")
+    if result.get("freed_mb") is not None:
+        extras.append(f"freed {result['freed_mb']} MiB")
+    if result.get("path"):
+        extras.append(f"{result.get('size_mb', '?')} MiB in {result['path']}")
+    if job.message:
+        line = f"{line} - {job.message}"
+    return f"{line} ({'; '.join(extras)})" if extras else line
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
+
+
+# -- replies for people ----------------------------------------------------------------
+
+
+def format_reply(host: str, answer: Answer, fields: Mapping[str, Any] | None = None) -> list[str]:
+    """The lines a person reads for an ``ok`` reply to a command with ``fields``."""
+    reply = answer.reply
+    fields = fields or {}
+    subject = fields.get("model") or fields.get("repo") or fields.get("name")
+    data = reply.data or {}
+    command = reply.command
+    if command == CommandName.STATUS:
+        return format_status(host, data)
+    if command == CommandName.PLAN:
+        return format_plan(data)
+    if command == CommandName.UNINSTALL and "freed_mb" in data:
+        return [f"uninstalled {data.get('name')} from {host}: freed {data['freed_mb']} MiB"]
+    if command == CommandName.CANCEL and isinstance(data.get("job"), dict):
+        job = data["job"]
+        subject = job.get("model") or job.get("repo")
+        message = f" - {job['message']}" if job.get("message") else ""
+        return [
+            f"job {job.get('job_id')} ({job.get('command')} {subject}): {job.get('state')}{message}"
+        ]
+    if isinstance(data.get("jobs"), list):
+        return [
+            f"{command} {entry.get('model')}: job {entry.get('job_id')}" for entry in data["jobs"]
+        ]
+    if reply.job_id:
+        state = data.get("state", "queued")
+        where = f", position {data['queue_position']}" if data.get("queue_position") else ""
+        joined = " (joined an equal job)" if data.get("joined") else ""
+        what = f"{command} {subject}" if subject else command
+        return [f"{what} on {host}: job {reply.job_id} {state}{where}{joined}"]
+    if data:
+        return [json.dumps(data, indent=2)]
+    return [f"{command} on {host}: ok"]
+
+
+def _parse_all(model: type[BaseModel], values: Iterable[Any]) -> list[Any]:
+    parsed = []
+    for value in values:
+        with contextlib.suppress(ValidationError):
+            parsed.append(model.model_validate(value))
+    return parsed
+
+
+def _mb(value: int | None) -> str:
+    return "?" if value is None else str(value)
+
+
+def format_status(host: str, data: Mapping[str, Any]) -> list[str]:
+    lines = []
+    info = _parse_all(HostInfo, [data["info"]] if data.get("info") else [])
+    state = _parse_all(HostState, [data["state"]] if data.get("state") else [])
+    if info:
+        i: HostInfo = info[0]
+        versions = ", ".join(
+            part
+            for part in (
+                f"agent {i.agent_version}",
+                f"MQTT {i.mqtt_protocol}",
+                f"{i.gpu_backend} GPUs",
+                f"driver {i.driver_version}" if i.driver_version else "",
+                f"CUDA {i.cuda_version}" if i.cuda_version else "",
+            )
+            if part
+        )
+        lines.append(f"host {host} ({i.hostname}): {versions}")
+    else:
+        lines.append(f"host {host}")
+    if state:
+        s: HostState = state[0]
+        lines.append(
+            f"VRAM {s.used_mb}/{s.total_mb} MiB used, {s.free_mb} MiB free; "
+            f"queue {s.queue_length}" + (f", running job {s.active_job}" if s.active_job else "")
+        )
+    for gpu in _parse_all(GpuState, data.get("gpus") or []):
+        g: GpuState = gpu
+        util = f", {g.utilization_percent}% util" if g.utilization_percent is not None else ""
+        temp = f", {g.temperature_c} °C" if g.temperature_c is not None else ""
+        alerts = f", alerts: {', '.join(g.alerts)}" if g.alerts else ""
+        lines.append(
+            f"  GPU {g.index} {g.name or '?'}: {_mb(g.memory_used_mb)}/{_mb(g.memory_total_mb)} "
+            f"MiB used{util}{temp}{alerts}"
+        )
+    models = _parse_all(ModelState, data.get("models") or [])
+    if models:
+        lines.append("models:")
+        width = max(len(m.name) for m in models)
+        for model in models:
+            m: ModelState = model
+            vram = m.vram_used_mb if m.vram_used_mb is not None else m.vram_estimate_mb
+            flags = " pinned" if m.pinned else ""
+            gpus = ",".join(map(str, m.gpus)) or "-"
+            error = f" - {m.error}" if m.error else ""
+            lines.append(
+                f"  {m.name:<{width}}  {m.state.value:<9} GPU {gpus}  {_mb(vram)} MiB"
+                f"  {m.runtime}{flags}{error}"
+            )
+    jobs = _parse_all(JobState, data.get("jobs") or [])
+    if jobs:
+        lines.append("jobs:")
+        lines.extend(f"  {j.job_id} {progress_line(j)}" for j in jobs)
+    return lines
+
+
+def format_plan(data: Mapping[str, Any]) -> list[str]:
+    model = data.get("model", "?")
+    if not data.get("fits"):
+        return [
+            f"{model} does not fit: {data.get('message') or data.get('code', 'no reason given')}"
+        ]
+    gpus = ", ".join(str(g) for g in data.get("gpus") or []) or "?"
+    if data.get("already_loaded"):
+        return [f"{model} is already loaded (GPU {gpus}); a switch would change nothing"]
+    evict = data.get("evict") or []
+    lines = [
+        f"a switch to {model} fits on GPU {gpus}"
+        + (f", stopping {', '.join(evict)}" if evict else ", stopping nothing")
+    ]
+    before = data.get("free_before_mb") or {}
+    freed = data.get("freed_mb") or {}
+    after = data.get("free_after_mb") or {}
+    for gpu in sorted(before, key=lambda k: int(k) if str(k).isdigit() else 0):
+        lines.append(
+            f"  GPU {gpu}: needs {data.get('required_mb', '?')} MiB; free {before[gpu]} MiB"
+            f" + freed {freed.get(gpu, 0)} MiB -> {after.get(gpu, '?')} MiB left"
+        )
+    return lines
