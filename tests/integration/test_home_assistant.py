@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from agent.broker import MosquittoBroker
 from tests.support.agent_process import AgentProcess
@@ -166,3 +169,26 @@ async def test_unload_all_refuses_mixed_targets(
     reply = await host.ask("unload", payload)
     assert reply.status == "error" and reply.error is not None
     assert reply.error.code == "invalid_payload" and words in reply.error.message
+
+
+async def test_a_catalog_reload_republishes_the_select_options(
+    start: Callable[..., AgentProcess],
+    host: Host,
+    broker: MosquittoBroker,
+    ha_prefix: str,
+    tmp_path: Path,
+) -> None:
+    topic = discovery_topic(host, ha_prefix)
+    agent = start()
+    await host.online()
+    async with watch(broker.port, topic) as ha:
+        first = await config(ha, topic)
+        assert first["components"]["active_model"]["options"] == ["other", "small"]
+        path = tmp_path / "agent.yaml"
+        raw = yaml.safe_load(path.read_text())
+        raw["models"]["third"] = sim_model(512)
+        path.write_text(yaml.safe_dump(raw))
+        mark = len(ha.messages)
+        agent.process.send_signal(signal.SIGHUP)
+        again = await config(ha, topic, after=mark)
+    assert again["components"]["active_model"]["options"] == ["other", "small", "third"]
