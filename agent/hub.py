@@ -12,11 +12,20 @@ travels in the environment, never in argv. The child writes JSON lines on stdout
 once at the end of a download), then exactly one of ``{"resolved": {...}}``, ``{"done": true}``
 or ``{"error": code, "message": text}``; anything the library prints goes to stderr.
 
-Files land in ``local_dir`` (``snapshot_download(local_dir=...)``): files already complete there
-are not downloaded again, but a file interrupted mid-way starts over from byte 0 (an interrupted
-file leaves a ``*.incomplete`` under ``local_dir/.cache/huggingface/download``, which
-``remove_incomplete`` deletes). The library's other state (cache dir, ``HF_HOME``) is kept under
-``local_dir/.cache/huggingface`` too, so nothing is written to ``~/.cache``.
+huggingface_hub does what it is good at: the commit a revision points at, the file listing
+(sizes, LFS sha256), auth and its errors (gated, not found, bad token), and each file's final
+location (``get_hf_file_metadata``: a HEAD, whose redirect to a CDN it does not follow). The
+bytes themselves stream with urllib's ``readinto`` into one reusable buffer per file, at the
+speed of a plain GET rather than that of the library's pure-Python HTTP client.
+
+A file downloads to ``local_dir/.cache/modelbus/<path>.<etag>.part`` and counts only once renamed
+to ``local_dir/<path>`` with the listed size. A part file survives a cancel, a kill or a crash:
+the next download asks for the rest (``Range: bytes=<have>-``), as does a retry after a dropped
+connection. The etag in its name ties the bytes to one version of the file, so a part file of
+another version is never resumed. A file already at its path with the listed size is present:
+no request is made for it. Sizes are verified, contents are not hashed (hashing costs more CPU
+than the transfer itself: see ``bench/install.py``). The library's own state (``HF_HOME``) is kept
+under ``local_dir/.cache/huggingface``, so nothing is written to ``~/.cache``.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +49,13 @@ from shared.messages import ErrorCode
 
 # How often the download child reports progress (when it changed).
 PROGRESS_INTERVAL_S = 0.2
+# A file's download is tried again after these pauses (a dropped connection, a timeout, a 5xx);
+# the count starts over whenever an attempt brought bytes.
+RETRY_DELAYS_S = (0.0, 0.25, 1.0, 2.0)
+# Where unfinished files live, under local_dir (hidden: never listed or estimated as weights).
+PARTIAL_DIR = Path(".cache") / "modelbus"
+# Characters of the etag in a part file's name: enough to tell versions of one path apart.
+_ETAG_CHARS = 12
 # The end of a dead child's stderr quoted in the error.
 STDERR_TAIL_CHARS = 600
 # A resolved listing of many files arrives as one line.
@@ -72,6 +89,8 @@ class RepoFile:
     path: str
     size: int  # bytes
     present: bool  # already complete in local_dir: will not be downloaded
+    partial: int = 0  # bytes of an unfinished download on disk: the next download resumes there
+    etag: str | None = None  # LFS sha256 or git blob id: names the part file of this version
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +105,8 @@ class ResolvedRepo:
 
     @property
     def missing_bytes(self) -> int:
-        return sum(f.size for f in self.files if not f.present)
+        """Bytes still to fetch: part files already on disk are not missing."""
+        return sum(f.size - f.partial for f in self.files if not f.present)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +114,8 @@ class HubSettings:
     endpoint: str | None = None  # None: huggingface_hub's default, or HF_ENDPOINT
     token: str | None = None  # passed to the child in its environment, never in argv
     timeout_s: float = 60.0  # for resolve
-    chunk_bytes: int = 64 << 10  # download chunk: one progress step
-    # Files downloaded at once. A file interrupted mid-way restarts from byte 0, so a cancel
-    # loses the partial bytes of up to this many files; 1 downloads in path order.
+    chunk_bytes: int = 1 << 20  # the read buffer of each file's download: one progress step
+    # Files downloaded at once (each resumes where it stopped); 1 downloads in path order.
     max_workers: int = 8
 
 
@@ -112,7 +131,8 @@ async def resolve(
     local_dir: Path,
 ) -> ResolvedRepo:
     """The commit ``revision`` (default: the main branch) of ``repo`` points at, and its files
-    after filtering, each marked present when complete in ``local_dir`` already."""
+    after filtering, each marked present when complete in ``local_dir`` already (its size
+    matches), or with the bytes of its unfinished download."""
     args = {
         "repo": repo,
         "revision": revision,
@@ -136,8 +156,14 @@ async def resolve(
             repo=str(body["repo"]),
             revision=str(body["revision"]),
             files=tuple(
-                RepoFile(path=str(path), size=int(size), present=bool(present))
-                for path, size, present in body["files"]
+                RepoFile(
+                    path=str(path),
+                    size=int(size),
+                    present=bool(present),
+                    partial=int(partial),
+                    etag=None if etag is None else str(etag),
+                )
+                for path, size, present, partial, etag in body["files"]
             ),
         )
     except (KeyError, TypeError, ValueError) as error:
@@ -156,9 +182,10 @@ async def download(
 ) -> None:
     """Download the files of ``resolved`` missing from ``local_dir``, pinned to its commit.
 
-    ``on_progress(bytes_written_this_run)`` is called on the event loop as the child reports.
-    Cancelling kills the child, waits for it and deletes its ``*.incomplete`` files before the
-    CancelledError propagates; files that finished stay (the next download skips them)."""
+    ``on_progress(bytes_written_this_run)`` is called on the event loop as the child reports
+    (bytes resumed from part files are not counted: they were written before). Cancelling kills
+    the child and waits for it before the CancelledError propagates; finished files stay (the
+    next download skips them) and so do part files (the next download resumes them)."""
     args = {
         "repo": resolved.repo,
         "revision": resolved.revision,
@@ -168,24 +195,22 @@ async def download(
         "endpoint": settings.endpoint,
         "chunk_bytes": settings.chunk_bytes,
         "max_workers": settings.max_workers,
-        "files": [[f.path, f.size] for f in resolved.files],
+        "files": [[f.path, f.size, f.etag] for f in resolved.files],
     }
-    try:
-        await _talk("download", args, _child_env(settings, local_dir), on_progress)
-    except asyncio.CancelledError:
-        await asyncio.to_thread(remove_incomplete, local_dir)
-        raise
-    except HubError as error:
-        if error.code == ErrorCode.DOWNLOAD_FAILED:
-            # The child may have died mid-file; a failure it caught itself cleans up already.
-            await asyncio.to_thread(remove_incomplete, local_dir)
-        raise
+    await _talk("download", args, _child_env(settings, local_dir), on_progress)
+
+
+def part_path(local_dir: Path, path: str, etag: str | None) -> Path:
+    """Where the unfinished download of ``path`` (the version with ``etag``) lives."""
+    suffix = f".{etag[:_ETAG_CHARS]}.part" if etag else ".part"
+    return local_dir / PARTIAL_DIR / (path + suffix)
 
 
 def remove_incomplete(local_dir: Path) -> int:
-    """Delete the ``*.incomplete`` files an interrupted download left in ``local_dir``; how many.
+    """Delete the ``*.incomplete`` files huggingface_hub's own downloads (modelbus before it
+    resumed files itself) left in ``local_dir``; how many. Nothing resumes them.
 
-    huggingface_hub never resumes them: each download of a file starts a new one."""
+    Part files of modelbus's downloads are kept: the next download resumes them."""
     removed = 0
     for path in (local_dir / ".cache" / "huggingface" / "download").rglob("*.incomplete"):
         with contextlib.suppress(FileNotFoundError):
@@ -302,63 +327,23 @@ async def _tail(stream: asyncio.StreamReader) -> str:
 
 
 class _Progress:
-    """Bytes written this run, from the tqdm bars huggingface_hub creates, reported by a thread.
-
-    snapshot_download makes a files bar and two byte bars whose ``total`` grows as files start;
-    the one described "Reconstructing..." counts bytes written to disk (the other, bytes off the
-    network). Should a later version rename it, the first byte bar stands in."""
+    """Bytes written to disk this run by the download threads, reported by one more thread."""
 
     def __init__(self, emit: Callable[[dict[str, Any]], None]) -> None:
         self._emit = emit
         self._lock = threading.Lock()
-        self._counts: list[int] = []
-        self._descs: list[str] = []
-        self._units: list[str | None] = []
+        self._written = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._report, name="progress", daemon=True)
 
-    def register(self, desc: str, unit: str | None) -> int:
+    def add(self, n: int) -> None:
         with self._lock:
-            self._counts.append(0)
-            self._descs.append(desc)
-            self._units.append(unit)
-            return len(self._counts) - 1
-
-    def add(self, bar: int, n: int) -> None:
-        with self._lock:
-            self._counts[bar] += n
-
-    def value(self) -> int:
-        with self._lock:
-            chosen = next(
-                (i for i, d in enumerate(self._descs) if d.startswith("Reconstructing")),
-                next((i for i, u in enumerate(self._units) if u == "B"), None),
-            )
-            return 0 if chosen is None else self._counts[chosen]
-
-    def bar_class(self) -> type[Any]:
-        from tqdm import tqdm  # type: ignore[import-untyped]
-
-        progress = self
-
-        class Bar(tqdm):  # type: ignore[misc]
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                self._modelbus_bar = progress.register(
-                    str(kwargs.get("desc") or ""), kwargs.get("unit")
-                )
-                kwargs["disable"] = True
-                super().__init__(*args, **kwargs)
-
-            def update(self, n: float | None = 1) -> bool | None:
-                progress.add(self._modelbus_bar, int(n or 0))
-                return None
-
-        return Bar
+            self._written += n
 
     def _report(self) -> None:
         last = -1
         while not self._stop.wait(PROGRESS_INTERVAL_S):
-            if (value := self.value()) != last:
+            if (value := self._written) != last:
                 self._emit({"progress": value})
                 last = value
 
@@ -369,7 +354,7 @@ class _Progress:
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
         self._thread.join()
-        self._emit({"progress": self.value()})
+        self._emit({"progress": self._written})
 
 
 @dataclass(frozen=True)
@@ -382,21 +367,32 @@ class _Request:
     endpoint: str
     token: str | None
 
-    @property
-    def library_dir(self) -> Path:
-        return self.local_dir / ".cache" / "huggingface"
-
-    @property
-    def cache_dir(self) -> Path:
-        # snapshot_download writes refs there even with local_dir; keep them in the install.
-        return self.library_dir / "hub"
-
     def gated(self) -> HubError:
         return HubError(
             ErrorCode.FORBIDDEN,
             f"'{self.repo}' is gated: accept its terms on the hub and set weights.token or "
             "HF_TOKEN",
         )
+
+
+@dataclass(frozen=True)
+class _File:
+    path: str
+    size: int
+    etag: str | None
+
+    def final(self, local_dir: Path) -> Path:
+        return local_dir / self.path
+
+    def part(self, local_dir: Path) -> Path:
+        return part_path(local_dir, self.path, self.etag)
+
+
+def _is_complete(path: Path, size: int) -> bool:
+    try:
+        return path.stat().st_size == size and path.is_file()
+    except OSError:
+        return False
 
 
 def _check_repo(request: _Request) -> str:
@@ -416,72 +412,226 @@ def _check_repo(request: _Request) -> str:
 
 
 def _child_resolve(request: _Request, emit: Callable[[dict[str, Any]], None]) -> None:
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile as HubFile
     from huggingface_hub.utils._paths import filter_repo_objects
 
     sha = _check_repo(request)
     api = HfApi(endpoint=request.endpoint, token=request.token or False)
-    sizes = {
-        entry.path: entry.size
+    listed = {
+        entry.path: _File(entry.path, entry.size, entry.lfs.sha256 if entry.lfs else entry.blob_id)
         for entry in api.list_repo_tree(request.repo, revision=sha, recursive=True)
         if isinstance(entry, HubFile)
     }
     paths = sorted(
-        filter_repo_objects(sizes, allow_patterns=request.include, ignore_patterns=request.exclude)
+        filter_repo_objects(listed, allow_patterns=request.include, ignore_patterns=request.exclude)
     )
-    present: set[str] = set()
-    # A dry run asks the library itself what it would skip, at the cost of a HEAD per file;
-    # an install that has not started has nothing to skip (and the dry run would create it).
-    if paths and request.local_dir.is_dir():
-        plan = snapshot_download(
-            request.repo,
-            revision=sha,
-            local_dir=request.local_dir,
-            cache_dir=request.cache_dir,
-            endpoint=request.endpoint,
-            token=request.token or False,
-            allow_patterns=request.include,
-            ignore_patterns=request.exclude,
-            dry_run=True,
-        )
-        present = {p.filename for p in plan if not p.will_download}
-    files = [[path, sizes[path], path in present] for path in paths]
+    files: list[list[Any]] = []
+    # Present means the right size at the right path: a stat, not a request per file.
+    for path in paths:
+        file = listed[path]
+        present = _is_complete(file.final(request.local_dir), file.size)
+        partial = 0
+        if not present:
+            with contextlib.suppress(OSError):
+                partial = file.part(request.local_dir).stat().st_size
+            partial = partial if partial <= file.size else 0  # too long: started over
+        files.append([path, file.size, present, partial, file.etag])
     emit({"resolved": {"repo": request.repo, "revision": sha, "files": files}})
+
+
+class _Transfer:
+    """The files of one download, fetched by a few threads, each file resumable."""
+
+    def __init__(
+        self, request: _Request, chunk_bytes: int, progress: _Progress, timeout_s: float
+    ) -> None:
+        import urllib.request
+
+        self.request = request
+        self.chunk_bytes = chunk_bytes
+        self.progress = progress
+        self.timeout_s = timeout_s
+        self.stopped = threading.Event()  # another file failed: stop at the next chunk
+        # The default handlers: proxies from the environment, TLS, redirects. Authorization goes
+        # as an unredirected header, so a redirect never carries it anywhere.
+        self.opener = urllib.request.build_opener()
+
+    def fetch_or_stop(self, file: _File) -> None:
+        try:
+            self.fetch(file)
+        except BaseException:
+            self.stopped.set()  # the other files stop at their next chunk, part files kept
+            raise
+
+    def fetch(self, file: _File) -> None:
+        from huggingface_hub import hf_hub_url
+
+        if self.stopped.is_set():
+            raise _Stopped
+
+        local_dir = self.request.local_dir
+        final, part = file.final(local_dir), file.part(local_dir)
+        part.parent.mkdir(parents=True, exist_ok=True)
+        _remove_other_versions(part, file)
+        url = hf_hub_url(
+            self.request.repo,
+            file.path,
+            revision=self.request.revision,
+            endpoint=self.request.endpoint,
+        )
+        with open(part, "ab", buffering=0) as out:
+            have = os.fstat(out.fileno()).st_size
+            if have > file.size:
+                out.truncate(0)
+                have = 0
+            start = have
+            failures = 0
+            while have < file.size:
+                before = have
+                try:
+                    have = self._attempt(url, file, out, have, start)
+                except Exception as error:
+                    if self.stopped.is_set() or not _retryable(error):
+                        raise
+                    have = os.fstat(out.fileno()).st_size
+                    failures = 0 if have > before else failures  # it moved: a fresh count
+                    if failures >= len(RETRY_DELAYS_S):
+                        raise
+                    time.sleep(RETRY_DELAYS_S[failures])
+                    failures += 1
+        if have != file.size:
+            raise HubError(
+                ErrorCode.DOWNLOAD_FAILED,
+                f"'{file.path}' of '{self.request.repo}' came to {have} bytes, not the "
+                f"{file.size} the hub listed; retry the install",
+            )
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(part, final)
+
+    def _attempt(self, url: str, file: _File, out: Any, have: int, start: int) -> int:
+        """One request for the rest of ``file`` from byte ``have``; where the part file ends.
+
+        ``start`` is where it ended when this run began: bytes below it are not counted again."""
+        import urllib.request
+
+        from huggingface_hub import get_hf_file_metadata
+
+        if self.stopped.is_set():
+            raise _Stopped
+        # Asked again on each attempt: the hub's errors surface here, and a signed CDN
+        # location that expired since the last attempt is renewed.
+        metadata = get_hf_file_metadata(
+            url, token=self.request.token or False, endpoint=self.request.endpoint
+        )
+        if metadata.size is not None and metadata.size != file.size:
+            raise HubError(
+                ErrorCode.DOWNLOAD_FAILED,
+                f"'{file.path}' of '{self.request.repo}' is {metadata.size} bytes on the hub, not "
+                f"the {file.size} it listed; retry the install",
+            )
+        request = urllib.request.Request(
+            metadata.location, headers={"User-Agent": "modelbus", "Accept-Encoding": "identity"}
+        )
+        if have:
+            request.add_header("Range", f"bytes={have}-")
+        # A CDN (another origin) gets no token, as huggingface_hub does it.
+        if self.request.token and _origin(metadata.location) == _origin(url):
+            request.add_unredirected_header("Authorization", f"Bearer {self.request.token}")
+        buffer = bytearray(self.chunk_bytes)
+        view = memoryview(buffer)
+        counted = max(0, have - start)
+        with self.opener.open(request, timeout=self.timeout_s) as response:
+            if have and response.status != 206:
+                out.truncate(0)  # the range was ignored: the body is the whole file
+                have = 0
+            elif have and not str(response.headers.get("Content-Range", "")).startswith(
+                f"bytes {have}-"
+            ):
+                raise HubError(
+                    ErrorCode.DOWNLOAD_FAILED,
+                    f"the hub answered a resume of '{file.path}' from byte {have} with "
+                    f"{response.headers.get('Content-Range')!r}; retry the install",
+                )
+            while n := response.readinto(buffer):
+                written = 0
+                while written < n:
+                    written += out.write(view[written:n])
+                have += n
+                if (new := max(0, have - start) - counted) > 0:
+                    self.progress.add(new)
+                    counted += new
+                if self.stopped.is_set():
+                    raise _Stopped
+        return have
+
+
+class _Stopped(Exception):
+    """Another file failed: this one stops where it is (its part file kept)."""
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or default
+
+
+def _remove_other_versions(part: Path, file: _File) -> None:
+    """Part files of other versions of ``file``: never resumed, so only taking disk."""
+    import re
+
+    pattern = re.compile(re.escape(Path(file.path).name) + rf"\.[0-9a-f]{{{_ETAG_CHARS}}}\.part")
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(part.parent):
+            if entry.name != part.name and pattern.fullmatch(entry.name):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
+def _retryable(error: BaseException) -> bool:
+    from huggingface_hub import errors
+
+    if isinstance(error, (HubError, _Stopped)):
+        return False
+    if isinstance(error, errors.HfHubHTTPError):
+        status = getattr(error.response, "status_code", None)
+        return status is not None and (status >= 500 or status in (408, 429))
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return False
+    # Network errors: urllib's (OSError, HTTPError included: a 403 of an expired CDN link is
+    # renewed by the next attempt's HEAD), http.client's and the library's transport.
+    return isinstance(error, OSError) or _from_library(error)
 
 
 def _child_download(
     request: _Request,
     chunk_bytes: int,
     max_workers: int,
-    files: list[tuple[str, int]],
+    files: list[_File],
     emit: Callable[[dict[str, Any]], None],
 ) -> None:
-    from huggingface_hub import constants, snapshot_download
+    from concurrent.futures import ThreadPoolExecutor
 
-    # Pinned to a sha, snapshot_download skips the repo lookup, and on an error listing the tree
-    # it returns a non-empty local_dir as it is: look the repo up first, for the real error.
-    _check_repo(request)
-    constants.DOWNLOAD_CHUNK_SIZE = chunk_bytes  # read per call
+    # A present file costs a stat: no request, not even the library's import.
+    wanted = [f for f in files if not _is_complete(f.final(request.local_dir), f.size)]
     with _Progress(emit) as progress:
-        snapshot_download(
-            request.repo,
-            revision=request.revision,
-            local_dir=request.local_dir,
-            cache_dir=request.cache_dir,
-            endpoint=request.endpoint,
-            token=request.token or False,
-            allow_patterns=request.include,
-            ignore_patterns=request.exclude,
-            tqdm_class=progress.bar_class(),
-            max_workers=max(1, max_workers),
-        )
-    missing = [
-        path
-        for path, size in files
-        if not (request.local_dir / path).is_file()
-        or (request.local_dir / path).stat().st_size != size
-    ]
+        if wanted:
+            from huggingface_hub import constants
+
+            transfer = _Transfer(request, chunk_bytes, progress, constants.HF_HUB_DOWNLOAD_TIMEOUT)
+            workers = max(1, min(max_workers, len(wanted)))
+            with ThreadPoolExecutor(workers, thread_name_prefix="fetch") as pool:
+                futures = [pool.submit(transfer.fetch_or_stop, f) for f in wanted]
+                failure: BaseException | None = None
+                for future in futures:
+                    error = future.exception()
+                    if error is not None and not isinstance(error, _Stopped) and failure is None:
+                        failure = error
+            if failure is not None:
+                raise failure
+    missing = [f.path for f in files if not _is_complete(f.final(request.local_dir), f.size)]
     if missing:
         raise HubError(
             ErrorCode.DOWNLOAD_FAILED,
@@ -533,11 +683,7 @@ def _classify(error: BaseException, request: _Request) -> tuple[ErrorCode, str]:
                 f"the disk under {request.local_dir} is full; free space or move weights.dir "
                 "to a larger disk, then retry"
             )
-    library = ("huggingface_hub", "httpx", "httpcore", "hf_xet", "h11", "ssl", "socket")
-    if any(
-        isinstance(item, OSError) or type(item).__module__.split(".")[0] in library
-        for item in chain
-    ):
+    if any(isinstance(item, OSError) or _from_library(item) for item in chain):
         return ErrorCode.DOWNLOAD_FAILED, (
             f"fetching '{request.repo}' from {where} failed "
             f"({type(error).__name__}: {_short(error)}); check the network and retry, files "
@@ -547,6 +693,12 @@ def _classify(error: BaseException, request: _Request) -> tuple[ErrorCode, str]:
         f"the hub adapter failed unexpectedly ({type(error).__name__}: {_short(error)}); "
         "report this with the agent log"
     )
+
+
+def _from_library(error: BaseException) -> bool:
+    """Raised by the network stack: huggingface_hub, its HTTP client, urllib, http.client."""
+    library = ("huggingface_hub", "httpx", "httpx2", "httpcore", "hf_xet", "h11", "ssl", "socket")
+    return type(error).__module__.split(".")[0] in (*library, "http", "urllib")
 
 
 def _short(error: BaseException) -> str:
@@ -592,7 +744,10 @@ def _child_main(argv: Sequence[str]) -> int:
         if argv[0] == "resolve":
             _child_resolve(request, emit)
         else:
-            files = [(str(path), int(size)) for path, size in args["files"]]
+            files = [
+                _File(str(path), int(size), None if etag is None else str(etag))
+                for path, size, etag in args["files"]
+            ]
             workers = int(args.get("max_workers") or 8)
             _child_download(request, int(args["chunk_bytes"]), workers, files, emit)
     except Exception as error:

@@ -211,8 +211,8 @@ class Installer:
     # ---- running ---------------------------------------------------------
 
     async def start(self) -> None:
-        """Leftovers of a download the previous agent was killed in are not resumable
-        (huggingface_hub restarts a file it did not finish); they only take disk."""
+        """huggingface_hub's ``*.incomplete`` files (downloads before modelbus resumed files
+        itself) are never resumed; they only take disk. Part files are kept for the retry."""
         await asyncio.to_thread(self.weights.ensure)
         for partial in await asyncio.to_thread(self.weights.partial):
             removed = await asyncio.to_thread(hub.remove_incomplete, partial.path)

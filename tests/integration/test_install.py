@@ -80,18 +80,37 @@ def weights(host: Host) -> dict[str, Any]:
     return json.loads(message.payload)
 
 
-def incomplete_files(root: Path) -> list[Path]:
-    return list(root.rglob("*.incomplete"))
+def part_files(root: Path) -> dict[str, int]:
+    """Unfinished downloads (``.cache/modelbus/<path>.<etag>.part``) by file name, with sizes."""
+    return {
+        p.name.split(".part")[0].rsplit(".", 1)[0]: p.stat().st_size for p in root.rglob("*.part")
+    }
+
+
+def holds(path: Path, size: int) -> bool:
+    return path.exists() and path.stat().st_size == size
+
+
+async def on_disk(path: Path, size: int, timeout: float = 20) -> None:
+    """Until ``path`` holds ``size`` bytes (files download in parallel)."""
+    async with asyncio.timeout(timeout):
+        # A file on disk has no event to wait on.
+        while not holds(path, size):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
 
 
 async def downloaded(hub: FakeHub, weights_dir: Path, name: str, timeout: float = 20) -> None:
-    """Until ``name`` of REPO is complete on disk (files download in parallel)."""
-    path = weights_dir / "tiny-llm" / name
-    size = len(hub.file_content(REPO, name))
-    async with asyncio.timeout(timeout):
-        # A file on disk has no event to wait on.
-        while not (path.exists() and path.stat().st_size == size):  # noqa: ASYNC110
+    """Until ``name`` of REPO is complete on disk."""
+    await on_disk(weights_dir / "tiny-llm" / name, len(hub.file_content(REPO, name)), timeout)
+
+
+async def part_written(weights_dir: Path, name: str, size: int) -> Path:
+    """Until the part file of ``name`` of REPO holds ``size`` bytes; its path."""
+    async with asyncio.timeout(20):
+        while not (found := list((weights_dir / "tiny-llm").rglob(f"{name}.*.part"))):  # noqa: ASYNC110
             await asyncio.sleep(0.02)
+    await on_disk(found[0], size)
+    return found[0]
 
 
 async def test_install_reports_byte_progress_and_lists_the_weights(
@@ -233,6 +252,7 @@ async def test_cancel_mid_download_keeps_nothing_installed_and_a_retry_resumes(
     assert reply.job_id is not None
     await asyncio.to_thread(hold.reached.wait, 20)
     await downloaded(hub, weights_dir, "model-00001-of-00002.safetensors")
+    await part_written(weights_dir, "model-00002-of-00002.bin", MIB)
     cancel = await host.ask("cancel", reply.job_id)
     assert cancel.status == "ok", cancel.error
     job = await finished(host, reply.job_id)
@@ -242,14 +262,21 @@ async def test_cancel_mid_download_keeps_nothing_installed_and_a_retry_resumes(
     listing = json.loads(state.payload)
     assert listing["weights"] == []
     assert [p["name"] for p in listing["partial"]] == ["tiny-llm"]
-    assert incomplete_files(weights_dir) == []
+    # The cancelled file's bytes are kept for the retry; it does not count as there.
+    assert part_files(weights_dir) == {"model-00002-of-00002.bin": MIB}
+    assert not (weights_dir / "tiny-llm" / "model-00002-of-00002.bin").exists()
 
-    # Again: the files that were complete are not downloaded a second time.
+    # Again: the files that were complete are not downloaded a second time, and the cancelled
+    # one is asked for from where its part file ended.
     safetensors_gets = len(hub.gets("model-00001-of-00002.safetensors"))
     retry = await host.ask("install", {"repo": REPO, "wait": True})
     assert retry.status == "ok", retry.error
     assert len(hub.gets("model-00001-of-00002.safetensors")) == safetensors_gets
-    assert len(hub.gets("model-00002-of-00002.bin")) == 2
+    assert [r.range for r in hub.gets("model-00002-of-00002.bin")] == [None, f"bytes={MIB}-"]
+    path = weights_dir / "tiny-llm" / "model-00002-of-00002.bin"
+    assert path.read_bytes() == hub.file_content(REPO, "model-00002-of-00002.bin")
+    assert part_files(weights_dir) == {}
+    assert retry.data is not None and retry.data["job"]["result"]["downloaded_mb"] == 2
     assert [w["name"] for w in weights(host)["weights"]] == ["tiny-llm"]
     assert weights(host)["partial"] == []
 
@@ -326,6 +353,7 @@ async def test_an_install_interrupted_by_a_restart_resumes(
     reply = await host.ask("install", {"repo": REPO})
     await asyncio.to_thread(hold.reached.wait, 20)
     await downloaded(hub, weights_dir, "model-00001-of-00002.safetensors")
+    await part_written(weights_dir, "model-00002-of-00002.bin", MIB)
     agent.kill()  # no goodbye, no cleanup: the worst case
     hold.release()
     safetensors_gets = len(hub.gets("model-00001-of-00002.safetensors"))
@@ -336,10 +364,13 @@ async def test_an_install_interrupted_by_a_restart_resumes(
         host.topics.weights, lambda v: v is not None and v["partial"]
     )
     assert json.loads(partial.payload)["weights"] == []
-    assert incomplete_files(weights_dir) == []  # the killed download's temp file is gone
+    # The killed download's bytes are kept, and the next install resumes them.
+    assert part_files(weights_dir) == {"model-00002-of-00002.bin": MIB}
     again = await host.ask("install", {"repo": REPO, "wait": True})
     assert again.status == "ok", again.error
     assert len(hub.gets("model-00001-of-00002.safetensors")) == safetensors_gets
+    assert hub.gets("model-00002-of-00002.bin")[-1].range == f"bytes={MIB}-"
+    assert part_files(weights_dir) == {}
 
 
 def test_allow_list_patterns() -> None:

@@ -1,4 +1,5 @@
-"""agent.hub against FakeHub: the real huggingface_hub, in the real child process."""
+"""agent.hub against FakeHub: the real huggingface_hub and the byte transfer, in the real child
+process."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from agent.hub import (
     RepoFile,
     ResolvedRepo,
     download,
+    part_path,
     remove_incomplete,
     resolve,
 )
@@ -77,8 +79,14 @@ def settings_for(hub: FakeHub, token: str | None = None) -> HubSettings:
     return HubSettings(endpoint=hub.endpoint, token=token, timeout_s=30, chunk_bytes=MiB)
 
 
-def incomplete(local: Path) -> list[Path]:
-    return sorted(local.rglob("*.incomplete"))
+def parts(local: Path) -> dict[str, int]:
+    """Part files of unfinished downloads, relative to local_dir, and their sizes."""
+    return {str(p.relative_to(local)): p.stat().st_size for p in sorted(local.rglob("*.part"))}
+
+
+def etag(hub: FakeHub, repo: str, path: str) -> str:
+    """What the hub's listing gives as the file's etag (sha256 for LFS, else the git blob id)."""
+    return hub._repos[repo].commits[hub._repos[repo].refs["main"]][path].etag
 
 
 def written(local: Path) -> dict[str, bytes]:
@@ -96,10 +104,15 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None
         await asyncio.sleep(0.01)
 
 
-def pinned(sha: str, files: dict[str, int]) -> ResolvedRepo:
-    """What resolve answers for a fresh local_dir, without spending a child on it."""
+def pinned(hub: FakeHub, sha: str, files: dict[str, int]) -> ResolvedRepo:
+    """What resolve answers for org/m and a fresh local_dir, without spending a child on it."""
     return ResolvedRepo(
-        "org/m", sha, tuple(RepoFile(path, size, False) for path, size in files.items())
+        "org/m",
+        sha,
+        tuple(
+            RepoFile(path, size, False, etag=etag(hub, "org/m", path))
+            for path, size in files.items()
+        ),
     )
 
 
@@ -126,7 +139,10 @@ async def test_resolve_pins_the_commit_and_lists_sizes_without_touching_local_di
 
     sizes = {name: len(hub.file_content("org/tiny", name)) for name in SMALL_REPO}
     assert resolved.repo == "org/tiny" and resolved.revision == sha
-    assert resolved.files == tuple(RepoFile(n, sizes[n], False) for n in sorted(sizes))
+    assert resolved.files == tuple(
+        RepoFile(n, sizes[n], False, 0, etag(hub, "org/tiny", n)) for n in sorted(sizes)
+    )
+    assert resolved.files[1].etag == hub.file_sha256("org/tiny", "model.safetensors")
     assert resolved.total_bytes == resolved.missing_bytes == sum(sizes.values())
     assert not local.exists()
     assert not hub.gets("weights/extra.bin")
@@ -165,7 +181,7 @@ async def test_download_reports_progress_then_skips_what_is_complete(
     assert len(progress) >= 2, progress
     assert progress == sorted(progress) and progress[-1] == resolved.missing_bytes
     assert written(local) == {n: hub.file_content("org/tiny", n) for n in SMALL_REPO}
-    assert incomplete(local) == []
+    assert parts(local) == {}
 
     # Everything is present now: a new resolve says so, and a download fetches nothing.
     hub.throttle(None)
@@ -176,31 +192,25 @@ async def test_download_reports_progress_then_skips_what_is_complete(
     progress.clear()
     await download(settings, again, None, None, local, progress.append)
     assert progress == [0]
-    assert not [r for r in hub.requests if "/resolve/" in r.path and r.method == "GET"]
+    assert not [r for r in hub.requests if "/resolve/" in r.path]  # not even a HEAD
 
 
-async def test_cancel_mid_file_kills_the_child_and_keeps_finished_files(
+async def test_cancel_mid_file_keeps_its_bytes_and_the_next_run_resumes_them(
     hub: FakeHub, tmp_path: Path
 ) -> None:
-    sha = hub.add_repo("org/m", {"a.safetensors": MiB, "b.safetensors": 4 * MiB})
+    files = {"a.safetensors": MiB, "b.safetensors": 4 * MiB}
+    sha = hub.add_repo("org/m", files)
     hold = hub.hold_after("b.safetensors", 2 * MiB)
     # One file at a time, in path order: a is complete before b starts.
     settings = dataclasses.replace(settings_for(hub), max_workers=1)
     local = tmp_path / "m"
     progress: list[int] = []
     task = asyncio.create_task(
-        download(
-            settings,
-            pinned(sha, {"a.safetensors": MiB, "b.safetensors": 4 * MiB}),
-            None,
-            None,
-            local,
-            progress.append,
-        )
+        download(settings, pinned(hub, sha, files), None, None, local, progress.append)
     )
     # a is complete and 2 MiB of b are on disk; the server holds the rest.
     await wait_until(lambda: bool(progress) and progress[-1] >= 3 * MiB)
-    assert hold.reached.is_set() and (local / "a.safetensors").exists() and incomplete(local)
+    assert hold.reached.is_set() and (local / "a.safetensors").exists()
 
     started = time.monotonic()
     task.cancel()
@@ -208,43 +218,55 @@ async def test_cancel_mid_file_kills_the_child_and_keeps_finished_files(
         await task
     assert time.monotonic() - started < 2
     assert child_pids() == []
-    assert incomplete(local) == []
-    assert not (local / "b.safetensors").exists()
+    assert not (local / "b.safetensors").exists()  # only the rename makes it count
+    b_part = part_path(local, "b.safetensors", etag(hub, "org/m", "b.safetensors"))
+    assert parts(local) == {str(b_part.relative_to(local)): 2 * MiB}
     hold.release()
 
-    # The next run skips a and fetches b again, from byte 0.
+    # The next run skips a, counts the part file of b as there, and asks for the rest of b.
     resolved = await resolve(settings, "org/m", None, None, None, local)
-    assert [(f.path, f.present) for f in resolved.files] == [
-        ("a.safetensors", True),
-        ("b.safetensors", False),
+    assert [(f.path, f.present, f.partial) for f in resolved.files] == [
+        ("a.safetensors", True, 0),
+        ("b.safetensors", False, 2 * MiB),
     ]
+    assert resolved.missing_bytes == 2 * MiB
     hub.requests.clear()
     progress.clear()
     await download(settings, resolved, None, None, local, progress.append)
-    assert progress[-1] == resolved.missing_bytes == 4 * MiB
+    assert progress[-1] == resolved.missing_bytes
     assert not hub.gets("a.safetensors")
-    assert [r.range for r in hub.gets("b.safetensors")] == [None]
-    assert written(local) == {
-        n: hub.file_content("org/m", n) for n in ("a.safetensors", "b.safetensors")
-    }
+    assert [r.range for r in hub.gets("b.safetensors")] == [f"bytes={2 * MiB}-"]
+    assert written(local) == {n: hub.file_content("org/m", n) for n in files}
+    assert parts(local) == {}
 
 
-async def test_a_child_that_dies_is_download_failed_and_leaves_no_partial_file(
+async def test_a_part_file_of_another_version_is_not_resumed(hub: FakeHub, tmp_path: Path) -> None:
+    files = {"model.safetensors": 2 * MiB}
+    sha = hub.add_repo("org/m", files)
+    local = tmp_path / "m"
+    stale = part_path(local, "model.safetensors", "0" * 64)
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"x" * MiB)
+
+    resolved = await resolve(settings_for(hub), "org/m", sha, None, None, local)
+    assert [(f.present, f.partial) for f in resolved.files] == [(False, 0)]
+    await download(settings_for(hub), resolved, None, None, local, lambda _n: None)
+
+    assert [r.range for r in hub.gets("model.safetensors")] == [None]
+    assert written(local) == {"model.safetensors": hub.file_content("org/m", "model.safetensors")}
+    assert parts(local) == {}  # the stale one is gone too
+
+
+async def test_a_child_that_dies_is_download_failed_and_keeps_its_bytes(
     hub: FakeHub, tmp_path: Path
 ) -> None:
-    sha = hub.add_repo("org/m", {"model.safetensors": 4 * MiB})
+    files = {"model.safetensors": 4 * MiB}
+    sha = hub.add_repo("org/m", files)
     hold = hub.hold_after("model.safetensors", MiB)
     local = tmp_path / "m"
     progress: list[int] = []
     task = asyncio.create_task(
-        download(
-            settings_for(hub),
-            pinned(sha, {"model.safetensors": 4 * MiB}),
-            None,
-            None,
-            local,
-            progress.append,
-        )
+        download(settings_for(hub), pinned(hub, sha, files), None, None, local, progress.append)
     )
     await wait_until(lambda: bool(progress) and progress[-1] >= MiB)
     (child,) = child_pids()
@@ -255,25 +277,21 @@ async def test_a_child_that_dies_is_download_failed_and_leaves_no_partial_file(
     hold.release()
     assert raised.value.code == ErrorCode.DOWNLOAD_FAILED
     assert "status -9" in raised.value.message
-    assert incomplete(local) == []
+    assert list(parts(local).values()) == [MiB]
+    assert not (local / "model.safetensors").exists()
 
 
 async def test_a_dropped_connection_is_resumed_with_a_range(hub: FakeHub, tmp_path: Path) -> None:
-    sha = hub.add_repo("org/m", {"model.safetensors": 3 * MiB})
-    hub.drop_after("model.safetensors", 2 * MiB)
+    files = {"model.safetensors": 3 * MiB}
+    sha = hub.add_repo("org/m", files)
+    hub.drop_after("model.safetensors", 2 * MiB + 1000)
     local = tmp_path / "m"
     progress: list[int] = []
 
-    await download(
-        settings_for(hub),
-        pinned(sha, {"model.safetensors": 3 * MiB}),
-        None,
-        None,
-        local,
-        progress.append,
-    )
+    await download(settings_for(hub), pinned(hub, sha, files), None, None, local, progress.append)
 
-    assert [r.range for r in hub.gets("model.safetensors")] == [None, f"bytes={2 * MiB}-"]
+    ranges = [r.range for r in hub.gets("model.safetensors")]
+    assert ranges == [None, f"bytes={2 * MiB + 1000}-"]
     assert (local / "model.safetensors").read_bytes() == hub.file_content(
         "org/m", "model.safetensors"
     )
@@ -288,15 +306,17 @@ async def test_a_server_error_is_download_failed(hub: FakeHub, tmp_path: Path) -
     with pytest.raises(HubError) as raised:
         await download(
             settings_for(hub),
-            pinned(sha, {"config.json": 2, "model.safetensors": MiB}),
+            pinned(hub, sha, {"config.json": 2, "model.safetensors": MiB}),
             None,
             None,
             local,
             lambda _n: None,
         )
     assert raised.value.code == ErrorCode.DOWNLOAD_FAILED, raised.value.message
-    assert "org/m" in raised.value.message
-    assert incomplete(local) == []
+    assert "org/m" in raised.value.message and "HTTP Error 500" in raised.value.message
+    # A few attempts, not twenty.
+    assert 1 < len(hub.gets("model.safetensors")) < 10
+    assert not (local / "model.safetensors").exists()
 
 
 # --- errors
@@ -342,6 +362,28 @@ async def test_the_token_opens_a_gated_repo(hub: FakeHub, tmp_path: Path) -> Non
     assert written(local) == {n: hub.file_content("org/gated", n) for n in resolved_paths(resolved)}
     assert hub.gets("model.safetensors")
     assert all(r.authorization == f"Bearer {TOKEN}" for r in hub.requests)
+
+
+async def test_a_cdn_redirect_gets_the_bytes_without_the_token(tmp_path: Path) -> None:
+    with FakeHub(tokens=(TOKEN,), lfs_cdn=True) as hub:
+        hub.add_repo("org/gated", {"config.json": "{}", "model.safetensors": 2 * MiB}, gated=True)
+        hub.drop_after("model.safetensors", MiB)  # the resume goes to the CDN too
+        authorized = settings_for(hub, TOKEN)
+        local = tmp_path / "g"
+
+        resolved = await resolve(authorized, "org/gated", None, None, None, local)
+        await download(authorized, resolved, None, None, local, lambda _n: None)
+
+        assert written(local) == {
+            n: hub.file_content("org/gated", n) for n in resolved_paths(resolved)
+        }
+        cdn = [r for r in hub.requests if r.path.startswith("/__cdn/")]
+        assert [(r.method, r.range) for r in cdn] == [("GET", None), ("GET", f"bytes={MiB}-")]
+        assert {r.host for r in cdn} == {f"localhost:{hub.port}"}
+        assert all(r.authorization is None for r in cdn)
+        hub_requests = [r for r in hub.requests if r not in cdn]
+        assert all(r.authorization == f"Bearer {TOKEN}" for r in hub_requests)
+        assert any(r.path.endswith("/config.json") and r.method == "GET" for r in hub_requests)
 
 
 async def test_a_silent_hub_times_out_the_resolve(tmp_path: Path) -> None:
