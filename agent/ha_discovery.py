@@ -14,7 +14,6 @@ from typing import Any
 from shared.messages import GpuInfo
 from shared.topics import CommandName, HostTopics
 
-DEFAULT_DISCOVERY_PREFIX = "homeassistant"
 # The event types the agent emits; Home Assistant ignores others (with a warning).
 EVENT_TYPES = (
     "model_loaded",

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from agent import hub
 from agent.catalog import Catalog
 from agent.config import WeightsConfig
-from agent.job_publishing import JobPublisher, publish_job
+from agent.job_publishing import JobPublisher, publish_job, wait_for_job
 from agent.jobs import Job, JobRequest, QueueFullError, SwapQueue
 from agent.store import Store
 from agent.weights import MIB, WeightsDir, default_name, manifest_for
@@ -245,19 +245,13 @@ class Installer:
             self._running = (job, task)
             await self._job_update(job)
             try:
-                await asyncio.shield(task)
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task  # the child process must be gone before we are
-                    raise
+                # The download's child process must be gone before the worker is.
+                await wait_for_job(
+                    job, task, cancel_message="cancelled while downloading", settle_on_shutdown=True
+                )
             finally:
                 self._running = None
                 self.queue.done(job)
-                if not job.finished:
-                    job.cancel("cancelled while downloading")
             # The weights topic first: whoever the final job update wakes sees the
             # install (or its partial files) listed already.
             await self.publish_state()

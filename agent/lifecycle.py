@@ -21,7 +21,7 @@ from agent.catalog import Catalog, ModelSpec
 from agent.config import LifecycleConfig
 from agent.gpu.base import GpuSample
 from agent.health import probe
-from agent.job_publishing import JobPublisher, publish_job
+from agent.job_publishing import JobPublisher, publish_job, wait_for_job
 from agent.jobs import Job, JobRequest, QueueFullError, SwapQueue
 from agent.planner import GpuMemory, Plan, Refusal, Resident, Target, plan_load, plan_switch
 from agent.runtimes.base import Instance, Runtime, RuntimeFailure
@@ -344,20 +344,14 @@ class Lifecycle:
             await self._job_update(job)
             await self._positions_changed()
             try:
-                await asyncio.shield(task)
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    # The worker itself is being stopped (the agent shuts down).
-                    task.cancel()
-                    raise
-                # Otherwise only the job's task ended cancelled; it is finished below.
+                # At shutdown the servers are left to the next agent: no waiting.
+                await wait_for_job(
+                    job, task, cancel_message="cancelled while running", settle_on_shutdown=False
+                )
             finally:
                 self._running = None
                 self._cancel_requested.discard(job.job_id)
                 self.queue.done(job)
-                if not job.finished:  # cancelled before it could start its own bookkeeping
-                    job.cancel("cancelled while running")
             await self._job_update(job, final=True)
             await self.publisher.state_changed()
 

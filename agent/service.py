@@ -213,12 +213,7 @@ class AgentService:
         # Threshold alerts (with hysteresis) judge the fresh figures; each start and
         # clear is one event, and what is active goes into the GPU's alerts list.
         changes = self._alerts.update(gpus, time.monotonic())
-        self.gpus = [
-            gpu.model_copy(update={"alerts": [*gpu.alerts, *self._alerts.active(gpu.index)]})
-            if self._alerts.active(gpu.index)
-            else gpu
-            for gpu in gpus
-        ]
+        self.gpus = [_with_alerts(gpu, self._alerts.active(gpu.index)) for gpu in gpus]
         for change in changes:
             await self._event(alert_event(change))
         indices = tuple(sample.index for sample in self._samples)
@@ -559,3 +554,8 @@ class AgentService:
             # Through the client: a connection lost just now must not fail the caller
             # (a job's last step); the next connect republishes the state anyway.
             await self.client.publish(self.topics.state, encode(self.state), qos=0, retain=True)
+
+
+def _with_alerts(gpu: GpuState, active: list[str]) -> GpuState:
+    """The GPU's state with the threshold alerts active on it (no copy when none)."""
+    return gpu.model_copy(update={"alerts": [*gpu.alerts, *active]}) if active else gpu

@@ -42,7 +42,7 @@ MAX_PAYLOAD_BYTES = 256 * 1024
 _MAX_DETAIL_CHARS = 200
 
 # Kinds a watcher sees but does not show: commands and replies are other clients'
-# conversations; weights are not published yet and have no screen.
+# conversations; weights have no screen yet (the jobs panel shows installs).
 _IGNORED_KINDS = frozenset({"cmd", "reply", "weights"})
 _SINGLE_KINDS = frozenset({"status", "info", "state", "events"})
 _KEYED_KINDS = frozenset({"gpu", "models", "jobs"})
