@@ -272,6 +272,12 @@ def run_agent(args: argparse.Namespace) -> int:
     except BrokerRefusedError as exc:
         print(f"modelbus agent: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except Exception:
+        # The connection was dropped without DISCONNECT: the broker says "offline".
+        logging.getLogger("modelbus.agent").critical(
+            "the agent stopped on an unexpected error", exc_info=True
+        )
+        return EXIT_FAILURE
     return EXIT_OK
 
 

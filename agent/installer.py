@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from agent import hub
 from agent.catalog import Catalog
 from agent.config import WeightsConfig
-from agent.job_publishing import JobPublisher, publish_job, wait_for_job
+from agent.job_publishing import JobPublisher, QueuePositions, publish_job, wait_for_job
 from agent.jobs import Job, JobRequest, QueueFullError, SwapQueue
 from agent.store import Store
 from agent.weights import MIB, WeightsDir, default_name, manifest_for
@@ -90,6 +90,7 @@ class Installer:
             endpoint=config.endpoint, token=config.token, timeout_s=config.resolve_timeout_s
         )
         self.queue = SwapQueue(limit=config.queue_limit, name="install")
+        self._positions = QueuePositions(self.queue, publisher)
         self._wakeup = asyncio.Event()
         self._running: tuple[Job, asyncio.Task[None]] | None = None
         self._stopping = False
@@ -134,6 +135,7 @@ class Installer:
             raise CommandError(ErrorCode.QUEUE_FULL, str(exc)) from None
         if not joined:
             self._wakeup.set()
+            self._positions.moved()
             announcement = asyncio.get_running_loop().create_task(self._job_update(job))
             self._announcements.add(announcement)
             announcement.add_done_callback(self._announcements.discard)
@@ -148,8 +150,7 @@ class Installer:
         if queued is not None:
             queued.cancel("cancelled while queued")
             await self._job_update(queued, final=True)
-            for job in self.queue.queued():
-                await self.publisher.job_changed(job.snapshot())
+            self._positions.moved()
             return queued
         if self._running is not None and self._running[0].job_id == job_id:
             job, task = self._running
@@ -228,6 +229,7 @@ class Installer:
     def stop(self) -> None:
         self._stopping = True
         self._wakeup.set()
+        self._positions.stop()
 
     async def _refresh(self) -> None:
         while not self._stopping:
@@ -244,6 +246,7 @@ class Installer:
             task = asyncio.create_task(self._execute(job), name=f"install-{job.job_id}")
             self._running = (job, task)
             await self._job_update(job)
+            self._positions.moved()
             try:
                 # The download's child process must be gone before the worker is.
                 await wait_for_job(
@@ -404,4 +407,4 @@ class Installer:
         return manifest.repo if manifest is not None else self.weights.pending_repo(name)
 
     async def _job_update(self, job: Job, *, final: bool = False) -> None:
-        await publish_job(job, self.store, self.publisher, final=final)
+        self._positions.published(await publish_job(job, self.store, self.publisher, final=final))

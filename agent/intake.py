@@ -48,11 +48,12 @@ class Intake:
         *,
         job_id: str | None = None,
         data: dict[str, Any] | None = None,
+        fresh_request_id: bool = False,
     ) -> Reply:
         failure = error or self.error
         assert failure is not None, "reply_error needs an error"
         return Reply(
-            request_id=self.request_id,
+            request_id=new_request_id() if fresh_request_id else self.request_id,
             command=self.command_name,
             status="error",
             job_id=job_id,
@@ -74,6 +75,24 @@ def command_level(topics: HostTopics, topic: str) -> str | None:
     return level if "/" not in level else None
 
 
+def refused_intake(
+    topics: HostTopics,
+    level: str,
+    error: CommandError,
+    *,
+    correlation_data: bytes | None = None,
+    request_id: str | None = None,
+) -> Intake:
+    """A command refused before it was read: answered on ``P/H/reply/<command>``."""
+    command_name = level if _PLAIN_COMMAND_LEVEL.fullmatch(level) else "unknown"
+    return Intake(
+        command_name=command_name,
+        request_id=request_id or new_request_id(),
+        route=ReplyRoute(topics.reply(command_name), correlation_data),
+        error=error,
+    )
+
+
 def read_command(
     topics: HostTopics,
     level: str,
@@ -87,12 +106,9 @@ def read_command(
     command_name = level if _PLAIN_COMMAND_LEVEL.fullmatch(level) else "unknown"
     default_route = ReplyRoute(topics.reply(command_name), correlation_data)
 
-    def failed(code: ErrorCode, message: str, request_id: str | None = None) -> Intake:
-        return Intake(
-            command_name=command_name,
-            request_id=request_id or new_request_id(),
-            route=default_route,
-            error=CommandError(code, message),
+    def failed(code: ErrorCode, message: str) -> Intake:
+        return refused_intake(
+            topics, level, CommandError(code, message), correlation_data=correlation_data
         )
 
     if response_topic is not None and not topics.is_allowed_response_topic(response_topic):

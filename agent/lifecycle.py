@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -21,7 +21,7 @@ from agent.catalog import Catalog, ModelSpec
 from agent.config import LifecycleConfig
 from agent.gpu.base import GpuSample
 from agent.health import probe
-from agent.job_publishing import JobPublisher, publish_job, wait_for_job
+from agent.job_publishing import JobPublisher, QueuePositions, publish_job, wait_for_job
 from agent.jobs import Job, JobRequest, QueueFullError, SwapQueue
 from agent.planner import GpuMemory, Plan, Refusal, Resident, Target, plan_load, plan_switch
 from agent.runtimes.base import Instance, Runtime, RuntimeFailure
@@ -42,6 +42,8 @@ from shared.messages import (
 log = logging.getLogger("modelbus.lifecycle")
 
 Sampler = Callable[[], Awaitable[tuple[GpuSample, ...]]]
+# The indices of the GPUs this host has, as last sampled.
+GpuIndices = Callable[[], Collection[int]]
 # Publish job progress no more often than this while a model loads.
 PROGRESS_INTERVAL_S = 0.25
 LOG_LINES_IN_ERRORS = 8
@@ -116,6 +118,7 @@ class Lifecycle:
         store: Store,
         publisher: Publisher,
         sample: Sampler,
+        gpu_indices: GpuIndices,
         *,
         sim_state_file: str | None = None,
     ) -> None:
@@ -125,9 +128,11 @@ class Lifecycle:
         self.store = store
         self.publisher = publisher
         self.sample = sample
+        self.gpu_indices = gpu_indices
         self.sim_state_file = sim_state_file
         self.models = {name: ModelRecord(spec) for name, spec in catalog.models.items()}
         self.queue = SwapQueue(limit=config.queue_limit)
+        self._positions = QueuePositions(self.queue, publisher)
         self._wakeup = asyncio.Event()
         self._running: tuple[Job, asyncio.Task[None]] | None = None
         self._cancel_requested: set[str] = set()
@@ -172,13 +177,15 @@ class Lifecycle:
                 f"unknown model {request.model!r}: the catalog has "
                 f"{', '.join(self.catalog.names()) or 'no models'}",
             )
-        _check_gpu_override(spec, request.gpu)
+        _check_gpu_override(spec, request.gpu, self.gpu_indices())
         try:
             job, joined = self.queue.submit(Job(request, request_id=request_id, priority=priority))
         except QueueFullError as exc:
             raise CommandError(ErrorCode.QUEUE_FULL, str(exc)) from None
         if not joined:
             self._wakeup.set()
+            # A job of higher priority moves the ones behind it.
+            self._positions.moved()
             # Published and saved while still queued, so a restart cannot lose it.
             announcement = asyncio.get_running_loop().create_task(self._job_update(job))
             self._announcements.add(announcement)
@@ -190,7 +197,7 @@ class Lifecycle:
         if queued is not None:
             queued.cancel("cancelled while queued")
             await self._job_update(queued, final=True)
-            await self._positions_changed()
+            self._positions.moved()
             return queued
         if self._running is not None and self._running[0].job_id == job_id:
             # Stopping the new server and restoring what it evicted takes time; the
@@ -208,7 +215,7 @@ class Lifecycle:
         spec = self.catalog.get(model)
         if spec is None:
             raise CommandError(ErrorCode.UNKNOWN_MODEL, f"unknown model {model!r}")
-        _check_gpu_override(spec, gpu)
+        _check_gpu_override(spec, gpu, self.gpu_indices())
         return plan_switch(
             _gpu_memory(await self.sample()),
             self._residents(),
@@ -331,6 +338,7 @@ class Lifecycle:
         because aiomqtt's publish waits with wait_for, which on 3.11 can swallow one."""
         self._stopping = True
         self._wakeup.set()
+        self._positions.stop()
 
     async def _worker(self) -> None:
         while not self._stopping:
@@ -342,7 +350,7 @@ class Lifecycle:
             task = asyncio.create_task(self._execute(job), name=f"job-{job.job_id}")
             self._running = (job, task)
             await self._job_update(job)
-            await self._positions_changed()
+            self._positions.moved()
             try:
                 # At shutdown the servers are left to the next agent: no waiting.
                 await wait_for_job(
@@ -859,14 +867,16 @@ class Lifecycle:
         self._owners = owners
 
     async def _job_update(self, job: Job, *, final: bool = False) -> None:
-        await publish_job(job, self.store, self.publisher, final=final)
-
-    async def _positions_changed(self) -> None:
-        for queued in self.queue.queued():
-            await self.publisher.job_changed(queued.snapshot())
+        self._positions.published(await publish_job(job, self.store, self.publisher, final=final))
 
 
-def _check_gpu_override(spec: ModelSpec, gpu: int | None) -> None:
+def _check_gpu_override(spec: ModelSpec, gpu: int | None, present: Collection[int]) -> None:
+    if gpu is not None and gpu not in present:
+        indices = ", ".join(str(i) for i in sorted(present)) or "none"
+        raise CommandError(
+            ErrorCode.INVALID_PAYLOAD,
+            f"this host has no GPU {gpu}; its GPUs are {indices}",
+        )
     if gpu is not None and len(spec.gpus) > 1:
         raise CommandError(
             ErrorCode.INVALID_PAYLOAD,

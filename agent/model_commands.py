@@ -29,7 +29,7 @@ from shared.messages import ErrorCode, JobState, JobStatus, Reply
 from shared.topics import CommandName
 
 Handler = Callable[[Intake], Awaitable[Reply | None]]
-SendReply = Callable[[Intake, Reply], Awaitable[None]]
+SendReply = Callable[[Intake, Reply], None]
 
 
 class ModelCommands:
@@ -114,7 +114,7 @@ class ModelCommands:
                     job_id=job.job_id,
                     data=data,
                 )
-            await self._send_reply(intake, reply)
+            self._send_reply(intake, reply)
 
     async def _plan(self, intake: Intake) -> Reply:
         command = intake.command

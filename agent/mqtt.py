@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
+import select
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -21,9 +23,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import aiomqtt
+from paho.mqtt.client import MQTT_ERR_SUCCESS
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from agent.outbox import Outbox, Outgoing
 
 if TYPE_CHECKING:
     from agent.config import BrokerConfig
@@ -40,6 +46,25 @@ _BAD_CREDENTIALS = {4, 5, 0x86, 0x87, 0x8C}
 _CLIENT_ID_REJECTED = {2, 0x85}
 _BANNED = {0x8A}
 _UNSUPPORTED_PROTOCOL = {1, 0x84}
+# MQTT 5's DISCONNECT reason that asks the broker to publish the will all the same.
+_DISCONNECT_WITH_WILL = 0x04
+
+# Packets read per wakeup of the socket, at most, before other work gets a turn.
+MAX_PACKETS_PER_WAKEUP = 1000
+# Publishes handed to the connection and not yet acknowledged, at most.
+SEND_WINDOW = 100
+# How long one publish may wait for the broker's acknowledgement before it counts as
+# not delivered (it is sent again over the next connection).
+ACK_TIMEOUT_S = 30.0
+# The largest payload published: the shipped broker (max_packet_size 262144) drops the
+# connection of a client that sends a bigger packet, which would then be sent again on
+# every reconnect. 1 KiB is left for the topic and properties.
+MAX_PUBLISH_BYTES = 262144 - 1024
+# What a client keeps for the broker while it cannot deliver (see agent/outbox.py).
+OUTBOX_MAX_MESSAGES = 10_000
+OUTBOX_MAX_BYTES = 32 * 1024 * 1024
+# How often, at most, dropped messages are logged.
+DROP_LOG_INTERVAL_S = 10.0
 
 
 # What a lost connection raises from publish; callers catch it without importing aiomqtt.
@@ -159,6 +184,14 @@ class Connection:
     def __init__(self, client: aiomqtt.Client, protocol: MqttProtocol) -> None:
         self._client = client
         self.protocol: MqttProtocol = protocol
+        # Only an end its owner chose may send a plain DISCONNECT, which makes the
+        # broker discard the will; any other end (an exception, a crash) keeps it.
+        self.deliberate_end = False
+
+    @property
+    def backlog(self) -> int:
+        """Messages received (and acknowledged) that ``messages()`` has not yet yielded."""
+        return len(self._client.messages)
 
     def socket(self) -> socket.socket | None:
         """The TCP socket, for checks such as TCP_NODELAY."""
@@ -187,6 +220,59 @@ class Connection:
             topic, payload, qos=qos, retain=retain, properties=properties, timeout=timeout_s
         )
 
+    def _read_everything_available(self) -> None:
+        """aiomqtt reads one packet per wakeup of the socket (paho's ``loop_read``
+        reads a single one while nothing of ours is in flight), so while the loop is busy
+        the broker's window toward us fills and, under a burst, its queue overflows and
+        drops messages it already acknowledged to their senders. Read everything the
+        socket holds instead: each QoS 1 message is acknowledged as soon as it arrives."""
+        paho = self._client._client
+        raw = paho.socket()
+        if not isinstance(raw, socket.socket):
+            return
+        sock = raw
+        disconnected = self._client._disconnected
+
+        def on_readable() -> None:
+            try:
+                for _ in range(MAX_PACKETS_PER_WAKEUP):
+                    if paho.loop_read() != MQTT_ERR_SUCCESS or not _readable_now(sock):
+                        break
+            except Exception as exc:  # as aiomqtt's own reader: a broken socket
+                if not disconnected.done():
+                    disconnected.set_exception(exc)
+
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(sock.fileno())
+        loop.add_reader(sock.fileno(), on_readable)
+
+    async def _end(self, *, keep_will: bool) -> None:
+        """Close the connection: a plain DISCONNECT, or one that keeps the will."""
+        client = self._client
+        if not keep_will or client._disconnected.done():
+            # When the connection is already gone there is nothing left to close.
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.__aexit__(None, None, None)
+            return
+        paho = client._client
+        if self.protocol == "5":
+            paho.disconnect(
+                reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=_DISCONNECT_WITH_WILL)
+            )
+        else:
+            # MQTT 3.1.1 has no DISCONNECT that keeps the will: drop the socket instead.
+            sock = paho.socket()
+            if isinstance(sock, socket.socket):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(TimeoutError, aiomqtt.MqttError):
+            async with asyncio.timeout(2.0):
+                await asyncio.shield(client._disconnected)
+        if client._disconnected.done() and not client._disconnected.cancelled():
+            client._disconnected.exception()  # seen: not "never retrieved"
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.__aexit__(None, None, None)
+
     async def subscribe(self, subscriptions: Sequence[Subscription]) -> None:
         if not subscriptions:
             return
@@ -203,6 +289,13 @@ class Connection:
     async def messages(self) -> AsyncIterator[Message]:
         async for raw in self._client.messages:
             yield _to_message(raw)
+
+
+def _readable_now(sock: socket.socket) -> bool:
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
 
 
 def _to_message(raw: aiomqtt.Message) -> Message:
@@ -322,12 +415,20 @@ async def connect(
             )
             last_error = exc
             continue
+        # Publishes are pipelined (see ReconnectingClient): no warning per waiting ack.
+        client.pending_calls_threshold = SEND_WINDOW + 1
+        connection = Connection(client, protocol)
+        connection._read_everything_available()
         try:
-            yield Connection(client, protocol)
-        finally:
-            # When the connection is already gone there is nothing left to close.
-            with contextlib.suppress(aiomqtt.MqttError):
-                await client.__aexit__(None, None, None)
+            yield connection
+        except BaseException:
+            # An exception, a crash or a cancellation the owner did not choose: the
+            # broker must still publish the will (``offline``) for us.
+            await connection._end(
+                keep_will=settings.will is not None and not connection.deliberate_end
+            )
+            raise
+        await connection._end(keep_will=False)
         return
     assert last_error is not None
     raise last_error
@@ -357,8 +458,15 @@ class ReconnectingClient:
     """Keeps a connection up for as long as ``run()`` runs.
 
     On every connect it subscribes to its filters, then calls ``on_connected``
-    (where callers republish retained state and announce themselves), then
-    feeds messages to ``on_message`` one at a time.
+    (where callers republish retained state and announce themselves), then feeds
+    messages to ``on_message`` one at a time, in arrival order. One message's handler
+    failing is logged and the next message is handled.
+
+    Every publish goes through one outbox (agent/outbox.py) that a sender drains into
+    the connection without waiting for each acknowledgement, so messages leave in the
+    order they were published. With ``queue_while_offline`` what is published without
+    a connection, and what was sent but never acknowledged when one ended, is kept and
+    sent on the next connection; without it such publishes are refused (``False``).
     """
 
     def __init__(
@@ -369,22 +477,48 @@ class ReconnectingClient:
         on_connected: OnConnected | None = None,
         on_message: OnMessage | None = None,
         on_state: OnState | None = None,
+        queue_while_offline: bool = False,
+        outbox_max_messages: int = OUTBOX_MAX_MESSAGES,
+        outbox_max_bytes: int = OUTBOX_MAX_BYTES,
         name: str = "mqtt",
     ) -> None:
         self.settings = settings
         self.subscriptions = list(subscriptions)
+        self.queue_while_offline = queue_while_offline
         self._on_connected = on_connected
         self._on_message = on_message
         self._on_state = on_state
         self._log = logging.getLogger(f"modelbus.{name}")
+        self._name = name
         self._connection: Connection | None = None
         self._preferred: MqttProtocol | None = None
         self.connected = asyncio.Event()
         self.connect_count = 0
+        self._outbox = Outbox(max_messages=outbox_max_messages, max_bytes=outbox_max_bytes)
+        self._unacked: dict[int, Outgoing] = {}
+        self._sequence = itertools.count()
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._wake_sender = asyncio.Event()
+        # Set while nothing waits in the outbox and nothing sent awaits its ack.
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._deliberate = False
+        self._drops_logged = 0
+        self._drop_logged_at = -DROP_LOG_INTERVAL_S
 
     @property
     def connection(self) -> Connection | None:
         return self._connection
+
+    @property
+    def waiting(self) -> int:
+        """Messages published and not yet acknowledged by the broker."""
+        return len(self._outbox) + len(self._unacked)
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped because the outbox was full or a delivery kept failing."""
+        return self._outbox.dropped
 
     async def run(self) -> None:
         """Connect, serve, and reconnect with backoff until cancelled.
@@ -410,6 +544,25 @@ class ReconnectingClient:
             )
             await asyncio.sleep(delay)
 
+    async def close(self, timeout_s: float) -> bool:
+        """Before a deliberate shutdown: deliver what is queued (for at most
+        ``timeout_s``), then mark the end as chosen, so that cancelling ``run()`` sends a
+        plain DISCONNECT. Any other end keeps the will. True when all was delivered."""
+        delivered = await self.wait_delivered(timeout_s)
+        self._deliberate = True
+        if self._connection is not None:
+            self._connection.deliberate_end = True
+        return delivered
+
+    async def wait_delivered(self, timeout_s: float) -> bool:
+        """Wait until everything published so far is acknowledged (False on timeout)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
     async def _serve(self, connection: Connection) -> None:
         await connection.subscribe(self.subscriptions)
         self.connect_count += 1
@@ -419,12 +572,21 @@ class ReconnectingClient:
             connection.protocol,
             self.settings.client_id,
         )
+        connection.deliberate_end = self._deliberate
         self._set_connection(connection)
-        if self._on_connected is not None:
-            await self._on_connected(connection)
-        async for message in connection.messages():
-            if self._on_message is not None:
-                await self._on_message(connection, message)
+        sender = asyncio.create_task(self._send(connection), name=f"{self._name}-sender")
+        try:
+            if self._on_connected is not None:
+                await self._on_connected(connection)
+            async for message in connection.messages():
+                if self._on_message is None:
+                    continue
+                try:
+                    await self._on_message(connection, message)
+                except Exception:  # one message must never end the connection
+                    self._log.exception("could not handle a message on %.200s", message.topic)
+        finally:
+            await self._stop_sending(sender)
 
     def _set_connection(self, connection: Connection | None) -> None:
         changed = (self._connection is None) != (connection is None)
@@ -436,7 +598,7 @@ class ReconnectingClient:
         if changed and self._on_state is not None:
             self._on_state(connection is not None)
 
-    async def publish(
+    def publish(
         self,
         topic: str,
         payload: bytes | str,
@@ -446,21 +608,112 @@ class ReconnectingClient:
         correlation_data: bytes | None = None,
         response_topic: str | None = None,
     ) -> bool:
-        """Publish if connected; False when there is no connection (the caller's
-        retained state is republished on the next connect anyway)."""
-        connection = self._connection
-        if connection is None:
+        """Queue a message for the broker. False when there is no connection and this
+        client does not queue while offline (retained state is republished on the next
+        connect by the caller anyway)."""
+        if self._connection is None and not self.queue_while_offline:
             return False
-        try:
-            await connection.publish(
+        data = payload.encode() if isinstance(payload, str) else payload
+        if len(data) > MAX_PUBLISH_BYTES:
+            self._outbox.count_dropped()
+            self._log.error(
+                "not published to %.200s: %d bytes, more than the %d a message may carry",
                 topic,
-                payload,
+                len(data),
+                MAX_PUBLISH_BYTES,
+            )
+            return False
+        dropped = self._outbox.put(
+            Outgoing(
+                topic,
+                data,
                 qos=qos,
                 retain=retain,
                 correlation_data=correlation_data,
                 response_topic=response_topic,
             )
-        except aiomqtt.MqttError as exc:
-            self._log.debug("publish to %s failed: %s", topic, exc)
-            return False
+        )
+        self._idle.clear()
+        self._wake_sender.set()
+        if dropped:
+            self._log_drops()
         return True
+
+    async def _send(self, connection: Connection) -> None:
+        """Hand the outbox to the connection, in order, up to SEND_WINDOW unacknowledged."""
+        window = asyncio.Semaphore(SEND_WINDOW)
+        while True:
+            await window.acquire()
+            message = self._outbox.take()
+            if message is None:
+                window.release()
+                if not self._unacked:
+                    self._idle.set()
+                self._wake_sender.clear()
+                await self._wake_sender.wait()
+                continue
+            number = next(self._sequence)
+            self._unacked[number] = message
+            # Tasks run their first step in the order they were created, and that step
+            # hands the message to paho: the broker gets them in outbox order.
+            delivery = asyncio.create_task(self._deliver(connection, number, message, window))
+            self._deliveries.add(delivery)
+            delivery.add_done_callback(self._deliveries.discard)
+
+    async def _deliver(
+        self, connection: Connection, number: int, message: Outgoing, window: asyncio.Semaphore
+    ) -> None:
+        try:
+            await connection.publish(
+                message.topic,
+                message.payload,
+                qos=message.qos,
+                retain=message.retain,
+                correlation_data=message.correlation_data,
+                response_topic=message.response_topic,
+                timeout_s=ACK_TIMEOUT_S,
+            )
+        except aiomqtt.MqttError as exc:
+            # Kept as unacknowledged: sent again over the next connection.
+            self._log.debug("publish to %.200s not acknowledged: %s", message.topic, exc)
+            return
+        finally:
+            window.release()
+        del self._unacked[number]
+        if not self._unacked and not len(self._outbox):
+            self._idle.set()
+
+    async def _stop_sending(self, sender: asyncio.Task[None]) -> None:
+        """The connection ended: stop the sender and every delivery, then keep what was
+        not acknowledged for the next connection (or drop it, without an offline queue)."""
+        tasks = [sender, *self._deliveries]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        unacked = [self._unacked[n] for n in sorted(self._unacked)]
+        self._unacked.clear()
+        if not self.queue_while_offline:
+            while self._outbox.take() is not None:
+                pass
+            self._idle.set()
+            return
+        if self._outbox.put_back(unacked):
+            self._log_drops()
+        if not len(self._outbox):
+            self._idle.set()
+
+    def _log_drops(self) -> None:
+        """A counted warning for dropped messages, at most every DROP_LOG_INTERVAL_S."""
+        now = asyncio.get_running_loop().time()
+        if now - self._drop_logged_at < DROP_LOG_INTERVAL_S:
+            return
+        self._log.warning(
+            "the outbox is full (%d messages, %d bytes): dropped %d of the oldest waiting "
+            "messages since the last warning, %d in all",
+            len(self._outbox),
+            self._outbox.bytes,
+            self._outbox.dropped - self._drops_logged,
+            self._outbox.dropped,
+        )
+        self._drops_logged = self._outbox.dropped
+        self._drop_logged_at = now

@@ -27,14 +27,14 @@ from agent.gpu.base import (
 )
 from agent.ha_discovery import discovery_payload
 from agent.installer import Installer
-from agent.intake import Intake, command_level, read_command
+from agent.intake import Intake, command_level, read_command, refused_intake
 from agent.lifecycle import Lifecycle
 from agent.model_commands import ModelCommands
 from agent.mqtt import (
+    MAX_PUBLISH_BYTES,
     Connection,
     ConnectionSettings,
     Message,
-    MqttError,
     ReconnectingClient,
     Subscription,
     Will,
@@ -68,6 +68,11 @@ T = TypeVar("T")
 CommandHandler = Callable[[Intake], Awaitable[Reply | None]]
 # How long a clean shutdown may spend telling the broker we are going offline.
 OFFLINE_PUBLISH_TIMEOUT_S = 2.0
+# Commands received (and so acknowledged to their senders) but not yet read, at most:
+# past this a command is answered ``busy`` at once instead of being executed.
+MAX_WAITING_COMMANDS = 1000
+# How many of the most recently finished jobs a status reply lists (besides all active ones).
+STATUS_RECENT_JOBS = 20
 
 
 def connection_settings(config: AgentConfig, topics: HostTopics) -> ConnectionSettings:
@@ -103,6 +108,7 @@ class AgentService:
             self.store,
             self,
             self._fresh_samples,
+            lambda: [sample.index for sample in self._samples],
             sim_state_file=str(config.sim_state_file) if config.gpu.backend == "sim" else None,
         )
         self.installer = Installer(
@@ -135,6 +141,9 @@ class AgentService:
             subscriptions=subscriptions,
             on_connected=self._on_connected,
             on_message=self._on_message,
+            # Events, replies and job states published while the broker is away are
+            # delivered once it is back, not lost.
+            queue_while_offline=True,
             name="agent",
         )
         self._protocol: str = "5"
@@ -175,13 +184,15 @@ class AgentService:
         await asyncio.to_thread(self.store.close)
 
     async def _announce_offline(self) -> None:
-        try:
-            async with asyncio.timeout(OFFLINE_PUBLISH_TIMEOUT_S):
-                await self.client.publish(
-                    self.topics.status, Availability.OFFLINE.value, qos=1, retain=True
-                )
-        except TimeoutError:
-            log.warning("could not publish 'offline' in time; the broker's will covers it")
+        """A deliberate shutdown: say ``offline`` ourselves, deliver what is queued, and
+        only then let the connection close with a DISCONNECT (which cancels the will)."""
+        self.client.publish(self.topics.status, Availability.OFFLINE.value, qos=1, retain=True)
+        if not await self.client.close(OFFLINE_PUBLISH_TIMEOUT_S):
+            log.warning(
+                "could not deliver 'offline' and %d queued messages in time; "
+                "the broker's will says 'offline' instead",
+                self.client.waiting,
+            )
 
     async def _call(self, fn: Callable[[], T]) -> T:
         """Blocking backend calls run off the event loop, under a timeout (asyncio.timeout,
@@ -310,24 +321,19 @@ class AgentService:
             except (GpuUnavailableError, TimeoutError) as exc:
                 log.error("GPU sampling failed: %s", exc or "timed out")
                 return
-            connection = self.client.connection
-            if connection is None:
-                return
-            try:
-                await self._publish_telemetry(connection, publish_all=publish_all)
-            except MqttError as exc:
-                # The connection dropped mid-publish: the client reconnects and the
-                # next connect republishes everything.
-                log.debug("telemetry not published: %s", exc)
+            # Without a connection there is nothing to tell: the next connect
+            # republishes every GPU and the state.
+            if self.client.connection is not None:
+                self._publish_telemetry(publish_all=publish_all)
 
-    async def _publish_telemetry(self, connection: Connection, *, publish_all: bool) -> None:
+    def _publish_telemetry(self, *, publish_all: bool) -> None:
         for gpu in self.gpus:
             topic = self.topics.gpu(gpu.index)
             if self._changes.changed(topic, gpu) or publish_all:
-                await connection.publish(topic, encode(gpu), qos=0, retain=True)
+                self.client.publish(topic, encode(gpu), qos=0, retain=True)
         assert self.state is not None
         if self._changes.changed(self.topics.state, self.state) or publish_all:
-            await connection.publish(self.topics.state, encode(self.state), qos=0, retain=True)
+            self.client.publish(self.topics.state, encode(self.state), qos=0, retain=True)
 
     def host_info(self) -> HostInfo:
         driver = self.driver or DriverInfo(self.backend.name, None, None)
@@ -349,23 +355,24 @@ class AgentService:
     # ---- connection ------------------------------------------------------
 
     async def _on_connected(self, connection: Connection) -> None:
-        """Republish every retained topic, then announce ``online``: a watcher
-        that sees ``online`` can trust the retained state beside it."""
+        """Republish every retained topic, then announce ``online``: a watcher that sees
+        ``online`` can trust the retained state beside it (one outbox, sent in order).
+        What was queued while offline (events, replies, cleared jobs) goes first."""
         self._protocol = connection.protocol
-        await connection.publish(self.topics.info, encode(self.host_info()), qos=1, retain=True)
-        await self._publish_discovery()
+        self.client.publish(self.topics.info, encode(self.host_info()), qos=1, retain=True)
+        self._publish_discovery()
         for record in self.lifecycle.models.values():
-            await connection.publish(
+            self.client.publish(
                 self.topics.model(record.spec.name), encode(record.snapshot()), qos=1, retain=True
             )
         for job in list(self._jobs.values()):
-            await connection.publish(self.topics.job(job.job_id), encode(job), qos=1, retain=True)
+            self.client.publish(self.topics.job(job.job_id), encode(job), qos=1, retain=True)
         if self._weights is not None:
-            await connection.publish(self.topics.weights, encode(self._weights), qos=1, retain=True)
+            self.client.publish(self.topics.weights, encode(self._weights), qos=1, retain=True)
         async with self._telemetry_lock:
             self._changes.forget()
-            await self._publish_telemetry(connection, publish_all=True)
-        await connection.publish(self.topics.status, Availability.ONLINE.value, qos=1, retain=True)
+            self._publish_telemetry(publish_all=True)
+        self.client.publish(self.topics.status, Availability.ONLINE.value, qos=1, retain=True)
 
     async def _event(self, event: Event) -> None:
         if not self.config.alerts.allows(event.event_type):
@@ -378,7 +385,8 @@ class AgentService:
             event.event_type,
             event.message,
         )
-        await self.client.publish(self.topics.events, encode(event), qos=1)
+        # Queued while offline: an event raised before the first connect still arrives.
+        self.client.publish(self.topics.events, encode(event), qos=1)
 
     # ---- commands --------------------------------------------------------
 
@@ -393,23 +401,45 @@ class AgentService:
         if message.topic in self._pending_clears and not message.payload:
             self._pending_clears.discard(message.topic)
             return
-        intake = read_command(
-            self.topics,
-            level,
-            message.payload,
-            retained=message.retain,
-            response_topic=message.response_topic,
-            correlation_data=message.correlation_data,
-            max_bytes=MAX_COMMAND_BYTES,
-        )
+        try:
+            intake = read_command(
+                self.topics,
+                level,
+                message.payload,
+                retained=message.retain,
+                response_topic=message.response_topic,
+                correlation_data=message.correlation_data,
+                max_bytes=MAX_COMMAND_BYTES,
+            )
+        except Exception:  # a bug in reading must cost one error reply, not the agent
+            log.exception("could not read a command on %.200s", message.topic)
+            intake = refused_intake(
+                self.topics,
+                level,
+                CommandError(
+                    ErrorCode.INTERNAL, "the agent failed to read the command; see its log"
+                ),
+                correlation_data=message.correlation_data,
+            )
         if message.retain:
             self._pending_clears.add(message.topic)
-            await connection.publish(message.topic, b"", qos=1, retain=True)
-        reply = await self._execute(intake)
+            self.client.publish(message.topic, b"", qos=1, retain=True)
+        waiting = connection.backlog
+        if intake.command is not None and waiting >= MAX_WAITING_COMMANDS:
+            # Already acknowledged to its sender: it gets a refusal, never silence.
+            reply: Reply | None = intake.reply_error(
+                CommandError(
+                    ErrorCode.BUSY,
+                    f"the agent has {waiting} commands waiting to be read (at most "
+                    f"{MAX_WAITING_COMMANDS}); the command was not executed, try again shortly",
+                )
+            )
+        else:
+            reply = await self._execute(intake)
         if reply is not None:
-            await self._send_reply(intake, reply)
+            self._send_reply(intake, reply)
 
-    async def _send_reply(self, intake: Intake, reply: Reply) -> None:
+    def _send_reply(self, intake: Intake, reply: Reply) -> None:
         if reply.status == "error" and reply.error is not None:
             log.info(
                 "command %s refused (%s): %s",
@@ -417,9 +447,32 @@ class AgentService:
                 reply.error.code,
                 reply.error.message,
             )
-        await self.client.publish(
+        try:
+            payload = encode(reply)
+        except ValueError:  # nothing the sender wrote should get here; if it does, say so
+            log.exception("the reply to a %s command could not be encoded", intake.command_name)
+            payload = encode(
+                intake.reply_error(
+                    CommandError(
+                        ErrorCode.INTERNAL, "the agent could not encode its reply; see its log"
+                    ),
+                    fresh_request_id=True,
+                )
+            )
+        if len(payload) > MAX_PUBLISH_BYTES:
+            log.error("the reply to a %s command is %d bytes", intake.command_name, len(payload))
+            payload = encode(
+                intake.reply_error(
+                    CommandError(
+                        ErrorCode.INTERNAL,
+                        f"the reply is {len(payload)} bytes, more than a message may carry "
+                        f"({MAX_PUBLISH_BYTES}); see the agent's log",
+                    )
+                )
+            )
+        self.client.publish(
             intake.route.topic,
-            encode(reply),
+            payload,
             qos=1,
             correlation_data=intake.route.correlation_data,
         )
@@ -460,20 +513,30 @@ class AgentService:
                     record.snapshot().model_dump(mode="json")
                     for record in self.lifecycle.models.values()
                 ],
-                "jobs": [job.model_dump(mode="json") for job in self._jobs.values()],
+                "jobs": [job.model_dump(mode="json") for job in self._status_jobs()],
                 "weights": self._weights.model_dump(mode="json") if self._weights else None,
             }
         )
 
+    def _status_jobs(self) -> list[JobState]:
+        """Every queued or running job and the most recent finished ones: all retained
+        jobs could make the reply larger than the broker accepts after a burst."""
+        active = [job for job in self._jobs.values() if job.finished_at is None]
+        finished = sorted(
+            (job for job in self._jobs.values() if job.finished_at is not None),
+            key=lambda job: job.finished_at or job.ts,
+        )
+        return active + finished[-STATUS_RECENT_JOBS:]
+
     # ---- the lifecycle's publisher ---------------------------------------
 
     async def model_changed(self, state: ModelState) -> None:
-        await self.client.publish(self.topics.model(state.name), encode(state), qos=1, retain=True)
+        self.client.publish(self.topics.model(state.name), encode(state), qos=1, retain=True)
         await self.state_changed()
 
     async def model_removed(self, name: str) -> None:
         """An empty retained payload removes the model's topic from the broker."""
-        await self.client.publish(self.topics.model(name), b"", qos=1, retain=True)
+        self.client.publish(self.topics.model(name), b"", qos=1, retain=True)
 
     async def reload(self, config_path: Path | None, overrides: Mapping[str, Any]) -> None:
         """Re-read the catalog (SIGHUP); a broken file changes nothing."""
@@ -484,13 +547,13 @@ class AgentService:
             return
         changes = await self.lifecycle.reload(config.catalog)
         log.info("catalog reloaded: %s", "; ".join(changes) or "no changes")
-        await self.client.publish(self.topics.info, encode(self.host_info()), qos=1, retain=True)
-        await self._publish_discovery()
+        self.client.publish(self.topics.info, encode(self.host_info()), qos=1, retain=True)
+        self._publish_discovery()
 
     async def job_changed(self, job: JobState) -> None:
         # Kept until cleared, so a reconnect republishes finished jobs too.
         self._jobs[job.job_id] = job
-        await self.client.publish(self.topics.job(job.job_id), encode(job), qos=1, retain=True)
+        self.client.publish(self.topics.job(job.job_id), encode(job), qos=1, retain=True)
 
     async def job_finished(self, job: JobState) -> None:
         await self.model_commands.job_finished(job)
@@ -502,19 +565,19 @@ class AgentService:
         """Finished jobs stay visible for a while, then leave the retained store."""
         await asyncio.sleep(self.config.lifecycle.job_retention_s)
         self._jobs.pop(job_id, None)
-        await self.client.publish(self.topics.job(job_id), b"", qos=1, retain=True)
+        self.client.publish(self.topics.job(job_id), b"", qos=1, retain=True)
 
     async def event(self, event: Event) -> None:
         await self._event(event)
 
     # ---- Home Assistant ----------------------------------------------------
 
-    async def _publish_discovery(self) -> None:
+    def _publish_discovery(self) -> None:
         """The host's retained discovery config; an empty one when turned off, which
         makes Home Assistant remove the device (and is harmless when there was none)."""
         topic = self.topics.discovery_config(self._ha.discovery_prefix)
         if not self._ha.enabled:
-            await self.client.publish(topic, b"", qos=1, retain=True)
+            self.client.publish(topic, b"", qos=1, retain=True)
             return
         info = self.host_info()
         self._discovered_gpus = tuple(gpu.index for gpu in info.gpus)
@@ -526,7 +589,7 @@ class AgentService:
             models=self.lifecycle.catalog.names(),
             gpu_backend=info.gpu_backend,
         )
-        await self.client.publish(topic, json.dumps(payload), qos=1, retain=True)
+        self.client.publish(topic, json.dumps(payload), qos=1, retain=True)
 
     def _schedule_discovery(self) -> None:
         """One republish per announcement, after a random delay; announcements that
@@ -538,13 +601,13 @@ class AgentService:
 
         async def later() -> None:
             await asyncio.sleep(random.uniform(0, self._ha.republish_delay_max_s))
-            await self._publish_discovery()
+            self._publish_discovery()
 
         self._discovery_pending = asyncio.get_running_loop().create_task(later())
 
     async def weights_changed(self, state: WeightsState) -> None:
         self._weights = state
-        await self.client.publish(self.topics.weights, encode(state), qos=1, retain=True)
+        self.client.publish(self.topics.weights, encode(state), qos=1, retain=True)
 
     async def state_changed(self) -> None:
         if not self.gpus:
@@ -553,7 +616,7 @@ class AgentService:
         if self._changes.changed(self.topics.state, self.state):
             # Through the client: a connection lost just now must not fail the caller
             # (a job's last step); the next connect republishes the state anyway.
-            await self.client.publish(self.topics.state, encode(self.state), qos=0, retain=True)
+            self.client.publish(self.topics.state, encode(self.state), qos=0, retain=True)
 
 
 def _with_alerts(gpu: GpuState, active: list[str]) -> GpuState:

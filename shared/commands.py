@@ -8,9 +8,9 @@ contract and one sentence naming what was wrong.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, ClassVar
 
+import pydantic_core
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -196,12 +196,15 @@ def decode_command(
 
 def _fields_from_text(model: type[CommandBase], text: str) -> dict[str, Any]:
     if text.startswith("{"):
+        # pydantic's own parser, not json.loads: it refuses what would later break the
+        # agent (lone surrogates, which no reply could encode; nesting past 200 levels;
+        # integers beyond 128 bits) with a message, instead of raising RecursionError or
+        # hitting Python's limit on integer digits.
         try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
+            value = pydantic_core.from_json(text, allow_inf_nan=False)
+        except ValueError as exc:
             raise CommandError(
-                ErrorCode.INVALID_PAYLOAD,
-                f"payload looks like JSON but is not valid: {exc.msg} at character {exc.pos}",
+                ErrorCode.INVALID_PAYLOAD, f"payload looks like JSON but is not valid: {exc}"
             ) from None
         if not isinstance(value, dict):
             raise CommandError(ErrorCode.INVALID_PAYLOAD, "a JSON payload must be an object")

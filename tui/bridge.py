@@ -156,7 +156,7 @@ class BusBridge:
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            sent = await self._client.publish(
+            sent = self._client.publish(
                 HostTopics(self.prefix, host).command(command),
                 json.dumps(body),
                 qos=1,

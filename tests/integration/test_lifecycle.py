@@ -240,6 +240,9 @@ async def test_agent_killed_mid_swap_fails_the_job_and_adopts_the_server(
         host.topics.job(reply.job_id), lambda v: v and v["state"] == "failed", after=mark
     )
     assert "restarted" in json.loads(failed.payload)["error"]["message"]
+    # Published before the new agent's first connection, and delivered once it connected.
+    event = await host.wait_event("job_failed")
+    assert event["job_id"] == reply.job_id and event["severity"] == "warning"
     # The server kept loading; the new agent adopted it and saw it become ready.
     await host.bus.wait_topic(
         host.topics.model("slow"), lambda v: v and v["state"] == "ready", after=mark

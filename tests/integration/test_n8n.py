@@ -215,7 +215,12 @@ async def test_n8n_switch_ask_unload_over_mqtt_311(
         # wait: true -> the one reply comes when the job has ended, and says so.
         assert reply.data is not None and reply.data["job"]["state"] == "succeeded"
         assert reply.job_id is not None
-        job = json.loads((observer.latest(topics.job(reply.job_id)) or message).payload)
+        # The job topic says the same; another connection may see it a moment later
+        # (MQTT orders messages per connection, not across them).
+        ended = await observer.wait_topic(
+            topics.job(reply.job_id), lambda v: v and v["phase"] == "done", timeout=10
+        )
+        job = json.loads(ended.payload)
         assert job["state"] == "succeeded" and job["request_id"] == request_id
         assert len(trigger.on(topics.reply("switch"))) == 1
 

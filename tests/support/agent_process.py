@@ -60,12 +60,18 @@ def write_agent_config(
 
 
 class AgentProcess:
-    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        module: str = "agent",
+    ) -> None:
         self.log = config.parent / "agent.log"
         self.state_dir = config.parent / "state"
         self._log_handle = self.log.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "agent", "agent", "--config", str(config), *args],
+            [sys.executable, "-m", module, "agent", "--config", str(config), *args],
             stdout=self._log_handle,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -56,6 +56,16 @@ class BusWatcher:
         assert found is not None
         return found
 
+    async def wait_until(
+        self, condition: Callable[[], bool], *, timeout: float = 10.0, what: str = "a condition"
+    ) -> None:
+        """Until ``condition()`` holds, checked again on each arrival."""
+        try:
+            async with asyncio.timeout(timeout), self._arrived:
+                await self._arrived.wait_for(condition)
+        except TimeoutError:
+            raise AssertionError(f"timed out waiting for {what}") from None
+
     async def wait_topic(
         self,
         topic: str,

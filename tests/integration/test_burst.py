@@ -1,0 +1,49 @@
+"""A burst of commands with the shipped broker limits: every command is answered
+exactly once, in each sender's order, and every job's final state reaches a live
+QoS 1 watcher."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from agent.broker import MosquittoBroker
+from tests.support.agent_process import AgentProcess
+from tests.support.burst import burst, wait_jobs_ended
+from tests.support.host import Host
+from tests.support.models import sim_model
+
+pytestmark = pytest.mark.broker
+
+RUNS = 5
+
+
+async def test_a_burst_of_1000_commands_from_20_clients_loses_none(
+    broker: MosquittoBroker, start_host: Callable[..., AgentProcess], host: Host
+) -> None:
+    # Three small models that fit together: loads and switches end fast, so the
+    # burst makes hundreds of jobs whose every update the watcher must see.
+    models = {name: sim_model(4096, load_s=0.05) for name in ("alpha", "beta", "gamma")}
+    log_start = broker.log_file.stat().st_size
+    agent = start_host(models)
+    await host.online()
+    for run in range(RUNS):
+        mark = len(host.bus.messages)
+        result = await burst(broker.port, host.topics, models=list(models), seed=run)
+        summary = f"run {run}: {result}"
+        assert result.sent == 1000
+        assert result.lost == 0, summary
+        assert result.duplicates == 0, summary
+        assert result.out_of_order == 0, summary
+        assert result.job_ids, summary
+        # Every job a reply named ends, and the watcher sees it end.
+        await wait_jobs_ended(host.bus, host.topics, result.job_ids, after=mark)
+        print(
+            f"burst run {run}: {result.answered}/{result.sent} answered in {result.seconds:.2f} s, "
+            f"{len(result.job_ids)} jobs, outcomes {dict(result.outcomes)}"
+        )
+    assert agent.process.poll() is None, agent.output()
+    with broker.log_file.open("rb") as log:
+        log.seek(log_start)
+        assert b"Outgoing messages are being dropped" not in log.read()

@@ -1,0 +1,103 @@
+"""Single messages that once killed the agent, and input it once accepted that it
+must refuse at once: each is answered with one structured error and the agent's
+process lives on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from agent.broker import MosquittoBroker
+from tests.integration.conftest import HOST
+from tests.support.agent_process import AgentProcess, write_agent_config
+from tests.support.host import Host
+from tests.support.models import sim_model
+
+pytestmark = pytest.mark.broker
+
+KILLERS = {
+    # Python refuses to turn more than 4,300 digits into an int (ValueError).
+    "5,000-digit integer": ("load", '{"model":"whisperx","gpu":' + "1" * 5000 + "}"),
+    # A lone surrogate is valid JSON but cannot be encoded back into a UTF-8 reply.
+    "lone surrogate request id": ("status", '{"request_id":"\\ud800"}'),
+    "lone surrogate field name": ("status", '{"\\udfff":1}'),
+    # json.loads recurses once per level (RecursionError past ~1,000).
+    "1,100 levels of nesting": ("load", '{"model":' + "[" * 1100 + "]" * 1100 + "}"),
+}
+
+
+@pytest.mark.parametrize("name", list(KILLERS))
+async def test_one_message_cannot_kill_the_agent(
+    name: str, start_host: Callable[..., AgentProcess], host: Host
+) -> None:
+    agent = start_host({"whisperx": sim_model(6144)})
+    await host.online()
+    command, payload = KILLERS[name]
+    mark = len(host.bus.messages)
+    await host.bus.connection.publish(host.topics.command(command), payload, qos=1)
+    message = await host.bus.wait_topic(host.topics.reply(command), after=mark)
+    reply = message.payload.decode()
+    assert '"status":"error"' in reply and '"code":"invalid_payload"' in reply, reply
+    assert agent.process.poll() is None, agent.output()
+    status = await host.ask("status")
+    assert status.status == "ok"
+    assert agent.process.poll() is None
+
+
+async def test_a_gpu_that_does_not_exist_is_refused_at_once(
+    start_host: Callable[..., AgentProcess], host: Host
+) -> None:
+    start_host({"whisperx": sim_model(6144)})
+    await host.online()
+    for command in ("load", "switch", "plan"):
+        reply = await host.ask(command, {"model": "whisperx", "gpu": 5})
+        assert reply.status == "error" and reply.error is not None, reply
+        assert reply.error.code == "invalid_payload"
+        assert "GPU 5" in reply.error.message and "0" in reply.error.message
+        assert reply.job_id is None
+    status = await host.ask("status")
+    assert status.data is not None and status.data["jobs"] == []
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_an_agent_that_dies_of_an_error_goes_offline(
+    protocol: str, broker: MosquittoBroker, prefix: str, tmp_path: Path, host: Host
+) -> None:
+    """Not SIGKILL (the kernel closes the socket, and the will fires anyway): an
+    exception ends the process, and the broker must still publish its will."""
+    keepalive_s = 30
+    config = write_agent_config(
+        tmp_path / "agent.yaml",
+        broker_url=broker.url,
+        host_id=HOST,
+        prefix=prefix,
+        extra={"broker": {"url": broker.url, "protocol": protocol, "keepalive_s": keepalive_s}},
+    )
+    agent = AgentProcess(config, module="tests.support.crashing_agent")
+    try:
+        await host.online()
+        mark = len(host.bus.messages)
+        await host.bus.wait_topic(
+            host.topics.status,
+            lambda v: v == "offline",
+            raw=True,
+            after=mark,
+            timeout=keepalive_s * 1.5,
+        )
+        assert agent.process.wait(10) != 0
+        assert "injected by the test" in agent.output()
+    finally:
+        agent.close()
+
+
+async def test_an_alert_raised_before_the_first_connection_is_delivered(
+    start_host: Callable[..., AgentProcess], host: Host
+) -> None:
+    # An idle simulated GPU sits at ambient temperature: above 1 °C from the first
+    # sample, which the agent takes before it connects.
+    start_host({}, extra={"alerts": {"temperature_high": {"above": 1, "clear_below": 0.5}}})
+    await host.online()
+    event = await host.wait_event("temperature_high")
+    assert event["gpu"] == 0
