@@ -316,7 +316,7 @@ async def _serve(
 def run_tui(args: argparse.Namespace) -> int:
     """The TUI reads the broker settings the agent reads (file, MODELBUS_BROKER_* env,
     flags), so the same credentials and TLS files work for both."""
-    import os
+    import secrets
     import socket
 
     from agent.config import ConfigError, load_config
@@ -332,7 +332,8 @@ def run_tui(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.CRITICAL)  # the screen is the TUI's; logs would tear it
     from tui.app import build_app
 
-    client_id = f"modelbus-tui-{sanitize_host_id(socket.gethostname())}-{os.getpid()}"
+    # Random, so that nobody can guess it and knock this TUI off the broker.
+    client_id = f"modelbus-tui-{sanitize_host_id(socket.gethostname())}-{secrets.token_hex(6)}"
     settings = settings_from_config(config.broker, client_id, persistent_session=False)
     app = build_app(settings, config.prefix, host=args.host)
     return app.run() or EXIT_OK

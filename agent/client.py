@@ -3,7 +3,7 @@
 One command is one short connection: a fresh client id and a clean session (MQTT 5, 3.1.1
 where the broker has no 5, as :func:`agent.mqtt.connect` decides). Everything an answer can
 arrive on is subscribed to *before* the command is published, so nothing slips past: the
-reply topic (``P/reply/cli-<random>`` under MQTT 5, ``P/H/reply/<command>`` matched by
+reply topic (``P/H/reply/cli-<random>`` under MQTT 5, ``P/H/reply/<command>`` matched by
 request id under 3.1.1) and, with ``--wait``, ``P/H/jobs/+``, whose updates are kept until
 the reply names the job to follow. Only :mod:`agent.mqtt` talks to the broker.
 
@@ -90,8 +90,8 @@ class Session:
         self.connection = connection
         self.prefix = prefix
         self.token = secrets.token_hex(4)
-        # Under P/reply/#, which the shipped ACL lets operators read.
-        self.reply_topic = f"{prefix}/reply/cli-{self.token}"
+        # A response topic of our own under each commanded host's P/H/reply/#.
+        self.reply_name = f"cli-{self.token}"
         self.seen: list[Message] = []
         self._queue: asyncio.Queue[Message | BaseException] = asyncio.Queue()
         self._pump_task: asyncio.Task[None] | None = None
@@ -209,13 +209,14 @@ async def send(
     request_id = session.next_request_id()
     # MQTT 3.1.1 has no response topic: the agent answers on P/H/reply/<command>, which
     # other clients share, so the request id tells ours apart.
-    reply_filter = session.reply_topic if session.protocol == "5" else topics.reply(command)
+    response_topic = topics.reply(session.reply_name)
+    reply_filter = response_topic if session.protocol == "5" else topics.reply(command)
     await session.subscribe(reply_filter)
     await session.connection.publish(
         topics.command(command),
         json.dumps({**fields, "request_id": request_id}),
         qos=1,
-        response_topic=session.reply_topic,
+        response_topic=response_topic,
         correlation_data=request_id.encode(),
     )
     while True:

@@ -7,6 +7,8 @@ field, so a typo never turns into a traceback.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import socket
 from collections.abc import Mapping
@@ -38,7 +40,9 @@ class BrokerConfig(Strict):
     username: str | None = None
     password: str | None = None
     client_id: str | None = Field(
-        default=None, description="fixed MQTT client id; default modelbus-agent-<host_id>"
+        default=None,
+        description="fixed MQTT client id; default modelbus-agent-<host_id>-<token derived "
+        "from the password or TLS key> (see docs/broker.md)",
     )
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
     keepalive_s: int = Field(default=30, ge=5, le=3600)
@@ -98,6 +102,34 @@ class BrokerConfig(Strict):
         user, _ = self.credentials
         who = f"{user}@" if user else ""
         return f"{parts.scheme}://{who}{self.host}:{self.port}"
+
+
+def agent_client_id(host_id: str, broker: BrokerConfig) -> str:
+    """The agent's default client id, ``modelbus-agent-<host>-<token>``.
+
+    A broker gives a client id to whoever connects with it last, whatever the account,
+    and Mosquitto cannot reserve one for an account (see docs/broker.md). So the id
+    carries a token derived from the agent's own secret (its password, or its TLS key):
+    only a holder of that secret can take the agent's session. It stays the same across
+    restarts, so the broker keeps commands for an agent that is briefly away. Without
+    a secret (an open broker, where anyone may do anything) it is ``modelbus-agent-<host>``.
+    """
+    user, password = broker.credentials
+    secret = password.encode() if password else _read_secret(broker.key_file)
+    if not secret:
+        return f"modelbus-agent-{host_id}"
+    message = f"modelbus-agent\0{user or ''}\0{host_id}".encode()
+    token = hmac.new(secret, message, hashlib.sha256).hexdigest()[:24]
+    return f"modelbus-agent-{host_id}-{token}"
+
+
+def _read_secret(path: Path | None) -> bytes:
+    if path is None:
+        return b""
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""  # the TLS connection will say what is wrong with the file
 
 
 class TelemetryConfig(Strict):
@@ -281,7 +313,7 @@ class AgentConfig(Strict):
 
     @property
     def client_id(self) -> str:
-        return self.broker.client_id or f"modelbus-agent-{self.host_id}"
+        return self.broker.client_id or agent_client_id(self.host_id, self.broker)
 
     @property
     def weights_dir(self) -> Path:

@@ -177,13 +177,14 @@ def _instructions(port: int, url: str, broker_name: str) -> str:
             [
                 "mosquitto_rr", "-h", "127.0.0.1", "-p", str(port),
                 "-t", f"{DEMO_PREFIX}/{DEMO_HOST}/cmd/status",
-                "-e", f"{DEMO_PREFIX}/reply/me", "-m", "",
+                "-e", f"{DEMO_PREFIX}/{DEMO_HOST}/reply/me", "-m", "",
             ]
         )  # fmt: skip
         switch = shlex.join(
             [
                 "mosquitto_rr", "-h", "127.0.0.1", "-p", str(port),
-                "-t", f"{DEMO_PREFIX}/{DEMO_HOST}/cmd/switch", "-e", f"{DEMO_PREFIX}/reply/me",
+                "-t", f"{DEMO_PREFIX}/{DEMO_HOST}/cmd/switch",
+                "-e", f"{DEMO_PREFIX}/{DEMO_HOST}/reply/me",
                 "-m", '{"model": "qwen3-vl-30b", "wait": true}',
             ]
         )  # fmt: skip

@@ -114,8 +114,8 @@ def read_command(
     if response_topic is not None and not topics.is_allowed_response_topic(response_topic):
         return failed(
             ErrorCode.FORBIDDEN,
-            f"response topic {response_topic[:128]!r} is outside {topics.prefix}/reply/# and "
-            f"{topics.base}/reply/#; the command was not executed",
+            f"response topic {response_topic[:128]!r} is outside {topics.base}/reply/#, "
+            "where this host's replies go; the command was not executed",
         )
     if retained:
         return failed(

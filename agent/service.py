@@ -71,6 +71,9 @@ OFFLINE_PUBLISH_TIMEOUT_S = 2.0
 # Commands received (and so acknowledged to their senders) but not yet read, at most:
 # past this a command is answered ``busy`` at once instead of being executed.
 MAX_WAITING_COMMANDS = 1000
+# How long changes of the host state (queue length, active job, models) are gathered
+# before ``state`` is published: a burst of commands changes the queue with each one.
+STATE_COALESCE_S = 0.05
 # How many of the most recently finished jobs a status reply lists (besides all active ones).
 STATUS_RECENT_JOBS = 20
 
@@ -134,6 +137,7 @@ class AgentService:
             # Home Assistant's birth: after its restart, discovery must be sent again.
             subscriptions.append(Subscription(self._ha_status, 1))
         self._discovery_pending: asyncio.Task[None] | None = None
+        self._state_pending: asyncio.Task[None] | None = None
         self._alerts = AlertTracker(config.alerts)
         self._discovered_gpus: tuple[int, ...] = ()
         self.client = ReconnectingClient(
@@ -178,8 +182,9 @@ class AgentService:
             client_task.cancel()
             for clearer in self._job_clearers:
                 clearer.cancel()
-            if self._discovery_pending is not None:
-                self._discovery_pending.cancel()
+            for pending in (self._discovery_pending, self._state_pending):
+                if pending is not None:
+                    pending.cancel()
         await asyncio.to_thread(self.backend.close)
         await asyncio.to_thread(self.store.close)
 
@@ -610,12 +615,16 @@ class AgentService:
         self.client.publish(self.topics.weights, encode(state), qos=1, retain=True)
 
     async def state_changed(self) -> None:
+        """Publish ``state`` shortly, once for all the changes until then."""
+        if self._state_pending is None or self._state_pending.done():
+            self._state_pending = asyncio.get_running_loop().create_task(self._publish_state())
+
+    async def _publish_state(self) -> None:
+        await asyncio.sleep(STATE_COALESCE_S)
         if not self.gpus:
             return
         self.state = self._host_state()
         if self._changes.changed(self.topics.state, self.state):
-            # Through the client: a connection lost just now must not fail the caller
-            # (a job's last step); the next connect republishes the state anyway.
             self.client.publish(self.topics.state, encode(self.state), qos=0, retain=True)
 
 

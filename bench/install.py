@@ -219,7 +219,7 @@ def measure_downloads(
 async def request(
     connection: Connection, messages: Any, topics: HostTopics, command: str, body: dict[str, Any]
 ) -> dict[str, Any]:
-    reply_topic = f"{topics.prefix}/reply/b{next(_ids)}"
+    reply_topic = topics.reply(f"b{next(_ids)}")
     await connection.publish(
         topics.command(command), json.dumps(body), qos=1, response_topic=reply_topic
     )

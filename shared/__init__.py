@@ -5,4 +5,6 @@ Docker, Hugging Face or terminal library, so it stays the one neutral source
 of truth for the wire format.
 """
 
-PROTOCOL_VERSION = "1"
+# 2: response topics are confined to the commanded host's P/H/reply/# (no more P/reply/#),
+# and a status reply lists the active jobs and the 20 most recently finished.
+PROTOCOL_VERSION = "2"

@@ -13,7 +13,9 @@ JOB_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 # A prefix is one or more plain topic levels: no wildcards, no empty levels.
 PREFIX_PATTERN = r"[A-Za-z0-9._-]{1,64}(/[A-Za-z0-9._-]{1,64}){0,3}"
 HOME_ASSISTANT_STATUS = "homeassistant/status"
-# ``P/reply/#`` is where clients ask for replies, so no host may be called ``reply``.
+# ``P/reply/#`` was the fleet-wide reply tree of protocol 1; it stays out of the host
+# namespace, so that no agent can be given it and operators' ``P/+/cmd/#`` never
+# names a topic there.
 RESERVED_HOST_IDS = frozenset({"reply"})
 
 _HOST_ID = re.compile(HOST_ID_PATTERN)
@@ -107,8 +109,10 @@ class HostTopics:
     def command(self, command: CommandName | str) -> str:
         return f"{self.base}/cmd/{command}"
 
-    def reply(self, command: CommandName | str) -> str:
-        return f"{self.base}/reply/{command}"
+    def reply(self, name: CommandName | str) -> str:
+        """``P/H/reply/<name>``: the default reply topic of a command, or a client's own
+        response topic (``tui-<random>``) for commands to this host."""
+        return f"{self.base}/reply/{name}"
 
     @property
     def command_filter(self) -> str:
@@ -132,16 +136,15 @@ class HostTopics:
         return f"{discovery_prefix}/device/{self.device_id}/config"
 
     def is_allowed_response_topic(self, topic: str) -> bool:
-        """MQTT 5 response topics must stay inside ``P/reply/#`` or ``P/H/reply/#``,
-        so nobody can use the agent to write anywhere else on the broker."""
+        """MQTT 5 response topics must stay inside this host's ``P/H/reply/#``: nobody
+        can use the agent to write anywhere else, and since only this host's account may
+        write there (mosquitto/acl), a reply there cannot have come from another agent."""
         if not topic or any(c in topic for c in "+#\x00") or len(topic) > 512:
             return False
         if "//" in topic or topic.endswith("/"):
             return False
-        return any(
-            topic.startswith(root + "/") and len(topic) > len(root) + 1
-            for root in (f"{self.prefix}/reply", f"{self.base}/reply")
-        )
+        root = f"{self.base}/reply/"
+        return topic.startswith(root) and len(topic) > len(root)
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,12 +73,12 @@ class BusBridge:
         self._on_link = on_link
         token = secrets.token_hex(4)
         self._request_ids = (f"tui-{token}-{n}" for n in itertools.count(1))
-        # Under P/reply/#, which operators may read (see mosquitto/acl).
-        self.reply_topic = f"{self.prefix}/reply/tui-{token}"
+        # Our response topic under each commanded host's P/H/reply/# (see mosquitto/acl).
+        self.reply_name = f"tui-{token}"
         self._pending: dict[str, asyncio.Future[Reply]] = {}
         self._client = ReconnectingClient(
             settings,
-            # P/+/# also covers P/reply/<ours> and every P/H/reply/<command>.
+            # P/+/# also covers every P/H/reply/<ours> and P/H/reply/<command>.
             subscriptions=[Subscription(all_hosts_filter(self.prefix), qos=1)],
             on_message=self._on_message,
             on_state=self._on_state,
@@ -130,7 +130,7 @@ class BusBridge:
     def _is_reply_topic(self, topic: str) -> bool:
         rest = topic[len(self.prefix) + 1 :] if topic.startswith(self.prefix + "/") else ""
         levels = rest.split("/")
-        return levels[0] == "reply" or (len(levels) > 1 and levels[1] == "reply")
+        return len(levels) > 1 and levels[1] == "reply"
 
     def _take_reply(self, message: Message) -> None:
         if not self._pending:
@@ -156,11 +156,12 @@ class BusBridge:
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
+            topics = HostTopics(self.prefix, host)
             sent = self._client.publish(
-                HostTopics(self.prefix, host).command(command),
+                topics.command(command),
                 json.dumps(body),
                 qos=1,
-                response_topic=self.reply_topic,
+                response_topic=topics.reply(self.reply_name),
                 correlation_data=request_id.encode(),
             )
             if not sent:

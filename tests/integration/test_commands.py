@@ -33,7 +33,7 @@ async def bus(
     broker: MosquittoBroker, prefix: str, agent: AgentProcess
 ) -> AsyncIterator[BusWatcher]:
     topics = HostTopics(prefix, "gpu-c")
-    async with watch(broker.port, topics.everything_filter, f"{prefix}/reply/#") as watcher:
+    async with watch(broker.port, topics.everything_filter) as watcher:
         await watcher.wait_topic(topics.status, lambda v: v == "online", raw=True)
         yield watcher
 
@@ -58,10 +58,10 @@ async def test_status_over_a_response_topic_echoes_correlation_data(
         topics.command("status"),
         json.dumps({"request_id": "r-42"}),
         qos=1,
-        response_topic=f"{prefix}/reply/client-7",
+        response_topic=topics.reply("client-7"),
         correlation_data=b"\x00corr",
     )
-    message = await bus.wait_topic(f"{prefix}/reply/client-7", after=mark)
+    message = await bus.wait_topic(topics.reply("client-7"), after=mark)
     assert message.correlation_data == b"\x00corr"
     reply = Reply.model_validate_json(message.payload)
     assert (reply.status, reply.request_id, reply.command) == ("ok", "r-42", "status")
@@ -70,7 +70,7 @@ async def test_status_over_a_response_topic_echoes_correlation_data(
     assert reply.data["state"]["total_mb"] == 32768
     assert len(reply.data["gpus"]) == 1
     # Exactly one reply, and none on the default topic.
-    assert len(bus.on(f"{prefix}/reply/client-7")) == 1
+    assert len(bus.on(topics.reply("client-7"))) == 1
     assert bus.on(topics.reply("status")) == []
 
 
@@ -126,24 +126,34 @@ async def test_request_id_is_echoed_on_errors(bus: BusWatcher, prefix: str) -> N
     assert reply.error is not None and "'gpu'" in reply.error.message
 
 
+@pytest.mark.parametrize(
+    "elsewhere",
+    [
+        "{prefix}/gpu-c/state",
+        # Protocol 1's fleet-wide tree, where any agent could have forged the answer.
+        "{prefix}/reply/me",
+        # Another host's reply tree.
+        "{prefix}/gpu-d/reply/me",
+    ],
+)
 async def test_response_topic_outside_the_reply_tree_is_refused(
-    bus: BusWatcher, prefix: str
+    elsewhere: str, bus: BusWatcher, broker: MosquittoBroker, prefix: str
 ) -> None:
     topics = HostTopics(prefix, "gpu-c")
-    mark = len(bus.messages)
-    await bus.connection.publish(
-        topics.command("status"), b"", qos=1, response_topic=f"{prefix}/gpu-c/state"
-    )
-    message = await bus.wait_topic(topics.reply("status"), after=mark)
-    reply = Reply.model_validate_json(message.payload)
-    assert reply.status == "error" and reply.error is not None
-    assert reply.error.code == "forbidden"
-    # Nothing was written to the topic the client asked for, beyond the agent's telemetry.
-    assert all(
-        json.loads(m.payload).get("status") is None
-        for m in bus.messages[mark:]
-        if m.topic == f"{prefix}/gpu-c/state"
-    )
+    response_topic = elsewhere.format(prefix=prefix)
+    async with watch(broker.port, response_topic) as there:
+        mark = len(bus.messages)
+        await bus.connection.publish(
+            topics.command("status"), b"", qos=1, response_topic=response_topic
+        )
+        message = await bus.wait_topic(topics.reply("status"), after=mark)
+        reply = Reply.model_validate_json(message.payload)
+        assert reply.status == "error" and reply.error is not None
+        assert reply.error.code == "forbidden"
+        assert response_topic in reply.error.message
+        # A status round trip later, nothing but the agent's telemetry was written there.
+        await ask(bus, topics.command("status"), b"", topics.reply("status"))
+    assert all(json.loads(m.payload).get("status") is None for m in there.messages)
 
 
 async def test_retained_command_is_not_executed_and_is_cleared(

@@ -181,9 +181,9 @@ async def test_concurrent_commands_are_each_answered_once_and_coalesced(
 
     async def client(number: int) -> list[Reply]:
         replies = []
-        async with watch(broker.port, f"{prefix}/reply/c{number}/#") as mine:
+        async with watch(broker.port, host.topics.reply(f"c{number}/#")) as mine:
             for i in range(20):
-                topic = f"{prefix}/reply/c{number}/{i}"
+                topic = host.topics.reply(f"c{number}/{i}")
                 payload = json.dumps(
                     {"model": names[(number + i) % 5], "request_id": f"{number}-{i}"}
                 )
@@ -191,7 +191,7 @@ async def test_concurrent_commands_are_each_answered_once_and_coalesced(
                     host.topics.command("switch"), payload, qos=1, response_topic=topic
                 )
             for i in range(20):
-                message = await mine.wait_topic(f"{prefix}/reply/c{number}/{i}", timeout=30)
+                message = await mine.wait_topic(host.topics.reply(f"c{number}/{i}"), timeout=30)
                 replies.append(Reply.model_validate_json(message.payload))
             await asyncio.sleep(0)
             assert len(mine.messages) == 20  # exactly one reply each

@@ -20,9 +20,8 @@ import pytest
 from agent.broker import MosquittoBroker
 from shared.topics import HostTopics
 from tests.conftest import TEST_USERS
-from tests.support.agent_process import AgentProcess, write_agent_config
-from tests.support.bus import BusWatcher, watch
-from tests.support.models import sim_model
+from tests.support.agent_process import AgentProcess
+from tests.support.bus import BusWatcher
 
 pytestmark = pytest.mark.broker
 
@@ -165,40 +164,6 @@ async def until_listening(broker: MosquittoBroker, replies: Background) -> None:
     raise AssertionError("the reply watcher never showed a status reply")
 
 
-@pytest.fixture
-async def observer(broker: MosquittoBroker) -> AsyncIterator[BusWatcher]:
-    """Sees every message on the broker: the anonymous listener shares the broker, not the ACL."""
-    async with watch(broker.port, "#") as bus:
-        yield bus
-
-
-@pytest.fixture
-async def gpu1(
-    broker: MosquittoBroker, observer: BusWatcher, tmp_path: Path
-) -> AsyncIterator[AgentProcess]:
-    """The agent of the ACL's agent role: user gpu1, host gpu1, prefix modelbus."""
-    config = write_agent_config(
-        tmp_path / "agent.yaml",
-        broker_url=f"mqtt://gpu1:{TEST_USERS['gpu1']}@127.0.0.1:{broker.auth_port}",
-        host_id="gpu1",
-        prefix="modelbus",
-        models={MODEL: sim_model(6144)},
-    )
-    agent = AgentProcess(config)
-    try:
-        # A live "online" (not the retained one of an earlier agent).
-        await observer.wait_for(
-            lambda m: m.topic == TOPICS.status and m.payload == b"online" and not m.retain,
-            timeout=20,
-            what="gpu1 online",
-        )
-        yield agent
-        running = agent.process.poll() is None
-        assert agent.terminate() == 0 or not running, agent.output()
-    finally:
-        agent.close()
-
-
 def model_state(observer: BusWatcher) -> str:
     message = observer.latest(TOPICS.model(MODEL))
     assert message is not None
@@ -247,7 +212,7 @@ async def test_mosquitto_rr_recipes_command_the_host(
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+", service), switch
     assert model_state(observer) == "ready"
     # The reply went to the MQTT 5 response topic, not to the host's reply topic.
-    assert observer.on("modelbus/reply/me")
+    assert observer.on(TOPICS.reply("me"))
     assert not [m for m in observer.messages[mark:] if m.topic == TOPICS.reply("switch")]
 
     v311 = await run(broker, "rr-311")

@@ -374,7 +374,7 @@ async def test_the_agent_runs_adopts_and_watches_a_docker_model(
     topics = HostTopics(prefix, "docker-host")
     agents = [AgentProcess(config, env=env)]
     try:
-        async with watch(broker.port, topics.everything_filter, f"{prefix}/reply/#") as bus:
+        async with watch(broker.port, topics.everything_filter) as bus:
 
             async def ask(command: str, body: dict[str, Any]) -> dict[str, Any]:
                 mark = len(bus.messages)
@@ -382,9 +382,9 @@ async def test_the_agent_runs_adopts_and_watches_a_docker_model(
                     topics.command(command),
                     json.dumps(body),
                     qos=1,
-                    response_topic=f"{prefix}/reply/t",
+                    response_topic=topics.reply("t"),
                 )
-                reply = await bus.wait_topic(f"{prefix}/reply/t", after=mark, timeout=30)
+                reply = await bus.wait_topic(topics.reply("t"), after=mark, timeout=30)
                 return dict(json.loads(reply.payload))
 
             await bus.wait_topic(topics.status, lambda v: v == "online", raw=True)

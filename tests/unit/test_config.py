@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,3 +86,34 @@ def test_environment_errors_are_reported_too() -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "nope.yaml", environ={})
+
+
+def test_the_agents_client_id_is_bound_to_its_secret(tmp_path: Path) -> None:
+    def client_id(url: str, **broker: Any) -> str:
+        return load_config(
+            None, environ={}, overrides={"broker.url": url, "host_id": "gpu1", **broker}
+        ).client_id
+
+    plain = client_id("mqtt://gpu1:s3cret@broker:1883")
+    assert (
+        plain.startswith("modelbus-agent-gpu1-") and len(plain) == len("modelbus-agent-gpu1-") + 24
+    )
+    # The same secret gives the same id (the broker keeps the session across restarts)...
+    assert (
+        client_id("mqtt://broker:1883", **{"broker.username": "gpu1", "broker.password": "s3cret"})
+        == plain
+    )
+    # ...another secret, user or host another: nobody can derive it without the password.
+    assert client_id("mqtt://gpu1:other@broker:1883") != plain
+    assert client_id("mqtt://gpu2:s3cret@broker:1883") != plain
+    assert "s3cret" not in plain
+    # A TLS client key is the secret when there is no password.
+    key = tmp_path / "client.key"
+    key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nabc\n")
+    keyed = client_id(
+        "mqtts://broker:8883", **{"broker.key_file": str(key), "broker.cert_file": str(key)}
+    )
+    assert keyed.startswith("modelbus-agent-gpu1-") and keyed != plain
+    # An open broker has no secret to bind to; an explicit id is used as given.
+    assert client_id("mqtt://broker:1883") == "modelbus-agent-gpu1"
+    assert client_id("mqtt://u:p@broker:1883", **{"broker.client_id": "mine"}) == "mine"

@@ -30,12 +30,13 @@ def test_allowed_response_topic_and_correlation_are_used() -> None:
     intake = read(
         "status",
         b'{"request_id": "abc"}',
-        response_topic="modelbus/reply/n8n",
+        response_topic="modelbus/gpu1/reply/n8n",
         correlation_data=b"c1",
     )
     assert intake.command == StatusCommand(request_id="abc")
     assert intake.request_id == "abc"
-    assert (intake.route.topic, intake.route.correlation_data) == ("modelbus/reply/n8n", b"c1")
+    assert intake.route.topic == "modelbus/gpu1/reply/n8n"
+    assert intake.route.correlation_data == b"c1"
     reply = intake.reply_ok(data={"x": 1})
     assert (reply.status, reply.request_id, reply.command) == ("ok", "abc", "status")
 

@@ -65,9 +65,13 @@ def test_sanitize_host_id(raw: str, expected: str) -> None:
 
 def test_response_topics_must_stay_in_the_reply_tree() -> None:
     t = HostTopics("modelbus", "gpu1")
-    assert t.is_allowed_response_topic("modelbus/reply/n8n/42")
     assert t.is_allowed_response_topic("modelbus/gpu1/reply/me")
+    assert t.is_allowed_response_topic("modelbus/gpu1/reply/n8n/42")
     for bad in [
+        # Protocol 1's fleet-wide tree: any agent could write there, and forge replies.
+        "modelbus/reply/n8n/42",
+        "modelbus/gpu1/reply",
+        "modelbus/gpu1/reply/",
         "modelbus/gpu1/state",
         "modelbus/reply",
         "modelbus/reply/",
