@@ -517,7 +517,7 @@ class ReconnectingClient:
 
     @property
     def dropped(self) -> int:
-        """Messages dropped because the outbox was full or a delivery kept failing."""
+        """Messages dropped: the outbox was full, or one was too large to publish."""
         return self._outbox.dropped
 
     async def run(self) -> None:

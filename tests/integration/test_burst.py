@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from agent.broker import MosquittoBroker
-from tests.support.agent_process import AgentProcess
+from tests.integration.conftest import HOST
+from tests.support.agent_process import AgentProcess, write_agent_config
 from tests.support.burst import burst, wait_jobs_ended
 from tests.support.host import Host
 from tests.support.models import sim_model
@@ -29,6 +31,7 @@ async def test_a_burst_of_1000_commands_from_20_clients_loses_none(
     log_start = broker.log_file.stat().st_size
     agent = start_host(models)
     await host.online()
+    jobs_head = host.topics.base + "/jobs/"
     for run in range(RUNS):
         mark = len(host.bus.messages)
         result = await burst(broker.port, host.topics, models=list(models), seed=run)
@@ -43,6 +46,11 @@ async def test_a_burst_of_1000_commands_from_20_clients_loses_none(
             await wait_jobs_ended(host.bus, host.topics, result.job_ids, after=mark)
         except AssertionError as missed:
             raise AssertionError(f"{missed}; {broker_drops(broker, log_start)}") from None
+        # Updates do not multiply: about queued, running and ended per job (they once
+        # republished every queued job at each start: 859 messages for 37 jobs).
+        job_updates = [m for m in host.bus.messages[mark:] if m.topic.startswith(jobs_head)]
+        jobs_seen = {m.topic for m in job_updates}
+        assert len(job_updates) <= 4 * len(jobs_seen), (len(job_updates), len(jobs_seen))
         kinds = collections.Counter(
             m.topic[len(host.topics.base) + 1 :].split("/")[0] for m in host.bus.messages[mark:]
         )
@@ -60,3 +68,28 @@ def broker_drops(broker: MosquittoBroker, log_start: int) -> str:
         log.seek(log_start)
         drops = [line for line in log.read().decode().splitlines() if "being dropped" in line]
     return f"the broker dropped: {drops[:5]}" if drops else "the broker dropped nothing"
+
+
+async def test_commands_beyond_the_intake_limit_are_answered_busy(
+    broker: MosquittoBroker, prefix: str, tmp_path: Path, host: Host
+) -> None:
+    config = write_agent_config(
+        tmp_path / "agent.yaml",
+        broker_url=broker.url,
+        host_id=HOST,
+        prefix=prefix,
+        models={"alpha": sim_model(4096, load_s=0.05)},
+    )
+    agent = AgentProcess(config, module="tests.support.small_intake_agent")
+    try:
+        await host.online()
+        result = await burst(broker.port, host.topics, models=["alpha"], total=400, seed=7)
+        assert (result.lost, result.duplicates, result.out_of_order) == (0, 0, 0), result
+        # Refused at once, never silence: some are busy, the rest ran.
+        print(f"intake of 5: {dict(result.outcomes)}")
+        assert result.outcomes["busy"] > 0, result.outcomes
+        assert set(result.outcomes) <= {"ok", "busy", "queue_full"}, result.outcomes
+        assert agent.process.poll() is None
+    finally:
+        agent.terminate()
+        agent.close()

@@ -4,14 +4,18 @@ process lives on."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from agent.broker import MosquittoBroker
+from shared.topics import HostTopics
 from tests.integration.conftest import HOST
 from tests.support.agent_process import AgentProcess, write_agent_config
+from tests.support.bus import watch
 from tests.support.host import Host
 from tests.support.models import sim_model
 
@@ -101,3 +105,54 @@ async def test_an_alert_raised_before_the_first_connection_is_delivered(
     await host.online()
     event = await host.wait_event("temperature_high")
     assert event["gpu"] == 0
+
+
+async def test_what_falls_due_while_the_broker_is_away_is_delivered_after(
+    own_broker: MosquittoBroker, prefix: str, tmp_path: Path
+) -> None:
+    """A job with ``wait`` ends while the agent has no broker: its reply, its
+    model_loaded event and its final state arrive once the agent is back."""
+    topics = HostTopics(prefix, HOST)
+    config = write_agent_config(
+        tmp_path / "agent.yaml",
+        broker_url=own_broker.url,
+        host_id=HOST,
+        prefix=prefix,
+        models={"slow": sim_model(2048, load_s=1.0)},
+        # The agent comes back no sooner than 0.5 s after the broker: time enough for
+        # the watcher below to be subscribed again first.
+        extra={"broker": {"url": own_broker.url, "reconnect_min_s": 1.0, "reconnect_max_s": 1.0}},
+    )
+    agent = AgentProcess(config)
+    try:
+        async with watch(own_broker.port, topics.everything_filter) as bus:
+            await bus.wait_topic(topics.status, lambda v: v == "online", raw=True, timeout=20)
+            await bus.connection.publish(
+                topics.command("switch"),
+                json.dumps({"model": "slow", "wait": True, "request_id": "w-1"}),
+                qos=1,
+            )
+            await bus.wait_topic(topics.model("slow"), lambda v: v and v["state"] == "loading")
+        own_broker.stop()
+        await wait_for_output(agent, "event model_loaded")  # the job ended, no broker
+        own_broker.start()
+        async with watch(own_broker.port, topics.everything_filter) as bus:
+            reply = await bus.wait_topic(topics.reply("switch"), timeout=20)
+            assert json.loads(reply.payload)["request_id"] == "w-1"
+            assert json.loads(reply.payload)["status"] == "ok"
+            await bus.wait_topic(topics.events, lambda v: v["event_type"] == "model_loaded")
+            online = await bus.wait_topic(topics.status, lambda v: v == "online", raw=True)
+            # Delivered before the agent announced itself: queued first, state after.
+            assert bus.messages.index(reply) < bus.messages.index(online)
+    finally:
+        agent.terminate()
+        agent.close()
+
+
+async def wait_for_output(agent: AgentProcess, text: str, timeout: float = 20) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if text in agent.output():
+            return
+        assert agent.process.poll() is None, agent.output()
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the agent never logged {text!r}: {agent.output()[-2000:]}")

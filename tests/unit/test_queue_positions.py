@@ -1,0 +1,73 @@
+"""Queued jobs are republished only when their place changed, once per burst."""
+
+from __future__ import annotations
+
+from agent.job_publishing import QueuePositions
+from agent.jobs import Job, JobRequest, SwapQueue
+from shared.messages import Event, JobState
+
+
+async def settle(positions: QueuePositions) -> None:
+    """Until the gathered changes are published (the pending publish has run)."""
+    pending = positions._pending
+    if pending is not None:
+        await pending
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.published: list[tuple[str, int | None]] = []
+
+    async def job_changed(self, job: JobState) -> None:
+        self.published.append((job.model or "", job.queue_position))
+
+    async def job_finished(self, job: JobState) -> None:
+        pass
+
+    async def event(self, event: Event) -> None:
+        pass
+
+
+async def test_a_burst_of_starts_republishes_each_moved_job_once() -> None:
+    queue = SwapQueue(limit=50)
+    recorder = Recorder()
+    positions = QueuePositions(queue, recorder, coalesce_s=0.01)
+    for n in range(10):
+        job, _ = queue.submit(Job(JobRequest("load", f"m{n}")))
+        positions.published(job.snapshot())  # each announced with its place
+    # Five jobs start back to back: every queued job moves five places, once.
+    for _ in range(5):
+        started = queue.take()
+        assert started is not None
+        positions.published(started.snapshot())
+        queue.done(started)
+        positions.moved()
+    await settle(positions)
+    assert recorder.published == [(f"m{n}", n - 4) for n in range(5, 10)]
+    # Nothing moved: nothing is published.
+    positions.moved()
+    await settle(positions)
+    assert len(recorder.published) == 5
+
+
+async def test_only_the_jobs_behind_a_change_are_republished() -> None:
+    queue = SwapQueue(limit=50)
+    recorder = Recorder()
+    positions = QueuePositions(queue, recorder, coalesce_s=0.01)
+    jobs = [queue.submit(Job(JobRequest("load", f"m{n}")))[0] for n in range(4)]
+    for job in jobs:
+        positions.published(job.snapshot())
+    # A job of higher priority goes to the front; an unannounced job is left to its
+    # own announcement.
+    urgent, _ = queue.submit(Job(JobRequest("load", "urgent"), priority=10))
+    positions.moved()
+    await settle(positions)
+    assert recorder.published == [("m0", 2), ("m1", 3), ("m2", 4), ("m3", 5)]
+    recorder.published.clear()
+    positions.published(urgent.snapshot())
+    # The last job leaves: nobody else moved.
+    queue.remove(jobs[3].job_id)
+    positions.moved()
+    await settle(positions)
+    assert recorder.published == []
+    positions.stop()
