@@ -26,7 +26,8 @@ def start_host(
 ) -> Iterator[Callable[..., AgentProcess]]:
     agents: list[AgentProcess] = []
 
-    def start(models: dict[str, Any], **options: Any) -> AgentProcess:
+    def start(models: dict[str, Any], *, module: str = "agent", **options: Any) -> AgentProcess:
+        """Write a config for host ``lab`` and start ``python -m <module> agent`` on it."""
         config = write_agent_config(
             tmp_path / "agent.yaml",
             broker_url=broker.url,
@@ -35,7 +36,7 @@ def start_host(
             models=models,
             **options,
         )
-        agent = AgentProcess(config)
+        agent = AgentProcess(config, module=module)
         agents.append(agent)
         return agent
 

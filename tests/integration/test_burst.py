@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 from agent.broker import MosquittoBroker
-from tests.integration.conftest import HOST
-from tests.support.agent_process import AgentProcess, write_agent_config
+from tests.support.agent_process import AgentProcess
 from tests.support.burst import burst, wait_jobs_ended
 from tests.support.host import Host
 from tests.support.models import sim_model
@@ -71,25 +69,16 @@ def broker_drops(broker: MosquittoBroker, log_start: int) -> str:
 
 
 async def test_commands_beyond_the_intake_limit_are_answered_busy(
-    broker: MosquittoBroker, prefix: str, tmp_path: Path, host: Host
+    broker: MosquittoBroker, start_host: Callable[..., AgentProcess], host: Host
 ) -> None:
-    config = write_agent_config(
-        tmp_path / "agent.yaml",
-        broker_url=broker.url,
-        host_id=HOST,
-        prefix=prefix,
-        models={"alpha": sim_model(4096, load_s=0.05)},
+    agent = start_host(
+        {"alpha": sim_model(4096, load_s=0.05)}, module="tests.support.small_intake_agent"
     )
-    agent = AgentProcess(config, module="tests.support.small_intake_agent")
-    try:
-        await host.online()
-        result = await burst(broker.port, host.topics, models=["alpha"], total=400, seed=7)
-        assert (result.lost, result.duplicates, result.out_of_order) == (0, 0, 0), result
-        # Refused at once, never silence: some are busy, the rest ran.
-        print(f"intake of 5: {dict(result.outcomes)}")
-        assert result.outcomes["busy"] > 0, result.outcomes
-        assert set(result.outcomes) <= {"ok", "busy", "queue_full"}, result.outcomes
-        assert agent.process.poll() is None
-    finally:
-        agent.terminate()
-        agent.close()
+    await host.online()
+    result = await burst(broker.port, host.topics, models=["alpha"], total=400, seed=7)
+    assert (result.lost, result.duplicates, result.out_of_order) == (0, 0, 0), result
+    # Refused at once, never silence: some are busy, the rest ran.
+    print(f"intake of 5: {dict(result.outcomes)}")
+    assert result.outcomes["busy"] > 0, result.outcomes
+    assert set(result.outcomes) <= {"ok", "busy", "queue_full"}, result.outcomes
+    assert agent.process.poll() is None

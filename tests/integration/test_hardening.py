@@ -67,33 +67,30 @@ async def test_a_gpu_that_does_not_exist_is_refused_at_once(
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 async def test_an_agent_that_dies_of_an_error_goes_offline(
-    protocol: str, broker: MosquittoBroker, prefix: str, tmp_path: Path, host: Host
+    protocol: str,
+    broker: MosquittoBroker,
+    start_host: Callable[..., AgentProcess],
+    host: Host,
 ) -> None:
     """Not SIGKILL (the kernel closes the socket, and the will fires anyway): an
     exception ends the process, and the broker must still publish its will."""
     keepalive_s = 30
-    config = write_agent_config(
-        tmp_path / "agent.yaml",
-        broker_url=broker.url,
-        host_id=HOST,
-        prefix=prefix,
+    agent = start_host(
+        {},
+        module="tests.support.crashing_agent",
         extra={"broker": {"url": broker.url, "protocol": protocol, "keepalive_s": keepalive_s}},
     )
-    agent = AgentProcess(config, module="tests.support.crashing_agent")
-    try:
-        await host.online()
-        mark = len(host.bus.messages)
-        await host.bus.wait_topic(
-            host.topics.status,
-            lambda v: v == "offline",
-            raw=True,
-            after=mark,
-            timeout=keepalive_s * 1.5,
-        )
-        assert agent.process.wait(10) != 0
-        assert "injected by the test" in agent.output()
-    finally:
-        agent.close()
+    await host.online()
+    mark = len(host.bus.messages)
+    await host.bus.wait_topic(
+        host.topics.status,
+        lambda v: v == "offline",
+        raw=True,
+        after=mark,
+        timeout=keepalive_s * 1.5,
+    )
+    assert agent.process.wait(10) != 0
+    assert "injected by the test" in agent.output()
 
 
 async def test_an_alert_raised_before_the_first_connection_is_delivered(
