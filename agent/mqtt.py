@@ -573,6 +573,13 @@ class ReconnectingClient:
             self.settings.client_id,
         )
         connection.deliberate_end = self._deliberate
+        if self._outbox.dropped > self._drops_logged:
+            self._log.warning(
+                "%d queued messages were dropped while the broker was away (%d in all)",
+                self._outbox.dropped - self._drops_logged,
+                self._outbox.dropped,
+            )
+            self._drops_logged = self._outbox.dropped
         self._set_connection(connection)
         sender = asyncio.create_task(self._send(connection), name=f"{self._name}-sender")
         try:

@@ -3,6 +3,11 @@ that drop the oldest, and unacknowledged messages put back in front."""
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+
+from agent.mqtt import ConnectionSettings, ReconnectingClient
 from agent.outbox import Outbox, Outgoing
 
 
@@ -55,3 +60,24 @@ def test_unacknowledged_messages_go_back_in_front_unless_a_newer_value_waits() -
     outbox.put(Outgoing("events", b"e2", qos=1))
     outbox.put_back(sent)
     assert drain(outbox) == [("events", b"e1"), ("jobs/a", b"done"), ("events", b"e2")]
+
+
+async def test_a_client_offline_keeps_the_newest_and_counts_what_it_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = ReconnectingClient(
+        ConnectionSettings("127.0.0.1", 1, "offline-test"),
+        queue_while_offline=True,
+        outbox_max_messages=3,
+        name="outbox-test",
+    )
+    with caplog.at_level(logging.WARNING, logger="modelbus.outbox-test"):
+        for n in range(5):
+            assert client.publish("events", f"e{n}", qos=1)
+    assert (client.waiting, client.dropped) == (3, 2)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    # One counted line for the burst of drops, not one per message.
+    assert len(warnings) == 1 and "dropped 1 of the oldest" in warnings[0], warnings
+    # Without an offline queue a publish is refused, not kept.
+    plain = ReconnectingClient(ConnectionSettings("127.0.0.1", 1, "plain"), name="plain")
+    assert not plain.publish("events", "e", qos=1) and plain.waiting == 0
