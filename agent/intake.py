@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from shared.commands import CommandBase, CommandError, decode_command
+from shared.commands import CommandBase, CommandError, decode_command, request_id_of
 from shared.messages import ErrorCode, ErrorInfo, Reply
 from shared.topics import HostTopics
 
@@ -108,7 +108,11 @@ def read_command(
 
     def failed(code: ErrorCode, message: str) -> Intake:
         return refused_intake(
-            topics, level, CommandError(code, message), correlation_data=correlation_data
+            topics,
+            level,
+            CommandError(code, message),
+            correlation_data=correlation_data,
+            request_id=request_id_of(payload),
         )
 
     if response_topic is not None and not topics.is_allowed_response_topic(response_topic):

@@ -148,13 +148,14 @@ class SwapQueue:
             return self.running
         return next((job for job in self.queued() if job.job_id == job_id), None)
 
-    def submit(self, job: Job) -> tuple[Job, bool]:
+    def submit(self, job: Job, *, over_limit: bool = False) -> tuple[Job, bool]:
         """Queue ``job``, or return the equal job already queued or running
-        (``joined=True``). Raises QueueFullError when the queue is at its limit."""
+        (``joined=True``). Raises QueueFullError when the queue is at its limit, unless
+        ``over_limit`` (the agent's own work, such as a rollback, is never refused)."""
         for existing in ([self.running] if self.running else []) + self.queued():
             if existing.request == job.request and not existing.finished:
                 return existing, True
-        if len(self._queued) >= self.limit:
+        if len(self._queued) >= self.limit and not over_limit:
             raise QueueFullError(
                 f"the {self.name} queue is full ({self.limit} jobs); try again later"
             )

@@ -16,7 +16,9 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
+from agent import ports
 from agent.catalog import Catalog, ModelSpec
 from agent.config import LifecycleConfig
 from agent.gpu.base import GpuSample
@@ -32,6 +34,7 @@ from shared.messages import (
     ErrorCode,
     Event,
     JobPhase,
+    JobStatus,
     LoadedModel,
     ModelLifecycle,
     ModelState,
@@ -41,6 +44,10 @@ from shared.messages import (
 
 log = logging.getLogger("modelbus.lifecycle")
 
+# Rollback restores run before anything queued by commands (whose priority is at most 1000).
+RESTORE_PRIORITY = 10_000
+# Health URLs on these hosts are checked to be answered by the server just started.
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0"})
 Sampler = Callable[[], Awaitable[tuple[GpuSample, ...]]]
 # The indices of the GPUs this host has, as last sampled.
 GpuIndices = Callable[[], Collection[int]]
@@ -172,11 +179,7 @@ class Lifecycle:
         # A model that left the catalog but still runs can still be unloaded.
         spec = record.spec if record is not None else None
         if spec is None or (request.model not in self.catalog and request.command != "unload"):
-            raise CommandError(
-                ErrorCode.UNKNOWN_MODEL,
-                f"unknown model {request.model!r}: the catalog has "
-                f"{', '.join(self.catalog.names()) or 'no models'}",
-            )
+            raise self._unknown_model(request.model)
         _check_gpu_override(spec, request.gpu, self.gpu_indices())
         try:
             job, joined = self.queue.submit(Job(request, request_id=request_id, priority=priority))
@@ -210,17 +213,20 @@ class Lifecycle:
             return job
         raise CommandError(ErrorCode.NOT_FOUND, f"no queued or running job {job_id!r}")
 
-    async def plan(self, model: str, gpu: int | None, exclusive: bool) -> Plan | Refusal:
+    async def plan(
+        self, model: str, gpu: int | None, exclusive: bool, *, force: bool = False
+    ) -> Plan | Refusal:
         """What a switch would do now; changes nothing."""
         spec = self.catalog.get(model)
         if spec is None:
-            raise CommandError(ErrorCode.UNKNOWN_MODEL, f"unknown model {model!r}")
+            raise self._unknown_model(model)
         _check_gpu_override(spec, gpu, self.gpu_indices())
         return plan_switch(
             _gpu_memory(await self.sample()),
             self._residents(),
             self._target(spec, gpu),
             exclusive=exclusive,
+            force=force,
             headroom_mb=self.config.headroom_mb,
         )
 
@@ -256,6 +262,13 @@ class Lifecycle:
             await self.publisher.model_changed(self.models[name].snapshot())
         await self.publisher.state_changed()
         return changes
+
+    def _unknown_model(self, name: str) -> CommandError:
+        return CommandError(
+            ErrorCode.UNKNOWN_MODEL,
+            f"unknown model {name!r}: the catalog has "
+            f"{', '.join(self.catalog.names()) or 'no models'}",
+        )
 
     def _has_job(self, name: str) -> bool:
         running = self.queue.running
@@ -383,6 +396,11 @@ class Lifecycle:
         except Exception as exc:  # one broken job must not stop the worker
             log.exception("job %s failed unexpectedly", job.job_id)
             job.fail(ErrorCode.INTERNAL, f"the agent failed while running the job: {exc}")
+        restores = (job.result or {}).get("restores") if job.state != JobStatus.SUCCEEDED else None
+        if restores:
+            job.message = f"{job.message}; restoring " + ", ".join(
+                f"{r['model']} (job {r['job_id']})" for r in restores
+            )
         if job.state.value == "failed" and job.error is not None:
             await self.publisher.event(
                 Event(
@@ -435,6 +453,7 @@ class Lifecycle:
         kwargs: dict[str, Any] = {"headroom_mb": self.config.headroom_mb}
         if evict:
             kwargs["exclusive"] = job.request.exclusive
+            kwargs["force"] = job.request.force
         plan = planner(_gpu_memory(samples), self._residents(exclude=spec.name), target, **kwargs)
         if isinstance(plan, Refusal):
             raise LoadFailure(
@@ -470,7 +489,7 @@ class Lifecycle:
                 current = asyncio.current_task()
                 if current is not None:
                     current.uncancel()
-            await self._roll_back(record, evicted, failure)
+            await self._roll_back(job, record, evicted, failure)
             raise
         result = self._result(record, evicted, job)
         if evicted:
@@ -504,6 +523,15 @@ class Lifecycle:
         runtime = self.runtimes[spec.runtime]
         job.advance(JobPhase.STARTING, 0.15, f"starting {spec.name}")
         await self._job_update(job)
+        # A stale server on the port would answer the health check for ours.
+        holder = await asyncio.to_thread(ports.listener, spec.port)
+        if holder is not None:
+            raise LoadFailure(
+                ErrorCode.PORT_IN_USE,
+                f"port {spec.port} of {spec.name} is already in use by "
+                f"{self._describe_listener(holder)}: stop it, or give {spec.name} another port",
+                {"port": spec.port, "pids": sorted(holder.pids)},
+            )
         extra_env = {"MODELBUS_SIM_STATE": self.sim_state_file} if self.sim_state_file else {}
         started = time.monotonic()
         try:
@@ -549,6 +577,7 @@ class Lifecycle:
         expected = facts.load_s if facts and facts.load_s else None
         deadline = started + spec.load_timeout_s
         last_progress = 0.0
+        answered_by: str | None = None
         while True:
             status = await runtime.exit_status(instance)
             if status is not None:
@@ -559,12 +588,21 @@ class Lifecycle:
                     {"exit_code": status.code, "log": runtime.logs(instance, LOG_LINES_IN_ERRORS)},
                 )
             if await probe(spec.health, timeout_s=max(0.5, self.config.health_poll_s * 10)) == 200:
-                return
+                impostor = await self._answered_by_another(runtime, instance, spec.health)
+                if impostor is None:
+                    return
+                answered_by = impostor
             now = time.monotonic()
             if now >= deadline:
                 raise LoadFailure(
                     ErrorCode.TIMEOUT,
                     f"{spec.name} was not healthy after {spec.load_timeout_s:g} s (load_timeout_s)"
+                    + (
+                        f"; its health check was answered by {answered_by}, not by the server "
+                        "just started"
+                        if answered_by
+                        else ""
+                    )
                     + self._log_tail(runtime, instance),
                     {"log": runtime.logs(instance, LOG_LINES_IN_ERRORS)},
                 )
@@ -578,6 +616,27 @@ class Lifecycle:
                     job.advance(JobPhase.LOADING, 0.2)
                 await self._job_update(job)
             await asyncio.sleep(self.config.health_poll_s)
+
+    async def _answered_by_another(
+        self, runtime: Runtime, instance: Instance, health_url: str
+    ) -> str | None:
+        """Who answered the health check when it was not the server just started; None
+        when it was, or when that cannot be told (a remote URL, Docker's published port,
+        listeners this agent cannot see)."""
+        url = urlsplit(health_url)
+        if not runtime.listens_itself or url.hostname not in LOCAL_HOSTS:
+            return None
+        holder = await asyncio.to_thread(ports.listener, url.port or 80)
+        if holder is None or not holder.pids:
+            return None
+        if holder.pids & await runtime.pids(instance):
+            return None
+        return self._describe_listener(holder)
+
+    def _describe_listener(self, holder: ports.Listener) -> str:
+        owners = (self._owners.get(pid) for pid in holder.pids)
+        models = {owner.model for owner in owners if owner is not None and owner.model}
+        return holder.describe() + (f", serving {', '.join(sorted(models))}" if models else "")
 
     def _log_tail(self, runtime: Runtime, instance: Instance) -> str:
         lines = [line for line in runtime.logs(instance, LOG_LINES_IN_ERRORS) if line.strip()]
@@ -596,9 +655,11 @@ class Lifecycle:
         return sum(used) if used else None
 
     async def _roll_back(
-        self, record: ModelRecord, evicted: list[str], failure: BaseException
+        self, job: Job, record: ModelRecord, evicted: list[str], failure: BaseException
     ) -> None:
-        """Stop the half-started server, then bring back what was evicted for it."""
+        """Stop the half-started server, then bring back what was evicted for it, each
+        model with a load job of its own: queued first, visible and cancellable like any
+        other job, and named in this job's ``result.restores``."""
         with contextlib.suppress(Exception):
             if record.resident:
                 await self._stop(record, None, reason="load failed", quiet=True)
@@ -615,21 +676,27 @@ class Lifecycle:
                     model=record.spec.name,
                 )
             )
+        restores = []
         for name in reversed(evicted):
-            restored = self.models[name]
-            if restored.resident:
+            restored = self.models.get(name)
+            if restored is None or restored.resident:
                 continue  # the cancel came before it was stopped
             gpus = restored.gpus or tuple(restored.spec.gpus)
-            try:
-                await self._wait_for_free(
-                    gpus, (restored.vram_used_mb or restored.spec.vram_mb) // len(gpus)
-                )
-                await self._start_and_wait(Job(JobRequest("load", name)), restored, gpus)
-                log.info("restored %s after a failed swap", name)
-            except (LoadFailure, RuntimeFailure) as exc:
-                log.error("could not restore %s: %s", name, exc)
-                restored.state, restored.error = ModelLifecycle.ERROR, f"restore failed: {exc}"
-                await self.publisher.model_changed(restored.snapshot())
+            moved = len(gpus) == 1 and list(gpus) != restored.spec.gpus
+            restore = Job(
+                JobRequest("load", name, gpu=gpus[0] if moved else None),
+                request_id=f"restore-{job.job_id}",
+                priority=RESTORE_PRIORITY,
+            )
+            queued, _ = self.queue.submit(restore, over_limit=True)
+            restores.append({"model": name, "job_id": queued.job_id})
+            if queued is restore:
+                await self._job_update(restore)
+                log.info("restoring %s after a failed swap: job %s", name, restore.job_id)
+        if restores:
+            self._wakeup.set()
+            self._positions.moved()
+            job.result = {"restores": restores}
 
     # ---- unload ----------------------------------------------------------
 
@@ -657,8 +724,12 @@ class Lifecycle:
             return
         name = record.spec.name
         runtime = self.runtimes[record.spec.runtime]
-        before = {s.index: s.memory_used_mb or 0 for s in await self.sample()}
-        share = (record.vram_used_mb or 0) // max(1, len(record.gpus or record.spec.gpus))
+        await self._refresh_owners()
+        samples = await self.sample()
+        before = {s.index: s.memory_used_mb or 0 for s in samples}
+        # What it holds now, not its learned full size: a server cancelled half-way
+        # through loading holds half of it, and waiting for the rest would stall.
+        held = self._held_by(record, samples)
         record.state = ModelLifecycle.UNLOADING
         await self.publisher.model_changed(record.snapshot())
         stopping = time.monotonic()
@@ -679,10 +750,9 @@ class Lifecycle:
         if job is not None:
             job.advance(JobPhase.WAITING_VRAM, job.progress, f"waiting for {name}'s memory")
             await self._job_update(job)
-        if share:
-            gpus = record.gpus or tuple(record.spec.gpus)
+        if held:
             # Most of it back is enough: the driver keeps a little per context.
-            targets = {g: before.get(g, 0) - int(share * 0.9) for g in gpus}
+            targets = {g: before.get(g, 0) - int(mb * 0.9) for g, mb in held.items()}
             returned = await self._wait_until(
                 lambda samples: all(
                     (s.memory_used_mb or 0) <= targets[s.index]
@@ -691,7 +761,7 @@ class Lifecycle:
                 )
             )
             if not returned:
-                await self._vram_leak(name, share, gpus)
+                await self._vram_leak(name, sum(held.values()), sorted(held))
         await self.publisher.model_changed(record.snapshot())
         await self._after_stop(record)
         if not quiet:
@@ -705,6 +775,24 @@ class Lifecycle:
                 )
             )
         await self.publisher.state_changed()
+
+    def _held_by(self, record: ModelRecord, samples: Sequence[GpuSample]) -> dict[int, int]:
+        """MiB per GPU that the driver shows the model's processes holding (owners must be
+        fresh). Where the driver lists no processes at all, a ready model is taken to hold
+        what it was measured to use when it became ready; anything else, nothing known."""
+        name = record.spec.name
+        pids = {pid for pid, owner in self._owners.items() if owner.model == name}
+        held: dict[int, int] = {}
+        listed = False
+        for gpu in samples:
+            for process in gpu.processes:
+                listed = True
+                if process.pid in pids and process.used_mb:
+                    held[gpu.index] = held.get(gpu.index, 0) + process.used_mb
+        if listed or record.state != ModelLifecycle.READY or not record.vram_used_mb:
+            return held
+        gpus = record.gpus or tuple(record.spec.gpus)
+        return {g: record.vram_used_mb // len(gpus) for g in gpus}
 
     async def _wait_for_free(self, gpus: tuple[int, ...], required_mb: int) -> None:
         fits = await self._wait_until(

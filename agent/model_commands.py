@@ -38,6 +38,8 @@ class ModelCommands:
         self.installer = installer
         self._send_reply = send_reply
         self._waiting: dict[str, list[Intake]] = {}
+        # Cancels that answer once their job has ended.
+        self._cancelling: dict[str, list[Intake]] = {}
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -60,7 +62,11 @@ class ModelCommands:
             priority = command.priority or 0
         elif isinstance(command, SwitchCommand):
             request = JobRequest(
-                "switch", command.model, gpu=command.gpu, exclusive=command.exclusive
+                "switch",
+                command.model,
+                gpu=command.gpu,
+                exclusive=command.exclusive,
+                force=command.force,
             )
         elif isinstance(command, UnloadCommand) and command.model is not None:
             request = JobRequest("unload", command.model, force=command.force)
@@ -99,7 +105,12 @@ class ModelCommands:
         return intake.reply_ok(data={"jobs": jobs})
 
     async def job_finished(self, job: JobState) -> None:
-        """Answer everyone who asked to wait for this job."""
+        """Answer everyone who asked to wait for this job, and every cancel of it."""
+        for intake in self._cancelling.pop(job.job_id, []):
+            self._send_reply(
+                intake,
+                intake.reply_ok(job_id=job.job_id, data={"job": job.model_dump(mode="json")}),
+            )
         for intake in self._waiting.pop(job.job_id, []):
             data = {"job": job.model_dump(mode="json")}
             if job.state == JobStatus.SUCCEEDED:
@@ -119,7 +130,9 @@ class ModelCommands:
     async def _plan(self, intake: Intake) -> Reply:
         command = intake.command
         assert isinstance(command, PlanCommand)
-        result = await self.lifecycle.plan(command.model, command.gpu, command.exclusive)
+        result = await self.lifecycle.plan(
+            command.model, command.gpu, command.exclusive, force=command.force
+        )
         return intake.reply_ok(data=describe_plan(command.model, result))
 
     async def _uninstall(self, intake: Intake) -> Reply:
@@ -127,12 +140,15 @@ class ModelCommands:
         assert isinstance(command, UninstallCommand)
         return intake.reply_ok(data=await self.installer.uninstall(command.name))
 
-    async def _cancel(self, intake: Intake) -> Reply:
+    async def _cancel(self, intake: Intake) -> Reply | None:
         command = intake.command
         assert isinstance(command, CancelCommand)
         job = await self.installer.cancel(command.job_id) or await self.lifecycle.cancel(
             command.job_id
         )
+        if command.wait and not job.finished:
+            self._cancelling.setdefault(job.job_id, []).append(intake)
+            return None
         return intake.reply_ok(
             job_id=job.job_id, data={"job": job.snapshot().model_dump(mode="json")}
         )

@@ -13,9 +13,11 @@ Memory model (all MiB, all integers):
 Choices, in order:
 - A target that is already resident needs nothing: an ``already_loaded`` plan,
   even with ``exclusive`` (a switch to the running model must not stop its neighbours).
-- Evictable residents (not pinned, not busy, not the target) are taken lowest
-  priority first, then least recently used, then largest, then by name, until the
-  placement fits; then any that turned out unnecessary are handed back.
+- Evictable residents are taken lowest priority first, then least recently used,
+  then largest, then by name, until the placement fits; then any that turned out
+  unnecessary are handed back. Evictable means, in this precedence: never a pinned
+  model, never a busy one, and only one whose priority is at most the target's
+  unless ``force`` (which overrides priority, never pinned or busy).
 - Among placements that fit: fewest evictions, then the least VRAM thrown away,
   then the caller's preference order.
 """
@@ -84,12 +86,14 @@ def plan_switch(
     target: Target,
     *,
     exclusive: bool = False,
+    force: bool = False,
     headroom_mb: int = 0,
 ) -> Plan | Refusal:
     """Make ``target`` ready, evicting no more than it needs (or, when
-    ``exclusive``, every evictable model on its GPUs)."""
+    ``exclusive``, every evictable model on its GPUs); ``force`` may evict models of
+    higher priority than the target."""
     mode = _Mode.EXCLUSIVE if exclusive else _Mode.MINIMAL
-    return _plan(gpus, residents, target, mode, headroom_mb)
+    return _plan(gpus, residents, target, mode, headroom_mb, force=force)
 
 
 def plan_load(
@@ -156,13 +160,17 @@ def _plan(
     target: Target,
     mode: _Mode,
     headroom_mb: int,
+    *,
+    force: bool = False,
 ) -> Plan | Refusal:
     free_mb = {g.index: g.free_mb for g in gpus}
     for resident in residents:
         if resident.name == target.name:
             return _already_loaded(resident, target, free_mb)
 
-    evictable = sorted((r for r in residents if _is_evictable(r, target)), key=_eviction_order)
+    evictable = sorted(
+        (r for r in residents if _is_evictable(r, target, force=force)), key=_eviction_order
+    )
     fits: list[_Fit] = []
     shortfalls: list[_Shortfall] = []
     invalid: list[tuple[int, ...]] = []
@@ -174,7 +182,9 @@ def _plan(
         candidates = [r for r in evictable if _touches(r, placement)]
         evict = _choose_evictions(free_mb, placement, candidates, required, headroom_mb, mode)
         if evict is None:
-            shortfalls.append(_shortfall(free_mb, residents, target, placement, candidates, mode))
+            shortfalls.append(
+                _shortfall(free_mb, residents, target, placement, candidates, mode, force=force)
+            )
         else:
             fits.append(_Fit(placement, evict, preference))
 
@@ -193,8 +203,17 @@ def _is_valid(placement: tuple[int, ...], free_mb: dict[int, int]) -> bool:
     return bool(placement) and len(distinct) == len(placement) and distinct <= free_mb.keys()
 
 
-def _is_evictable(resident: Resident, target: Target) -> bool:
-    return not (resident.pinned or resident.busy or resident.name == target.name)
+def _is_evictable(resident: Resident, target: Target, *, force: bool) -> bool:
+    if resident.pinned or resident.busy or resident.name == target.name:
+        return False
+    return force or resident.priority <= target.priority
+
+
+def _protects(resident: Resident, target: Target, *, force: bool) -> bool:
+    """Whether ``resident`` keeps its memory from ``target`` by a rule, not by size."""
+    if resident.name == target.name:
+        return False
+    return not _is_evictable(resident, target, force=force)
 
 
 def _eviction_order(resident: Resident) -> tuple[int, float, int, str]:
@@ -301,6 +320,8 @@ def _shortfall(
     placement: tuple[int, ...],
     candidates: list[Resident],
     mode: _Mode,
+    *,
+    force: bool,
 ) -> _Shortfall:
     could_free = _freed_mb(candidates, placement)
     may_free = could_free if mode != _Mode.NO_EVICTION else dict.fromkeys(placement, 0)
@@ -309,11 +330,7 @@ def _shortfall(
     tightest = min(placement, key=lambda g: free_mb[g] + may_free[g])
     blockers = tuple(
         sorted(
-            (
-                r
-                for r in residents
-                if tightest in r.gpus and (r.pinned or r.busy) and r.name != target.name
-            ),
+            (r for r in residents if tightest in r.gpus and _protects(r, target, force=force)),
             key=lambda r: r.name,
         )
     )
@@ -355,7 +372,7 @@ def _refuse_for_vram(
         if required + headroom_mb > total_mb:
             why = f"GPU {closest.gpu} has only {total_mb} MiB in all"
         elif closest.blockers:
-            why = _blocker_reasons(closest.blockers)
+            why = _blocker_reasons(closest.blockers, target)
         else:
             why = "the rest is held by processes that are not managed models"
         message = f"{need}{have} and evicting {closest.evictable_mb} MiB more is allowed ({why})"
@@ -396,14 +413,22 @@ def _refuse_for_placement(
     )
 
 
-def _blocker_reasons(blockers: Sequence[Resident]) -> str:
+def _blocker_reasons(blockers: Sequence[Resident], target: Target) -> str:
+    """Why the models that protected the memory may not be evicted, in precedence order."""
     pinned = [r.name for r in blockers if r.pinned]
     busy = [r.name for r in blockers if r.busy and not r.pinned]
+    higher = [f"{r.name} ({r.priority})" for r in blockers if not (r.pinned or r.busy)]
     reasons = []
     if pinned:
         reasons.append(f"{_join(pinned)} {'is' if len(pinned) == 1 else 'are'} pinned")
     if busy:
         reasons.append(f"{_join(busy)} {'is' if len(busy) == 1 else 'are'} busy")
+    if higher:
+        one = len(higher) == 1
+        reasons.append(
+            f"{_join(higher)} {'has' if one else 'have'} a higher priority than "
+            f"{target.name} ({target.priority}); force: true evicts {'it' if one else 'them'}"
+        )
     return "; ".join(reasons)
 
 

@@ -27,6 +27,8 @@ from shared.topics import JOB_ID_PATTERN, MODEL_NAME_PATTERN, CommandName
 # Commands are small; anything bigger is a mistake or an attack.
 MAX_COMMAND_BYTES = 16 * 1024
 MAX_REQUEST_ID_CHARS = 128
+# A refused payload is still read for its request id up to this size (the broker's limit).
+MAX_REQUEST_ID_PEEK_BYTES = 256 * 1024
 
 ModelName = Annotated[str, StringConstraints(pattern=f"^{MODEL_NAME_PATTERN}$")]
 JobId = Annotated[str, StringConstraints(pattern=f"^{JOB_ID_PATTERN}$")]
@@ -93,6 +95,10 @@ class SwitchCommand(CommandBase):
     model: ModelName
     gpu: GpuIndex | None = None
     exclusive: bool = False
+    force: bool = Field(
+        default=False,
+        description="evict models of higher priority than the target too (never pinned ones)",
+    )
     wait: bool = False
 
 
@@ -102,6 +108,10 @@ class PlanCommand(CommandBase):
     model: ModelName
     gpu: GpuIndex | None = None
     exclusive: bool = False
+    force: bool = Field(
+        default=False,
+        description="evict models of higher priority than the target too (never pinned ones)",
+    )
 
 
 class InstallCommand(CommandBase):
@@ -126,6 +136,11 @@ class CancelCommand(CommandBase):
     command_name = CommandName.CANCEL
     main_argument = "job_id"
     job_id: JobId
+    wait: bool = Field(
+        default=True,
+        description="reply once the job has ended (its half-started server stopped); "
+        "false replies at once, while a running job is still being cancelled",
+    )
 
 
 class StatusCommand(CommandBase):
@@ -167,12 +182,15 @@ def decode_command(
     except ValueError:
         known = ", ".join(c.value for c in CommandName)
         raise CommandError(
-            ErrorCode.UNKNOWN_COMMAND, f"unknown command {command[:64]!r}: use one of {known}"
+            ErrorCode.UNKNOWN_COMMAND,
+            f"unknown command {command[:64]!r}: use one of {known}",
+            request_id=request_id_of(payload),
         ) from None
     if len(payload) > max_bytes:
         raise CommandError(
             ErrorCode.PAYLOAD_TOO_LARGE,
             f"payload is {len(payload)} bytes; commands are limited to {max_bytes} bytes",
+            request_id=request_id_of(payload),
         )
     try:
         text = payload.decode("utf-8").strip()
@@ -192,6 +210,27 @@ def decode_command(
         raise CommandError(
             ErrorCode.INVALID_PAYLOAD, f"{name}: {describe_validation_error(exc)}", request_id=echo
         ) from None
+
+
+def request_id_of(payload: bytes) -> str | None:
+    """The request id of a payload that holds a readable one, for the reply to a command
+    refused before (or without) being read: a retained one, an unknown verb, one too big."""
+    if len(payload) > MAX_REQUEST_ID_PEEK_BYTES:
+        return None
+    try:
+        text = payload.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+    if not text.startswith("{"):
+        return None
+    try:
+        value = pydantic_core.from_json(text, allow_inf_nan=False)
+    except ValueError:
+        return None
+    request_id = value.get("request_id") if isinstance(value, dict) else None
+    if isinstance(request_id, str) and 0 < len(request_id) <= MAX_REQUEST_ID_CHARS:
+        return request_id
+    return None
 
 
 def _fields_from_text(model: type[CommandBase], text: str) -> dict[str, Any]:

@@ -182,6 +182,7 @@ class ErrorCode(StrEnum):
     CANCELLED = "cancelled"
     FORBIDDEN = "forbidden"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    PORT_IN_USE = "port_in_use"
     INTERNAL = "internal"
 
 

@@ -42,6 +42,9 @@ class ExitStatus:
 
 class Runtime(Protocol):
     name: str
+    # Whether the server's own processes listen on its port (a process group does;
+    # Docker publishes a container's port through dockerd, and refuses a taken one).
+    listens_itself: bool
 
     async def start(self, spec: ModelSpec, extra_env: dict[str, str]) -> Instance:
         """Start the server for ``spec``; returns once it was launched (not healthy)."""

@@ -47,6 +47,7 @@ class DockerRuntime:
     """Starts, stops and adopts model containers on one Docker daemon."""
 
     name = "docker"
+    listens_itself = False
 
     def __init__(
         self,

@@ -187,6 +187,7 @@ class ProcessRuntime:
     """Runs each model server as a local process group (see the module docstring)."""
 
     name: str = "process"
+    listens_itself: bool = True
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir

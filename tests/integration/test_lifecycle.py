@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.broker import MosquittoBroker
+from agent.broker import MosquittoBroker, free_port
 from shared.messages import Reply
 from tests.support.bus import watch
 from tests.support.host import Host
-from tests.support.models import BUDGET, budget_catalog, sim_model
+from tests.support.models import BUDGET, budget_catalog, sim_model, stale_server
 
 pytestmark = pytest.mark.broker
 
@@ -90,6 +90,36 @@ async def test_job_reply_at_once_then_progress_then_done(start_host, host: Host)
     assert host.model("slow")["vram_used_mb"] == 4096
 
 
+async def test_the_model_is_ready_on_the_bus_before_the_wait_reply(start_host, host: Host) -> None:
+    """On one connection, in the order the agent published them: the model's ``ready``
+    and the job's end come before the reply that says the switch succeeded."""
+    start_host({"quick": sim_model(2048, load_s=0.2)})
+    await host.online()
+    reply = await host.ask("switch", {"model": "quick", "wait": True})
+    assert reply.status == "ok" and reply.job_id
+    messages = host.bus.messages
+    answered = next(
+        i
+        for i, m in enumerate(messages)
+        if m.topic.startswith(f"{host.topics.base}/reply/")
+        and json.loads(m.payload).get("job_id") == reply.job_id
+    )
+    ready = [
+        i
+        for i, m in enumerate(messages)
+        if m.topic == host.topics.model("quick") and json.loads(m.payload)["state"] == "ready"
+    ]
+    ended = [
+        i
+        for i, m in enumerate(messages)
+        if m.topic == host.topics.job(reply.job_id)
+        and m.payload
+        and json.loads(m.payload)["state"] == "succeeded"
+    ]
+    assert ready and ready[0] < answered, (ready, answered)
+    assert ended and ended[0] < answered, (ended, answered)
+
+
 async def test_failure_modes_of_the_server(start_host, host: Host) -> None:
     start_host(
         {
@@ -141,6 +171,14 @@ async def test_failed_switch_rolls_back_the_evicted_model(start_host, host: Host
     assert (await host.ask("load", {"model": "resident", "wait": True})).status == "ok"
     reply = await host.ask("switch", {"model": "broken", "wait": True})
     assert reply.error is not None and reply.error.code == "load_failed"
+    assert reply.data is not None
+    failed = reply.data["job"]
+    # The evicted model comes back through a job of its own, named by the failed one.
+    [restore] = failed["result"]["restores"]
+    assert restore["model"] == "resident" and restore["job_id"] in failed["message"]
+    await host.bus.wait_topic(
+        host.topics.job(restore["job_id"]), lambda v: v and v["state"] == "succeeded"
+    )
     restored = await host.wait_model("resident", "ready")
     assert restored["vram_used_mb"] == 20000
 
@@ -162,7 +200,9 @@ async def test_cancel_queued_and_running_jobs(start_host, host: Host) -> None:
         host.topics.job(running.job_id), lambda v: v and v["phase"] == "loading"
     )
     stop = await host.ask("cancel", running.job_id)
-    assert stop.status == "ok"
+    # The reply comes once the job has ended, and carries it as it ended.
+    assert stop.status == "ok" and stop.data is not None
+    assert stop.data["job"]["state"] == "cancelled"
     await host.bus.wait_topic(
         host.topics.job(running.job_id), lambda v: v and v["state"] == "cancelled"
     )
@@ -170,6 +210,50 @@ async def test_cancel_queued_and_running_jobs(start_host, host: Host) -> None:
     await host.bus.wait_topic(host.topics.gpu(0), lambda v: v["memory_used_mb"] == 0)
     unknown = await host.ask("cancel", "nosuchjob")
     assert unknown.error is not None and unknown.error.code == "not_found"
+
+
+async def test_cancelling_a_switch_back_to_a_model_loaded_before(start_host, host: Host) -> None:
+    """The demo's sequence: qwen, then wan (evicting qwen), then back to qwen, cancelled
+    while it loads. The half-loaded server holds part of qwen's learned size: the stop
+    waits for that, not for the whole, and wan comes back through a job of its own."""
+    start_host(
+        {"qwen": sim_model(17408, load_s=3.0), "wan": sim_model(28672, load_s=2.0)},
+        # A stop that waited for memory never coming back would stall the whole test.
+        lifecycle={"vram_wait_timeout_s": 120},
+    )
+    await host.online()
+    for name in ("qwen", "wan"):
+        assert (await host.ask("switch", {"model": name, "wait": True})).status == "ok"
+    back = await host.ask("switch", "qwen")
+    assert back.job_id
+    await host.bus.wait_topic(
+        host.topics.job(back.job_id),
+        lambda v: v and v["phase"] == "loading" and v["progress"] > 0.4,
+    )
+    cancel = await host.ask("cancel", back.job_id, timeout=20)
+    assert cancel.status == "ok" and cancel.data is not None, cancel
+    ended = cancel.data["job"]
+    assert ended["state"] == "cancelled" and ended["phase"] == "done"
+    [restore] = ended["result"]["restores"]
+    assert restore["model"] == "wan"
+    assert host.model("qwen")["state"] == "stopped"
+    # The restore is a job like any other: cancellable, here without waiting for its end.
+    await host.bus.wait_topic(
+        host.topics.job(restore["job_id"]), lambda v: v and v["phase"] == "loading"
+    )
+    quick = await host.ask("cancel", {"job_id": restore["job_id"], "wait": False})
+    assert quick.data is not None and quick.data["job"]["state"] == "running"
+    assert quick.data["job"]["message"] == "cancelling"
+    await host.bus.wait_topic(
+        host.topics.job(restore["job_id"]), lambda v: v and v["state"] == "cancelled", timeout=20
+    )
+    await host.wait_model("wan", "stopped")
+    # Every job ended; nothing is left queued, no memory was reported lost.
+    status = await host.ask("status")
+    assert status.data is not None
+    assert [j for j in status.data["jobs"] if j["state"] in ("queued", "running")] == []
+    assert host.events("vram_leak") == []
+    assert host.events("model_load_failed") == []
 
 
 async def test_concurrent_commands_are_each_answered_once_and_coalesced(
@@ -384,3 +468,58 @@ async def test_a_running_model_removed_from_the_catalog_can_still_be_unloaded(
         host.topics.model("old"), lambda v: v is None, after=mark, raw=False
     )
     assert gone.payload == b""
+
+
+async def test_a_port_already_in_use_fails_the_load_at_once(start_host, host: Host) -> None:
+    """A stale server on the model's port once answered its health check, and the switch
+    reported success for a server that then died with "address already in use"."""
+    spec = sim_model(2048)
+    start_host({"wan": spec})
+    await host.online()
+    with stale_server(spec["port"]) as stale:
+        reply = await host.ask("switch", {"model": "wan", "wait": True})
+        assert reply.status == "error" and reply.error is not None, reply
+        assert reply.error.code == "port_in_use"
+        assert str(spec["port"]) in reply.error.message
+        assert f"pid {stale.pid}" in reply.error.message
+        assert stale.poll() is None  # somebody else's: left alone
+    assert host.model("wan")["state"] in ("stopped", "error")
+    assert host.events("model_loaded") == []
+    # Once the port is free, the same switch works.
+    again = await host.ask("switch", {"model": "wan", "wait": True})
+    assert again.status == "ok", again
+
+
+async def test_a_health_check_answered_by_another_process_is_not_ready(
+    start_host, host: Host
+) -> None:
+    """Ready means the server just started answers, not whoever holds the health URL."""
+    elsewhere = free_port()
+    spec = sim_model(2048, health_url=f"http://127.0.0.1:{elsewhere}/health", load_timeout_s=2)
+    start_host({"misdirected": spec})
+    await host.online()
+    with stale_server(elsewhere) as stale:
+        reply = await host.ask("load", {"model": "misdirected", "wait": True})
+        assert reply.error is not None and reply.error.code == "timeout", reply
+        assert f"answered by pid {stale.pid}" in reply.error.message
+    assert host.events("model_loaded") == []
+
+
+async def test_a_switch_evicts_more_important_models_only_with_force(
+    start_host, host: Host
+) -> None:
+    start_host({"chat": sim_model(20000, priority=20), "video": sim_model(20000)})
+    await host.online()
+    assert (await host.ask("load", {"model": "chat", "wait": True})).status == "ok"
+    plan = await host.ask("plan", "video")
+    assert plan.data is not None and plan.data["fits"] is False
+    assert "chat (20) has a higher priority than video (0)" in plan.data["message"]
+    refused = await host.ask("switch", {"model": "video", "wait": True})
+    assert refused.error is not None and refused.error.code == "insufficient_vram"
+    assert "force: true evicts it" in refused.error.message
+    assert host.model("chat")["state"] == "ready"
+    forced_plan = await host.ask("plan", {"model": "video", "force": True})
+    assert forced_plan.data is not None and forced_plan.data["evict"] == ["chat"]
+    forced = await host.ask("switch", {"model": "video", "force": True, "wait": True})
+    assert forced.status == "ok", forced
+    assert forced.data is not None and forced.data["job"]["result"]["evicted"] == ["chat"]

@@ -210,7 +210,9 @@ async def test_mosquitto_rr_recipes_command_the_host(
     assert switch.returncode == 0, switch
     service = switch.stdout.strip()
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+", service), switch
-    assert model_state(observer) == "ready"
+    # The observer is another connection: it may see the state a moment after the reply
+    # (MQTT orders messages per connection; test_lifecycle checks the agent's own order).
+    await observer.wait_topic(TOPICS.model(MODEL), lambda v: v and v["state"] == "ready")
     # The reply went to the MQTT 5 response topic, not to the host's reply topic.
     assert observer.on(TOPICS.reply("me"))
     assert not [m for m in observer.messages[mark:] if m.topic == TOPICS.reply("switch")]
@@ -237,7 +239,7 @@ async def test_pub_and_sub_recipes_switch_and_unload(
         assert switched is not None and switched["status"] == "ok", switched
         # wait: true, so the reply came once the job had ended.
         assert switched["data"]["job"]["state"] == "succeeded"
-        assert model_state(observer) == "ready"
+        await observer.wait_topic(TOPICS.model(MODEL), lambda v: v and v["state"] == "ready")
 
         assert (await run(broker, "pub-unload")).returncode == 0
         line = await replies.wait_line(

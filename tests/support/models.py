@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import subprocess
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from agent.broker import free_port
@@ -41,3 +44,30 @@ BUDGET = {
 
 def budget_catalog(load_s: float = 0.2) -> dict[str, Any]:
     return {name: sim_model(mb, load_s=load_s) for name, mb in BUDGET.items()}
+
+
+# A server left over from elsewhere: answers 200 to everything, as a healthy model would.
+_STALE_SERVER = """
+import http.server, sys
+class Ok(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"stale")
+    def log_message(self, *args): pass
+server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Ok)
+print("listening", flush=True)
+server.serve_forever()
+"""
+
+
+@contextlib.contextmanager
+def stale_server(port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """A process that is not the agent's, holding ``port`` and answering health checks."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", _STALE_SERVER, str(port)], stdout=subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline() == b"listening\n"
+        yield process
+    finally:
+        process.kill()
+        process.wait(10)

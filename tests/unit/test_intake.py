@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+
 from agent.intake import command_level, read_command
 from shared.commands import StatusCommand, SwitchCommand
 from shared.messages import ErrorCode
@@ -67,3 +71,27 @@ def test_error_reply_carries_code_and_message() -> None:
     reply = intake.reply_error()
     assert reply.status == "error" and reply.request_id == "r9"
     assert reply.error is not None and reply.error.code == ErrorCode.INVALID_PAYLOAD
+
+
+@pytest.mark.parametrize(
+    ("level", "payload", "options"),
+    [
+        ("status", b'{"request_id": "sh-7"}', {"retained": True}),
+        ("status", b'{"request_id": "sh-7"}', {"response_topic": "elsewhere/x"}),
+        ("reboot", b'{"request_id": "sh-7"}', {}),
+        ("load", b'{"request_id": "sh-7", "pad": "' + b"x" * 2000 + b'"}', {}),
+    ],
+)
+def test_refusals_echo_the_senders_request_id(
+    level: str, payload: bytes, options: dict[str, Any]
+) -> None:
+    """Refused before the command is read, the reply still names the sender's request."""
+    intake = read(level, payload, **options)
+    assert intake.error is not None and intake.command is None
+    assert intake.reply_error().request_id == "sh-7"
+
+
+def test_an_unreadable_request_id_is_replaced() -> None:
+    for payload in (b"{broken", b'{"request_id": 42}', b'{"request_id": ""}', b"\xff", b"x"):
+        intake = read("status", payload, retained=True)
+        assert len(intake.request_id) == 16, payload

@@ -469,8 +469,14 @@ def hosts(draw: st.DrawFn) -> tuple[list[GpuMemory], list[Resident], Target, int
     return gpus, residents, target, draw(st.integers(0, 2048))
 
 
-def evictable(residents: list[Resident], target: Target) -> list[Resident]:
-    return [r for r in residents if not (r.pinned or r.busy or r.name == target.name)]
+def evictable(residents: list[Resident], target: Target, force: bool = False) -> list[Resident]:
+    """Pinned, then busy, then priority (which force overrides) protect a model."""
+    return [
+        r
+        for r in residents
+        if not (r.pinned or r.busy or r.name == target.name)
+        and (force or r.priority <= target.priority)
+    ]
 
 
 def freed_on(gpu: int, evicted: list[Resident]) -> int:
@@ -500,6 +506,7 @@ def check_plan(
     residents: list[Resident],
     target: Target,
     headroom_mb: int,
+    force: bool = False,
 ) -> list[Resident]:
     """The checks every Plan passes; returns the evicted residents."""
     by_name = {r.name: r for r in residents}
@@ -512,7 +519,7 @@ def check_plan(
     assert plan.gpus in valid_placements(gpus, target)
     evicted = [by_name[name] for name in plan.evict]
     assert len(set(plan.evict)) == len(plan.evict)
-    assert all(r in evictable(residents, target) for r in evicted)
+    assert all(r in evictable(residents, target, force) for r in evicted)
     free = {g.index: g.free_mb for g in gpus}
     required = math.ceil(target.vram_mb / len(plan.gpus))
     assert plan.required_mb == required
@@ -535,33 +542,36 @@ def check_refusal(refusal: Refusal, gpus: list[GpuMemory], target: Target) -> No
 
 
 @settings(max_examples=400)
-@given(hosts(), st.booleans(), st.randoms(use_true_random=False))
+@given(hosts(), st.booleans(), st.booleans(), st.randoms(use_true_random=False))
 def test_switch_properties(
     host: tuple[list[GpuMemory], list[Resident], Target, int],
     exclusive: bool,
+    force: bool,
     random: Random,
 ) -> None:
     gpus, residents, target, headroom = host
-    result = plan_switch(gpus, residents, target, exclusive=exclusive, headroom_mb=headroom)
+    options = {"exclusive": exclusive, "force": force, "headroom_mb": headroom}
+    result = plan_switch(gpus, residents, target, **options)
 
     shuffled = list(residents)
     random.shuffle(shuffled)  # the order residents arrive in must not matter
-    again = plan_switch(gpus, shuffled, target, exclusive=exclusive, headroom_mb=headroom)
+    again = plan_switch(gpus, shuffled, target, **options)
     assert again == result
 
     if isinstance(result, Refusal):
         check_refusal(result, gpus, target)
         assert target.name not in {r.name for r in residents}
-        everything = evictable(residents, target)
+        everything = evictable(residents, target, force)
         for placement in valid_placements(gpus, target):
             assert not fits(gpus, placement, everything, target.vram_mb, headroom)
         return
 
-    evicted = check_plan(result, gpus, residents, target, headroom)
+    evicted = check_plan(result, gpus, residents, target, headroom, force)
     if result.already_loaded:
         return
     if exclusive:
-        on_placement = [r for r in evictable(residents, target) if set(r.gpus) & set(result.gpus)]
+        allowed = evictable(residents, target, force)
+        on_placement = [r for r in allowed if set(r.gpus) & set(result.gpus)]
         assert set(result.evict) == {r.name for r in on_placement}
     else:
         for spared in evicted:
@@ -585,3 +595,30 @@ def test_load_properties(host: tuple[list[GpuMemory], list[Resident], Target, in
         return
     check_plan(result, gpus, residents, target, headroom)
     assert result.evict == ()
+
+
+def test_a_target_evicts_only_models_of_its_priority_or_lower() -> None:
+    """A low-priority model may not push out more important ones; force may, except
+    what is pinned; the refusal names the models that kept the memory."""
+    gpu = [GpuMemory(0, total_mb=32768, free_mb=2048)]
+    residents = [
+        Resident("chat", (0,), 17408, priority=20, last_used=1.0),
+        Resident("asr", (0,), 6144, priority=0, last_used=2.0),
+        Resident("tts", (0,), 7168, priority=50, pinned=True),
+    ]
+    low = Target("video", 20000, ((0,),), priority=0)
+    refusal = plan_switch(gpu, residents, low)
+    assert isinstance(refusal, Refusal)
+    assert "chat (20) has a higher priority than video (0); force: true evicts it" in (
+        refusal.message
+    )
+    assert "tts is pinned" in refusal.message
+    assert refusal.evictable_mb == 6144  # only asr was allowed
+    forced = plan_switch(gpu, residents, low, force=True)
+    assert isinstance(forced, Plan) and set(forced.evict) == {"chat", "asr"}
+    # Equal priority is fair game, and a higher target needs no force.
+    equal = plan_switch(gpu, residents, Target("video", 20000, ((0,),), priority=20))
+    assert isinstance(equal, Plan) and set(equal.evict) == {"chat", "asr"}
+    # exclusive empties what it may, no more.
+    exclusive = plan_switch(gpu, residents, Target("small", 1000, ((0,),)), exclusive=True)
+    assert isinstance(exclusive, Plan) and exclusive.evict == ("asr",)
