@@ -8,7 +8,9 @@ entity, and ``status`` (the agent's birth and will) for availability.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from shared.messages import GpuInfo
@@ -33,6 +35,44 @@ EVENT_TYPES = (
     "power_high",
     "power_high_cleared",
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """What the agent last left retained on its discovery topic: the platform of each
+    component, or ``cleared`` (an empty config) when discovery was turned off."""
+
+    components: Mapping[str, str]
+    cleared: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps({"components": dict(self.components), "cleared": self.cleared})
+
+    @classmethod
+    def from_json(cls, text: str) -> Published | None:
+        """None for anything unreadable: then nothing is known of what was published."""
+        try:
+            raw = json.loads(text)
+            return cls(dict(raw["components"]), bool(raw["cleared"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+def with_removals(
+    payload: dict[str, Any], previous: Published | None
+) -> tuple[dict[str, Any], Published]:
+    """The payload plus a platform-only entry for every component published last time
+    and gone now: Home Assistant removes a component only when it is sent once like
+    that; a component that merely disappears from the payload stays forever. Returns
+    what is published now without those entries, so the next publish omits them."""
+    components: dict[str, Any] = payload["components"]
+    current = {key: component["platform"] for key, component in components.items()}
+    gone = {
+        key: {"platform": platform}
+        for key, platform in (previous.components.items() if previous else ())
+        if key not in current
+    }
+    return {**payload, "components": {**components, **gone}}, Published(current)
 
 
 def _gpu_components(topics: HostTopics, gpu: GpuInfo, uid: str) -> dict[str, dict[str, Any]]:

@@ -25,7 +25,7 @@ from agent.gpu.base import (
     GpuSample,
     GpuUnavailableError,
 )
-from agent.ha_discovery import discovery_payload
+from agent.ha_discovery import Published, discovery_payload, with_removals
 from agent.installer import Installer
 from agent.intake import Intake, command_level, read_command, refused_intake
 from agent.lifecycle import Lifecycle
@@ -140,6 +140,10 @@ class AgentService:
         self._state_pending: asyncio.Task[None] | None = None
         self._alerts = AlertTracker(config.alerts)
         self._discovered_gpus: tuple[int, ...] = ()
+        # What our discovery topic holds, kept across restarts: Home Assistant needs to be
+        # told which components went away, and needs a cleared config only once.
+        self._ha_file = config.state_dir / "homeassistant-discovery.json"
+        self._ha_published: Published | None = None
         self.client = ReconnectingClient(
             connection_settings(config, self.topics),
             subscriptions=subscriptions,
@@ -165,6 +169,7 @@ class AgentService:
             await self.start()
         await self.lifecycle.start()
         await self.installer.start()
+        self._ha_published = await asyncio.to_thread(self._read_published)
         async with asyncio.TaskGroup() as group:
             client_task = group.create_task(self.client.run(), name="mqtt")
             telemetry_task = group.create_task(self._telemetry_loop(), name="telemetry")
@@ -365,7 +370,7 @@ class AgentService:
         What was queued while offline (events, replies, cleared jobs) goes first."""
         self._protocol = connection.protocol
         self.client.publish(self.topics.info, encode(self.host_info()), qos=1, retain=True)
-        self._publish_discovery()
+        await self._publish_discovery()
         for record in self.lifecycle.models.values():
             self.client.publish(
                 self.topics.model(record.spec.name), encode(record.snapshot()), qos=1, retain=True
@@ -542,6 +547,8 @@ class AgentService:
     async def model_removed(self, name: str) -> None:
         """An empty retained payload removes the model's topic from the broker."""
         self.client.publish(self.topics.model(name), b"", qos=1, retain=True)
+        # It was a select option while it ran after leaving the catalog: not any more.
+        await self._publish_discovery()
 
     async def reload(self, config_path: Path | None, overrides: Mapping[str, Any]) -> None:
         """Re-read the catalog (SIGHUP); a broken file changes nothing."""
@@ -553,7 +560,7 @@ class AgentService:
         changes = await self.lifecycle.reload(config.catalog)
         log.info("catalog reloaded: %s", "; ".join(changes) or "no changes")
         self.client.publish(self.topics.info, encode(self.host_info()), qos=1, retain=True)
-        self._publish_discovery()
+        await self._publish_discovery()
 
     async def job_changed(self, job: JobState) -> None:
         # Kept until cleared, so a reconnect republishes finished jobs too.
@@ -577,12 +584,15 @@ class AgentService:
 
     # ---- Home Assistant ----------------------------------------------------
 
-    def _publish_discovery(self) -> None:
-        """The host's retained discovery config; an empty one when turned off, which
-        makes Home Assistant remove the device (and is harmless when there was none)."""
+    async def _publish_discovery(self) -> None:
+        """The host's retained discovery config. Turned off: an empty one, once, which
+        makes Home Assistant remove the device (sent again on every connect, it made Home
+        Assistant log a clean-up warning each time)."""
         topic = self.topics.discovery_config(self._ha.discovery_prefix)
         if not self._ha.enabled:
-            self.client.publish(topic, b"", qos=1, retain=True)
+            if self._ha_published is None or not self._ha_published.cleared:
+                self.client.publish(topic, b"", qos=1, retain=True)
+                await self._remember_published(Published({}, cleared=True))
             return
         info = self.host_info()
         self._discovered_gpus = tuple(gpu.index for gpu in info.gpus)
@@ -591,10 +601,28 @@ class AgentService:
             hostname=info.hostname,
             agent_version=info.agent_version,
             gpus=info.gpus,
-            models=self.lifecycle.catalog.names(),
+            # Every model the state can name: the catalog, and a model still running
+            # after it left the catalog (Home Assistant refuses a state not in options).
+            models=sorted(set(self.lifecycle.catalog.names()) | set(self.lifecycle.models)),
             gpu_backend=info.gpu_backend,
         )
+        payload, published = with_removals(payload, self._ha_published)
         self.client.publish(topic, json.dumps(payload), qos=1, retain=True)
+        if published != self._ha_published:
+            await self._remember_published(published)
+
+    def _read_published(self) -> Published | None:
+        try:
+            return Published.from_json(self._ha_file.read_text())
+        except OSError:
+            return None
+
+    async def _remember_published(self, published: Published) -> None:
+        self._ha_published = published
+        try:
+            await asyncio.to_thread(self._ha_file.write_text, published.to_json())
+        except OSError as exc:
+            log.warning("could not remember the discovery config in %s: %s", self._ha_file, exc)
 
     def _schedule_discovery(self) -> None:
         """One republish per announcement, after a random delay; announcements that
@@ -606,7 +634,7 @@ class AgentService:
 
         async def later() -> None:
             await asyncio.sleep(random.uniform(0, self._ha.republish_delay_max_s))
-            self._publish_discovery()
+            await self._publish_discovery()
 
         self._discovery_pending = asyncio.get_running_loop().create_task(later())
 

@@ -192,3 +192,98 @@ async def test_a_catalog_reload_republishes_the_select_options(
         agent.process.send_signal(signal.SIGHUP)
         again = await config(ha, topic, after=mark)
     assert again["components"]["active_model"]["options"] == ["other", "small", "third"]
+
+
+def select_state(host: Host) -> str:
+    """What the select's value_template makes of the retained state."""
+    state = json.loads(host.bus.latest(host.topics.state).payload)  # type: ignore[union-attr]
+    loaded = list(state["loaded_models"])
+    return loaded[0] if loaded else "None"
+
+
+async def test_a_model_dropped_from_the_catalog_stays_an_option_while_it_runs(
+    start: Callable[..., AgentProcess],
+    host: Host,
+    broker: MosquittoBroker,
+    ha_prefix: str,
+    tmp_path: Path,
+) -> None:
+    """Home Assistant logs "Invalid option" on every state message whose option is not in
+    the select's options: they must hold whatever the state can name."""
+    topic = discovery_topic(host, ha_prefix)
+    agent = start()
+    await host.online()
+    assert (await host.ask("load", {"model": "small", "wait": True})).status == "ok"
+    async with watch(broker.port, topic) as ha:
+        await config(ha, topic)
+        path = tmp_path / "agent.yaml"
+        raw = yaml.safe_load(path.read_text())
+        del raw["models"]["small"]
+        path.write_text(yaml.safe_dump(raw))
+        mark = len(ha.messages)
+        agent.process.send_signal(signal.SIGHUP)
+        reloaded = await config(ha, topic, after=mark)
+        await host.bus.wait_topic(host.topics.state, lambda v: "small" in v["loaded_models"])
+        assert select_state(host) == "small"
+        assert "small" in reloaded["components"]["active_model"]["options"]
+        # Once it is unloaded it leaves the options too.
+        mark = len(ha.messages)
+        assert (await host.ask("unload", {"model": "small", "wait": True})).status == "ok"
+        unloaded = await config(ha, topic, after=mark)
+    assert unloaded["components"]["active_model"]["options"] == ["other"]
+
+
+async def test_components_that_go_away_are_removed_once_then_omitted(
+    start: Callable[..., AgentProcess],
+    host: Host,
+    broker: MosquittoBroker,
+    ha_prefix: str,
+    tmp_path: Path,
+) -> None:
+    topic = discovery_topic(host, ha_prefix)
+    agent = start()
+    await host.online()
+    async with watch(broker.port, topic) as ha:
+        first = await config(ha, topic)
+        assert "active_model" in first["components"]
+        path = tmp_path / "agent.yaml"
+        raw = yaml.safe_load(path.read_text())
+        raw["models"] = {}
+        path.write_text(yaml.safe_dump(raw))
+        mark = len(ha.messages)
+        agent.process.send_signal(signal.SIGHUP)
+        emptied = await config(ha, topic, after=mark)
+        # Sent once with nothing but its platform: Home Assistant removes it.
+        assert emptied["components"]["active_model"] == {"platform": "select"}
+        mark = len(ha.messages)
+        await ha.connection.publish(f"{ha_prefix}/status", "online", qos=1)
+        again = await config(ha, topic, after=mark)
+    assert "active_model" not in again["components"]
+    assert again["components"]["gpu0_vram_used"]["platform"] == "sensor"
+
+
+async def test_turned_off_the_config_is_cleared_once_not_on_every_connect(
+    start: Callable[..., AgentProcess], host: Host, broker: MosquittoBroker, ha_prefix: str
+) -> None:
+    topic = discovery_topic(host, ha_prefix)
+    status = host.topics.status
+
+    async def seen(check: Callable[[Any], bool], after: int, on: str = status) -> None:
+        await ha.wait_topic(on, check, raw=on == status, after=after, timeout=20)
+
+    async with watch(broker.port, topic, status) as ha:
+        agent = start()
+        await seen(lambda v: v == "online", 0)
+        assert agent.terminate() == 0
+        await seen(lambda v: v == "offline", 0)
+        mark = len(ha.messages)
+        agent = start(enabled=False)
+        await seen(lambda v: v is None, mark, on=topic)  # cleared
+        await seen(lambda v: v == "online", mark)
+        assert agent.terminate() == 0
+        await seen(lambda v: v == "offline", mark)
+        mark = len(ha.messages)
+        start(enabled=False)
+        # Published in order on one connection: a clear would come before "online".
+        await seen(lambda v: v == "online", mark)
+    assert [m for m in ha.messages[mark:] if m.topic == topic] == []
