@@ -1,9 +1,11 @@
 """``modelbus``: one command, several subcommands.
 
-Exit codes: 0 ok; 1 runtime failure (no GPU, broker refused the agent) or, for the client
-commands (status, load, unload, switch, plan, install, uninstall, cancel, events), an error
-reply or a failed job; 2 usage or configuration error; 3 timeout (client commands); 4 broker
-unreachable or refusing the client (client commands). See docs/client.md.
+Exit codes: 0 ok; 1 runtime failure (no GPU, broker refused the agent, the demo's broker or
+agent died) or, for the client commands (status, load, unload, switch, plan, install,
+uninstall, cancel, events), an error reply, a failed job, a plan that cannot be carried out or
+a host that is not online; 2 usage or configuration error (for the client commands also a value
+the contract refuses); 3 timeout (client commands); 4 broker unreachable or refusing the client
+(client commands). See docs/client.md.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     agent.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
     demo = sub.add_parser("demo", help="broker + simulated GPU agent, for trying modelbus")
-    demo.add_argument("--headless", action="store_true", help="no TUI; print how to watch")
+    demo.add_argument(
+        "--headless", action="store_true", help="no TUI; print command lines to try it with"
+    )
     demo.add_argument("--port", type=int, help="broker port (default: a free one)")
     demo.add_argument(
         "--embedded-broker",
@@ -140,7 +144,8 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
         "--timeout",
         type=_seconds,
         metavar="S",
-        help="seconds to wait for the reply (default 30) or, with --wait, for the job's end",
+        help="seconds the whole command may take, connecting included (default: 30 for the "
+        "reply; no limit on a --wait job)",
     )
     job = argparse.ArgumentParser(add_help=False)
     job.add_argument(
@@ -165,10 +170,14 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     switch.add_argument("model", metavar="MODEL")
     switch.add_argument("--gpu", type=_gpu_index, metavar="N", help="load on this GPU")
     switch.add_argument("--exclusive", action="store_true", help="stop every evictable model")
+    switch.add_argument(
+        "--force", action="store_true", help="also stop models of higher priority (not pinned)"
+    )
     plan = add("plan", "what a switch would do now; changes nothing")
     plan.add_argument("model", metavar="MODEL")
     plan.add_argument("--gpu", type=_gpu_index, metavar="N", help="plan for this GPU")
     plan.add_argument("--exclusive", action="store_true", help="plan an exclusive switch")
+    plan.add_argument("--force", action="store_true", help="plan a switch with --force")
     install = add("install", "download weights from the Hugging Face Hub", wait=True)
     install.add_argument("repo", metavar="REPO", help="org/name on the hub")
     install.add_argument("--revision", metavar="R", help="branch, tag or commit (default main)")
@@ -193,8 +202,8 @@ def _client_fields(args: argparse.Namespace) -> dict[str, Any]:
         "status": (),
         "load": ("model", "gpu", "priority"),
         "unload": ("model", "all", "force"),
-        "switch": ("model", "gpu", "exclusive"),
-        "plan": ("model", "gpu", "exclusive"),
+        "switch": ("model", "gpu", "exclusive", "force"),
+        "plan": ("model", "gpu", "exclusive", "force"),
         "install": ("repo", "revision", "include", "exclude", "name"),
         "uninstall": ("name",),
         "cancel": ("job_id",),

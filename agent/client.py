@@ -7,7 +7,9 @@ reply topic (``P/H/reply/cli-<random>`` under MQTT 5, ``P/H/reply/<command>`` ma
 request id under 3.1.1) and, with ``--wait``, ``P/H/jobs/+``, whose updates are kept until
 the reply names the job to follow. Only :mod:`agent.mqtt` talks to the broker.
 
-Exit codes: 0 ok, 1 error reply or failed job, 2 usage, 3 timeout, 4 broker unreachable.
+Exit codes (docs/client.md): 0 ok; 1 an error reply, a failed job, a plan that cannot be
+carried out, or a host that is not online; 2 usage (a value the contract refuses, here or in
+an ``invalid_payload`` reply); 3 timeout; 4 broker unreachable, lost or refusing.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 import math
 import secrets
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TextIO
@@ -35,7 +37,9 @@ from agent.mqtt import (
     Subscription,
     connect,
 )
+from shared.commands import COMMAND_MODELS, describe_validation_error
 from shared.messages import (
+    ErrorCode,
     Event,
     GpuState,
     HostInfo,
@@ -54,6 +58,9 @@ DEFAULT_REPLY_TIMEOUT_S = 30.0
 # Retained ``P/+/status`` messages arrive at once after subscribing; this is how long
 # to collect them when no --host was given.
 DISCOVERY_WINDOW_S = 0.5
+# How long a --host may take to show its retained status before the client says it has
+# never announced itself (instead of waiting the whole reply timeout for nobody).
+HOST_GRACE_S = 1.0
 PROGRESS_BAR_WIDTH = 24
 ENDED = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
@@ -151,13 +158,16 @@ def _deadline(seconds: float | None) -> float | None:
 # -- hosts -----------------------------------------------------------------------------
 
 
-async def host_statuses(session: Session, window_s: float = DISCOVERY_WINDOW_S) -> dict[str, str]:
-    """``{host: "online"|"offline"}`` from the retained ``P/+/status`` messages."""
+async def host_statuses(
+    session: Session, window_s: float = DISCOVERY_WINDOW_S, *, until: str | None = None
+) -> dict[str, str]:
+    """``{host: "online"|"offline"}`` from the retained ``P/+/status`` messages, collected
+    for ``window_s`` or until host ``until`` has been seen."""
     await session.subscribe(f"{session.prefix}/+/status")
     deadline = _deadline(window_s)
     statuses: dict[str, str] = {}
     with contextlib.suppress(TimeoutError):
-        while True:
+        while until is None or until not in statuses:
             message = await session.next(deadline)
             parsed = parse_topic(session.prefix, message.topic)
             if parsed is not None and parsed.kind == "status" and parsed.argument is None:
@@ -166,9 +176,10 @@ async def host_statuses(session: Session, window_s: float = DISCOVERY_WINDOW_S) 
 
 
 async def resolve_host(session: Session, host: str | None) -> str:
-    """``host`` itself, or the one host online on the bus; anything else is a usage error."""
+    """``host`` if it is online (an error otherwise, told at once: its status is retained),
+    or the one host online on the bus when none was given (a usage error otherwise)."""
     if host is not None:
-        return host
+        return await _online(session, host)
     statuses = await host_statuses(session)
     online = sorted(h for h, status in statuses.items() if status == "online")
     if len(online) == 1:
@@ -184,6 +195,24 @@ async def resolve_host(session: Session, host: str | None) -> str:
         f"no host is online under prefix {session.prefix!r}{seen}; pass --host HOST, "
         "or check --broker and --prefix",
     )
+
+
+async def _online(session: Session, host: str) -> str:
+    statuses = await host_statuses(session, HOST_GRACE_S, until=host)
+    where = f"{session.prefix}/"
+    others = ", ".join(f"{h} ({statuses[h]})" for h in sorted(statuses) if h != host)
+    known = f"known hosts are {others}" if others else "no other host has announced itself"
+    if host not in statuses:
+        raise ClientExit(
+            EXIT_ERROR, f"no host {host!r} on {where}: {known}; check --host, --prefix and --broker"
+        )
+    if statuses[host] != "online":
+        raise ClientExit(
+            EXIT_ERROR,
+            f"{host} is {statuses[host]} on {where} (its agent stopped or lost the broker): "
+            f"start its agent ({known})",
+        )
+    return host
 
 
 # -- one command, one reply ------------------------------------------------------------
@@ -254,19 +283,31 @@ async def follow_job(
             return job, json.loads(message.payload)
 
 
-async def run_request(session: Session, request: Request, out: TextIO, err: TextIO) -> int:
+def contract_problem(request: Request) -> str | None:
+    """What the contract's own model of the command refuses in ``request.fields``, as the
+    agent would say it; None when the agent would accept them."""
+    try:
+        COMMAND_MODELS[request.command].model_validate(dict(request.fields))
+    except ValidationError as exc:
+        return describe_validation_error(exc)
+    return None
+
+
+async def run_request(
+    session: Session, request: Request, out: TextIO, err: TextIO, deadline: float | None
+) -> int:
+    """``deadline`` (the loop's clock) ends the whole command when --timeout gave one."""
     host = await resolve_host(session, request.host)
     topics = HostTopics(session.prefix, host)
     name = request.command.value
-    reply_deadline = _deadline(request.timeout_s or DEFAULT_REPLY_TIMEOUT_S)
+    reply_deadline = deadline if deadline is not None else _deadline(DEFAULT_REPLY_TIMEOUT_S)
     # The job's own end has no limit unless --timeout gave one (a download can take hours).
-    job_deadline = _deadline(request.timeout_s)
-    # Subscribed before publishing: the host's status (to explain silence) and, to wait,
-    # every job of the host, since the job id is only known from the reply.
-    filters = [topics.status]
+    job_deadline = deadline
+    # The host's status (to explain silence) is already subscribed to, with P/+/status.
+    # To wait, every job of the host is subscribed to before publishing, since the job id
+    # is only known from the reply.
     if request.wait:
-        filters.append(topics.job("+"))
-    await session.subscribe(*filters)
+        await session.subscribe(topics.job("+"))
     try:
         answer = await send(session, host, request.command, request.fields, reply_deadline)
     except TimeoutError:
@@ -279,8 +320,16 @@ async def run_request(session: Session, request: Request, out: TextIO, err: Text
         print(json.dumps(answer.raw), file=out, flush=True)
     if reply.status == "error":
         error = reply.error
-        what = f"{error.code}: {error.message}" if error else "error reply without details"
-        print(f"modelbus {name}: {what}", file=err, flush=True)
+        if error is None:
+            print(f"modelbus {name}: error reply without details", file=err, flush=True)
+            return EXIT_ERROR
+        print(f"modelbus {name}: {error.code}: {error.message}", file=err, flush=True)
+        # The agent refused a value of the command: a usage error, as if refused here.
+        return EXIT_USAGE if error.code is ErrorCode.INVALID_PAYLOAD else EXIT_ERROR
+    if request.command is CommandName.PLAN and not (reply.data or {}).get("fits"):
+        # A plan that cannot be carried out fails, so `plan X && switch X` does what it says.
+        for line in format_plan(reply.data or {}):
+            print(f"modelbus {name}: {line}", file=err, flush=True)
         return EXIT_ERROR
     if not (request.wait and reply.job_id):
         if not request.json_output:
@@ -321,14 +370,10 @@ def _ignore(_job: JobState) -> None:
 
 
 def _why_silent(session: Session, host: str) -> str:
+    """Why a host that was online when the command was sent did not answer."""
     status = session.last_seen(HostTopics(session.prefix, host).status)
-    if status is None:
-        return (
-            f"no host {host!r} has announced itself under prefix {session.prefix!r} "
-            "(check --host, --prefix and --broker)"
-        )
-    if status.payload.decode("utf-8", "replace").strip() != "online":
-        return f"{host} is offline: start its agent"
+    if status is not None and status.payload.decode("utf-8", "replace").strip() != "online":
+        return f"{host} went offline meanwhile: start its agent"
     return "its agent is online but busy or stuck; try again or raise --timeout"
 
 
@@ -342,14 +387,15 @@ async def stream_events(
     count: int | None,
     json_output: bool,
     timeout_s: float | None,
+    deadline: float | None,
     out: TextIO,
     err: TextIO,
 ) -> int:
+    """``deadline`` (the loop's clock, from the start of the command) ends the listening."""
     topic = HostTopics(session.prefix, host).events if host else f"{session.prefix}/+/events"
     await session.subscribe(topic)
     # On stderr so stdout stays the events only; scripts (and tests) can wait for it.
     print(f"modelbus events: listening on {topic} (Ctrl-C to stop)", file=err, flush=True)
-    deadline = _deadline(timeout_s)
     printed = 0
     while count is None or printed < count:
         try:
@@ -405,11 +451,19 @@ def run_command(
     """Send one command (and follow its job with ``wait``); the process's exit code."""
     out = out or sys.stdout
     err = err or sys.stderr
+    name = request.command.value
+    # Checked by the contract's own models before connecting: a usage error needs no broker.
+    problem = contract_problem(request)
+    if problem is not None:
+        print(f"modelbus {name}: {problem} (see modelbus {name} --help)", file=err, flush=True)
+        return EXIT_USAGE
 
-    async def body(session: Session) -> int:
-        return await run_request(session, request, out, err)
+    async def body(session: Session, deadline: float | None) -> int:
+        return await run_request(session, request, out, err, deadline)
 
-    return _run(settings, prefix, request.command.value, body, err, interrupted=EXIT_INTERRUPTED)
+    return _run(
+        settings, prefix, name, body, err, timeout_s=request.timeout_s, interrupted=EXIT_INTERRUPTED
+    )
 
 
 def run_events(
@@ -427,33 +481,46 @@ def run_events(
     out = out or sys.stdout
     err = err or sys.stderr
 
-    async def body(session: Session) -> int:
+    async def body(session: Session, deadline: float | None) -> int:
         return await stream_events(
             session,
             host,
             count=count,
             json_output=json_output,
             timeout_s=timeout_s,
+            deadline=deadline,
             out=out,
             err=err,
         )
 
-    return _run(settings, prefix, "events", body, err, interrupted=EXIT_OK)
+    return _run(settings, prefix, "events", body, err, timeout_s=timeout_s, interrupted=EXIT_OK)
 
 
 def _run(
     settings: ConnectionSettings,
     prefix: str,
     name: str,
-    body: Callable[[Session], Any],
+    body: Callable[[Session, float | None], Awaitable[int]],
     err: TextIO,
     *,
+    timeout_s: float | None,
     interrupted: int,
 ) -> int:
+    """Connect, run ``body`` and map what ended it to an exit code. ``timeout_s`` bounds
+    the whole command, connecting included: a broker that accepts the TCP connection and
+    never answers would otherwise hold it for a connect timeout per MQTT version."""
+
     async def main() -> int:
-        async with connect(settings) as connection, Session(connection, prefix) as session:
-            code: int = await body(session)
-            return code
+        deadline = _deadline(timeout_s)
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    connection = await stack.enter_async_context(connect(settings))
+            except TimeoutError:
+                reason = f"no MQTT answer within {timeout_s:g} s"
+                raise ClientExit(EXIT_UNREACHABLE, _unreachable(settings, reason)) from None
+            session = await stack.enter_async_context(Session(connection, prefix))
+            return await body(session, deadline)
 
     try:
         return asyncio.run(main())
@@ -475,7 +542,7 @@ def _run(
         return EXIT_UNREACHABLE
 
 
-def _unreachable(settings: ConnectionSettings, exc: BaseException) -> str:
+def _unreachable(settings: ConnectionSettings, exc: BaseException | str) -> str:
     return (
         f"cannot reach the broker at {settings.describe()} ({exc}); is it running? "
         "(set it with --broker, MODELBUS_BROKER or --config)"

@@ -4,13 +4,15 @@ agent on the session Mosquitto, checked by exit code, stdout and stderr."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
 import re
 import signal
+import socket
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +26,7 @@ from shared.messages import JobPhase, JobState, JobStatus
 from tests.integration.conftest import HOST
 from tests.support.agent_process import REPO_ROOT, AgentProcess
 from tests.support.host import Host
-from tests.support.models import budget_catalog
+from tests.support.models import BUDGET, budget_catalog, sim_model
 
 pytestmark = pytest.mark.broker
 JOB_ID = re.compile(r"\b[0-9a-f]{12}\b")
@@ -43,8 +45,10 @@ def _env() -> dict[str, str]:
     return {**env, "PYTHONUNBUFFERED": "1"}
 
 
-async def _spawn(*args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
+@contextlib.asynccontextmanager
+async def spawned(*args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``modelbus ARGS`` running in the background, killed if the test leaves it running."""
+    process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "agent",
@@ -55,17 +59,17 @@ async def _spawn(*args: str) -> asyncio.subprocess.Process:
         cwd=REPO_ROOT,
         env=_env(),
     )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 async def modelbus(*args: str, timeout: float = 30) -> Result:
-    process = await _spawn(*args)
-    try:
-        async with asyncio.timeout(timeout):
-            stdout, stderr = await process.communicate()
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
+    async with spawned(*args) as process, asyncio.timeout(timeout):
+        stdout, stderr = await process.communicate()
     assert process.returncode is not None
     return Result(process.returncode, stdout.decode(), stderr.decode())
 
@@ -144,13 +148,6 @@ async def test_a_load_that_does_not_fit_fails_the_job_and_exits_1(
     assert "failed" in result.stderr and "insufficient_vram" in result.stderr
 
 
-async def test_no_agent_times_out_with_exit_3(bus_args: tuple[str, ...]) -> None:
-    result = await modelbus("status", "--host", "ghost", "--timeout", "0.5", *bus_args)
-    assert result.returncode == 3
-    assert "no reply from ghost within 0.5 s" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-
-
 async def test_a_broker_nobody_listens_on_exits_4() -> None:
     url = f"mqtt://127.0.0.1:{free_port()}"
     result = await modelbus("status", "--host", HOST, "--broker", url)
@@ -177,8 +174,7 @@ async def test_a_wrong_flag_exits_2_naming_it() -> None:
 async def test_events_count_1_prints_the_event_of_a_switch(
     agent: Host, bus_args: tuple[str, ...]
 ) -> None:
-    process = await _spawn("events", "--count", "1", "--json", *bus_args)
-    try:
+    async with spawned("events", "--count", "1", "--json", *bus_args) as process:
         assert process.stderr is not None
         async with asyncio.timeout(20):
             listening = await process.stderr.readline()
@@ -187,27 +183,18 @@ async def test_events_count_1_prints_the_event_of_a_switch(
         assert reply.status == "ok", reply.error
         async with asyncio.timeout(20):
             stdout, _ = await process.communicate()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
     assert process.returncode == 0
     event = json.loads(stdout)
     assert event["host"] == HOST and event["model"] == "whisperx"
 
 
 async def test_events_stop_on_ctrl_c_with_exit_0(bus_args: tuple[str, ...]) -> None:
-    process = await _spawn("events", *bus_args)
-    try:
+    async with spawned("events", *bus_args) as process:
         assert process.stderr is not None
         async with asyncio.timeout(20):
             assert b"listening" in await process.stderr.readline()
         process.send_signal(signal.SIGINT)
         async with asyncio.timeout(20):
-            await process.wait()
-    finally:
-        if process.returncode is None:
-            process.kill()
             await process.wait()
     assert process.returncode == 0
 
@@ -239,6 +226,169 @@ async def test_replies_are_matched_under_mqtt_3_1_1(
     switch = await modelbus("switch", "whisperx", "--wait", "--json", "--config", str(config))
     assert switch.returncode == 0, switch.stderr
     assert json.loads(switch.stdout)["state"] == "succeeded"
+
+
+# -- every row of docs/client.md's exit-code table, with the real command ---------------
+
+
+@pytest.fixture
+async def stuck_agent(start_host: Callable[..., AgentProcess], host: Host) -> AsyncIterator[Host]:
+    """An agent that is online (its retained status says so) but answers nothing, as a
+    host swapping hard or an agent under a debugger: stopped with SIGSTOP."""
+    process = start_host(budget_catalog())
+    await host.online()
+    process.process.send_signal(signal.SIGSTOP)
+    try:
+        yield host
+    finally:
+        process.process.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture
+def silent_broker() -> Iterator[str]:
+    """A port that accepts TCP connections and never says a word of MQTT: a hung broker,
+    or a firewall that swallows packets, without depending on the network."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)  # the kernel completes the handshakes; nobody ever answers
+        yield f"mqtt://127.0.0.1:{listener.getsockname()[1]}"
+
+
+async def test_exit_0_a_plan_that_fits(agent: Host, bus_args: tuple[str, ...]) -> None:
+    result = await modelbus("plan", "whisperx", "--host", HOST, *bus_args)
+    assert result.returncode == 0, result.stderr
+    assert "a switch to whisperx fits on GPU 0" in result.stdout and result.stderr == ""
+
+
+async def test_exit_1_a_plan_that_does_not_fit(
+    start_host: Callable[..., AgentProcess], host: Host, bus_args: tuple[str, ...]
+) -> None:
+    start_host(budget_catalog(), memory_total_mb=16384)
+    await host.online()
+    result = await modelbus("plan", "wan2.1-14b", "--host", HOST, *bus_args)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.stderr.startswith("modelbus plan: wan2.1-14b does not fit"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    as_json = await modelbus("plan", "wan2.1-14b", "--json", "--host", HOST, *bus_args)
+    assert as_json.returncode == 1
+    assert json.loads(as_json.stdout)["data"]["fits"] is False
+
+
+async def test_exit_1_a_plan_of_an_unknown_model_lists_the_catalog_as_load_does(
+    agent: Host, bus_args: tuple[str, ...]
+) -> None:
+    for command in ("load", "plan"):
+        result = await modelbus(command, "nosuch-model", "--host", HOST, *bus_args)
+        assert result.returncode == 1, result.stderr
+        assert "unknown_model" in result.stderr and "nosuch-model" in result.stderr
+        missing = [name for name in BUDGET if name not in result.stderr]
+        assert missing == [], f"{command}: {result.stderr}"
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+async def test_exit_1_a_host_nobody_announced_fails_at_once_naming_the_known_hosts(
+    agent: Host, bus_args: tuple[str, ...], prefix: str
+) -> None:
+    result = await modelbus("status", "--host", "nosuch-host", *bus_args, timeout=45)
+    assert result.returncode == 1, result.stderr
+    assert f"no host 'nosuch-host' on {prefix}/" in result.stderr
+    assert f"known hosts are {HOST} (online)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+async def test_exit_1_an_offline_host_fails_at_once_saying_so(
+    start_host: Callable[..., AgentProcess], host: Host, bus_args: tuple[str, ...]
+) -> None:
+    process = start_host(budget_catalog())
+    await host.online()
+    assert process.terminate() == 0
+    await host.bus.wait_topic(host.topics.status, lambda v: v == "offline", raw=True)
+    result = await modelbus("switch", "whisperx", "--host", HOST, *bus_args, timeout=45)
+    assert result.returncode == 1, result.stderr
+    assert f"{HOST} is offline" in result.stderr and "start its agent" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+async def test_exit_2_a_value_out_of_the_contracts_range_is_refused_before_sending(
+    agent: Host, bus_args: tuple[str, ...]
+) -> None:
+    result = await modelbus("load", "whisperx", "--priority", "5000", "--host", HOST, *bus_args)
+    assert result.returncode == 2, result.stderr
+    assert "'priority'" in result.stderr and "1000" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    # The contract's own models decide, so no broker is needed to say so.
+    offline = await modelbus("switch", "Not A Model", "--broker", f"mqtt://127.0.0.1:{free_port()}")
+    assert offline.returncode == 2, offline.stderr
+    assert "'model'" in offline.stderr
+
+
+async def test_exit_2_an_invalid_payload_reply_from_the_agent(
+    agent: Host, bus_args: tuple[str, ...]
+) -> None:
+    result = await modelbus("load", "whisperx", "--gpu", "5", "--host", HOST, *bus_args)
+    assert result.returncode == 2, result.stderr
+    assert "invalid_payload" in result.stderr and "no GPU 5" in result.stderr
+
+
+async def test_exit_2_a_bad_config_file(tmp_path: Path) -> None:
+    result = await modelbus("status", "--config", str(tmp_path / "missing.yaml"))
+    assert result.returncode == 2
+    assert "missing.yaml" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_exit_3_an_online_host_that_does_not_answer(
+    stuck_agent: Host, bus_args: tuple[str, ...]
+) -> None:
+    result = await modelbus("status", "--host", HOST, "--timeout", "1", *bus_args)
+    assert result.returncode == 3, result.stderr
+    assert f"no reply from {HOST} within 1 s" in result.stderr
+    assert "online but busy or stuck" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+async def test_exit_3_a_waited_job_that_has_not_ended_within_the_timeout(
+    start_host: Callable[..., AgentProcess], host: Host, bus_args: tuple[str, ...]
+) -> None:
+    start_host({"slow": sim_model(1024, load_s=30)})
+    await host.online()
+    result = await modelbus("load", "slow", "--wait", "--timeout", "3", "--host", HOST, *bus_args)
+    assert result.returncode == 3, result.stderr
+    assert "did not end within 3 s" in result.stderr and "modelbus cancel" in result.stderr
+
+
+async def test_exit_4_timeout_bounds_connecting_to_a_broker_that_never_answers(
+    silent_broker: str,
+) -> None:
+    result = await modelbus("status", "--host", HOST, "--broker", silent_broker, "--timeout", "2")
+    assert result.returncode == 4, result.stderr
+    # Said only when --timeout ran out while connecting (each MQTT version's own connect
+    # timeout, 10 s, ran out before): the timeout bounded the connect.
+    assert "cannot reach the broker" in result.stderr and "within 2 s" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+async def test_exit_4_the_connection_is_lost(own_broker: MosquittoBroker, prefix: str) -> None:
+    async with spawned("events", "--broker", own_broker.url, "--prefix", prefix) as process:
+        assert process.stderr is not None
+        async with asyncio.timeout(20):
+            assert b"listening" in await process.stderr.readline()
+        own_broker.stop()
+        async with asyncio.timeout(20):
+            _, stderr = await process.communicate()
+    assert process.returncode == 4, stderr
+    assert b"broker" in stderr and b"Traceback" not in stderr
+
+
+async def test_exit_130_interrupted_while_waiting(
+    stuck_agent: Host, bus_args: tuple[str, ...]
+) -> None:
+    async with spawned("status", "--host", HOST, *bus_args) as process:
+        await stuck_agent.bus.wait_topic(stuck_agent.topics.command("status"), timeout=20)
+        process.send_signal(signal.SIGINT)
+        async with asyncio.timeout(20):
+            _, stderr = await process.communicate()
+    assert process.returncode == 130
+    assert stderr.decode().strip() == "modelbus status: interrupted"
 
 
 def _job(**fields: object) -> JobState:

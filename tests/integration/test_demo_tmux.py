@@ -1,13 +1,7 @@
-"""`modelbus demo` with its TUI, driven by keys in a real terminal (tmux), as a person would.
-
-The demo's simulated model servers listen on the fixed ports 18101-18105, as in
-test_demo.py; pytest runs tests one after the other and each test leaves nothing
-behind, and this one checks the ports are free before it starts.
-"""
+"""`modelbus demo` with its TUI, driven by keys in a real terminal (tmux), as a person would."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import secrets
@@ -22,14 +16,23 @@ from pathlib import Path
 
 import pytest
 
-from agent.broker import port_accepts
+from agent.broker import free_port
+from tests.integration.test_demo import (
+    SCRIPTS,
+    Demo,
+    alive,
+    clean_env,
+    descendants,
+    reap,
+    workdir_of,
+)
 from tests.support.agent_process import REPO_ROOT
 
 pytestmark = pytest.mark.skipif(
     shutil.which("tmux") is None, reason="tmux is not installed (bash .ci/run installs it)"
 )
 
-DEMO_MODEL_PORTS = range(18101, 18106)
+DEMO_MODELS = ["infinitetalk", "ovi-11b", "qwen3-vl-30b", "wan2.1-14b", "whisperx"]
 WIDTH, HEIGHT = 100, 30
 # tmux replaces what it thinks the terminal cannot show with "_" unless told UTF-8.
 _UTF8 = {"LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
@@ -47,20 +50,30 @@ class Tmux:
             ["tmux", "-u", "-L", self.socket, "-f", "/dev/null", *args],
             capture_output=True,
             text=True,
-            env={**os.environ, **_UTF8},
+            env={**clean_env(), **_UTF8},
             timeout=10,
         )
         if result.returncode != 0:
             raise AssertionError(f"tmux {' '.join(args)} failed: {result.stderr.strip()}")
         return result.stdout
 
-    def start(self, command: str, cwd: Path) -> None:
-        env = [arg for name, value in _UTF8.items() for arg in ("-e", f"{name}={value}")]
+    def start(self, command: str, cwd: Path, env: dict[str, str] | None = None) -> None:
+        """Run ``command`` in a new session, with ``env`` added to the server's environment."""
+        values = {**_UTF8, **(env or {})}
+        env_args = [arg for name, value in values.items() for arg in ("-e", f"{name}={value}")]
         self("new-session", "-d", "-s", self.session, "-x", str(WIDTH), "-y", str(HEIGHT),
-             "-c", str(cwd), *env, command)  # fmt: skip
+             "-c", str(cwd), *env_args, command)  # fmt: skip
+
+    def keep_after_exit(self) -> None:
+        """Keep the pane, and what was last written on it, after its command exits."""
+        self("set-option", "-w", "-t", self.session, "remain-on-exit", "on")
 
     def screen(self) -> str:
         return self("capture-pane", "-p", "-t", self.session)
+
+    def lines(self) -> list[str]:
+        """The screen's lines, those the terminal wrapped joined again."""
+        return self("capture-pane", "-p", "-J", "-t", self.session).splitlines()
 
     def last_screen(self) -> str:
         """The screen for a failure message; the session may be gone by then."""
@@ -79,6 +92,17 @@ class Tmux:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=10)
 
 
+def exit_code(exit_file: Path, tmux: Tmux, what: str) -> str:
+    """The exit code a shell wrote to ``exit_file`` once ``what`` happened."""
+    wait_until(
+        lambda: exit_file.exists() and exit_file.read_text().strip() != "",
+        timeout=30,
+        what=what,
+        show=tmux.last_screen,
+    )
+    return exit_file.read_text().strip()
+
+
 def wait_until(
     condition: Callable[[], bool], *, timeout: float, what: str, show: Callable[[], str]
 ) -> None:
@@ -88,45 +112,6 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}:\n{show()}")
         time.sleep(0.1)
-
-
-def descendants(root: int) -> dict[int, str]:
-    """Every live process under ``root`` (pid -> command line), ``root`` included."""
-    listing = subprocess.run(
-        ["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True, check=True
-    ).stdout
-    children: dict[int, list[int]] = {}
-    args: dict[int, str] = {}
-    for line in listing.splitlines():
-        parts = line.split(None, 2)
-        if len(parts) < 2:
-            continue
-        pid, ppid = int(parts[0]), int(parts[1])
-        children.setdefault(ppid, []).append(pid)
-        args[pid] = parts[2] if len(parts) == 3 else ""
-    found: dict[int, str] = {}
-    todo = [root]
-    while todo:
-        pid = todo.pop()
-        if pid in args and pid not in found:
-            found[pid] = args[pid]
-            todo.extend(children.get(pid, []))
-    return found
-
-
-def alive(pids: dict[int, str]) -> dict[int, str]:
-    """Those of ``pids`` still running the same command (not reused, not zombies)."""
-    left: dict[int, str] = {}
-    for pid, command in pids.items():
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        state = stat.rsplit(")", 1)[1].split()[0]
-        if state != "Z" and cmdline.startswith(command[:40]):
-            left[pid] = command
-    return left
 
 
 def stopped(screen: str) -> list[str]:
@@ -148,31 +133,42 @@ def tmux() -> Iterator[Tmux]:
         server.kill()  # SIGHUP to the demo, which then stops what it started
 
 
-def test_demo_tui_switches_a_model_by_keys_and_quits_cleanly(tmux: Tmux, tmp_path: Path) -> None:
+def wait_for_dashboard(tmux: Tmux) -> None:
+    def dashboard_up() -> bool:
+        screen = tmux.screen()
+        return "GPU0 [" in screen and stopped(screen) == DEMO_MODELS
+
     wait_until(
-        lambda: not any(port_accepts(port) for port in DEMO_MODEL_PORTS),
-        timeout=15,
-        what="the demo's model ports 18101-18105 to be free (a demo still running?)",
-        show=lambda: "\n".join(processes_matching("agent.simserver")),
+        dashboard_up,
+        timeout=60,
+        what="the VRAM bar and the five demo models, stopped, sorted by name",
+        show=tmux.last_screen,
     )
+
+
+def start_demo_tui(tmux: Tmux, tmp_path: Path, env: dict[str, str]) -> Path:
+    """``modelbus demo`` in the tmux session; the file its exit code goes to. (Its stderr
+    stays on the terminal: the TUI itself is drawn on stderr.)"""
     exit_file = tmp_path / "exit"
     demo = shlex.join([sys.executable, "-m", "agent", "demo"])
-    tmux.start(f"sh -c {shlex.quote(f'{demo}; echo $? > {exit_file}')}", REPO_ROOT)
+    shell = f"{demo}; echo $? > {shlex.quote(str(exit_file))}"
+    tmux.start(f"sh -c {shlex.quote(shell)}", REPO_ROOT, env)
+    return exit_file
+
+
+def test_demo_tui_switches_a_model_by_keys_and_quits_cleanly(tmux: Tmux, tmp_path: Path) -> None:
+    # Settings the user exported for their real bus must not steer the demo's agent or TUI.
+    users_bus = {
+        "MODELBUS_BROKER": f"mqtt://127.0.0.1:{free_port()}",
+        "MODELBUS_HOST_ID": "gpu1",
+        "MODELBUS_PREFIX": "elsewhere",
+        "MODELBUS_STATE_DIR": str(tmp_path / "users-state"),
+    }
+    exit_file = start_demo_tui(tmux, tmp_path, users_bus)
     shell = tmux.pane_pid()
     started: dict[int, str] = {}
     try:
-        demo_models = ["infinitetalk", "ovi-11b", "qwen3-vl-30b", "wan2.1-14b", "whisperx"]
-
-        def dashboard_up() -> bool:
-            screen = tmux.screen()
-            return "GPU0 [" in screen and stopped(screen) == demo_models
-
-        wait_until(
-            dashboard_up,
-            timeout=60,
-            what="the VRAM bar and the five demo models, stopped, sorted by name",
-            show=tmux.last_screen,
-        )
+        wait_for_dashboard(tmux)
 
         # The models table has focus, cursor on the first row: the third is qwen3-vl-30b.
         tmux.keys("Down", "Down", "s")
@@ -197,40 +193,70 @@ def test_demo_tui_switches_a_model_by_keys_and_quits_cleanly(tmux: Tmux, tmp_pat
         )
         started = descendants(shell)
         assert any("agent.simserver" in args for args in started.values()), started
-        configs = [re.search(r"--config (\S+)/agent\.yaml", a) for a in started.values()]
-        workdirs = {m.group(1) for m in configs if m is not None}
-        assert len(workdirs) == 1, started
-        (workdir,) = workdirs
+        workdir = workdir_of(started)
 
         tmux.keys("q")
-        wait_until(
-            lambda: exit_file.exists() and exit_file.read_text().strip() != "",
-            timeout=30,
-            what="the demo to exit after q",
-            show=tmux.last_screen,
-        )
-        assert exit_file.read_text().strip() == "0", tmux.last_screen()
+        assert exit_code(exit_file, tmux, "the demo to exit after q") == "0", tmux.last_screen()
         wait_until(
             lambda: not alive(started),
             timeout=10,
             what="everything the demo started to stop",
             show=lambda: "\n".join(alive(started).values()),
         )
-        assert processes_matching(workdir) == []
-        assert not Path(workdir).exists(), f"the demo left {workdir} behind"
-        assert not any(port_accepts(port) for port in DEMO_MODEL_PORTS)
+        assert processes_matching(str(workdir)) == []
+        assert not workdir.exists(), f"the demo left {workdir} behind"
+        assert not (tmp_path / "users-state").exists()
     finally:
         if not started:
             started = descendants(shell)
         tmux.kill()
-        _reap(started)
+        reap(started)
 
 
-def _reap(pids: dict[int, str], timeout: float = 15) -> None:
-    """After a failure: give the demo time to stop what it started, then kill what is left."""
-    deadline = time.monotonic() + timeout
-    while alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for pid in alive(pids):
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
+def test_demo_tui_says_so_stops_everything_and_exits_1_when_its_broker_dies(
+    tmux: Tmux, tmp_path: Path
+) -> None:
+    exit_file = start_demo_tui(tmux, tmp_path, {})
+    tmux.keep_after_exit()  # to read the demo's last word on the terminal
+    shell = tmux.pane_pid()
+    started: dict[int, str] = {}
+    try:
+        wait_for_dashboard(tmux)
+        started = descendants(shell)
+        workdir = workdir_of(started)
+        (broker,) = [pid for pid, args in started.items() if args.split()[0].endswith("mosquitto")]
+        os.kill(broker, signal.SIGKILL)
+        assert exit_code(exit_file, tmux, "the demo to exit after its broker died") == "1"
+        said = next((line for line in tmux.lines() if line.startswith("modelbus demo:")), "")
+        assert said.startswith("modelbus demo: its broker (mosquitto, mqtt://127.0.0.1:"), said
+        assert "was killed by SIGKILL" in said and "stopped everything it started" in said, said
+        wait_until(
+            lambda: not alive(started),
+            timeout=15,
+            what="everything the demo started to stop",
+            show=lambda: "\n".join(alive(started).values()),
+        )
+        assert not workdir.exists(), f"the demo left {workdir} behind"
+    finally:
+        if not started:
+            started = descendants(shell)
+        tmux.kill()
+        reap(started)
+
+
+def test_the_tui_line_the_headless_demo_prints_shows_the_demo(tmux: Tmux, tmp_path: Path) -> None:
+    demo = Demo(env=clean_env())
+    try:
+        line = demo.instructions()["TUI"]
+        exit_file = tmp_path / "exit"
+        # As pasted into a shell where `modelbus` is installed (tmux resets PATH itself).
+        path = f"PATH={shlex.quote(str(SCRIPTS))}{os.pathsep}$PATH"
+        shell = f"{path}; {line}; echo $? > {shlex.quote(str(exit_file))}"
+        tmux.start(f"sh -c {shlex.quote(shell)}", REPO_ROOT)
+        wait_for_dashboard(tmux)
+        assert "demo" in tmux.screen()
+        tmux.keys("q")
+        assert exit_code(exit_file, tmux, "the TUI to exit after q") == "0"
+        assert demo.process.poll() is None  # quitting a TUI leaves the demo running
+    finally:
+        demo.close()
