@@ -4,17 +4,35 @@ the product has no test-only code path for this."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 
 from agent import cli, service
+from agent.mqtt import Connection
+
+_announced_online = service.AgentService._on_connected
+_online: asyncio.Event | None = None
+
+
+def _online_event() -> asyncio.Event:
+    global _online
+    if _online is None:
+        _online = asyncio.Event()
+    return _online
+
+
+async def _on_connected(self: service.AgentService, connection: Connection) -> None:
+    await _announced_online(self, connection)
+    _online_event().set()
 
 
 async def _telemetry_that_fails(self: service.AgentService) -> None:
-    await self.client.connected.wait()
+    await _online_event().wait()
     await self.client.wait_delivered(10.0)  # "online" has reached the broker
     raise RuntimeError("an unexpected error in the telemetry loop (injected by the test)")
 
 
+service.AgentService._on_connected = _on_connected  # type: ignore[method-assign]
 service.AgentService._telemetry_loop = _telemetry_that_fails  # type: ignore[method-assign]
 
 if __name__ == "__main__":
