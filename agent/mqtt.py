@@ -348,7 +348,7 @@ def _client(settings: ConnectionSettings, protocol: MqttProtocol) -> aiomqtt.Cli
         connect_properties.SessionExpiryInterval = (
             settings.session_expiry_s if settings.persistent_session else 0
         )
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             settings.host,
             settings.port,
             protocol=aiomqtt.ProtocolVersion.V5,
@@ -356,13 +356,18 @@ def _client(settings: ConnectionSettings, protocol: MqttProtocol) -> aiomqtt.Cli
             properties=connect_properties,
             **common,  # type: ignore[arg-type]
         )
-    return aiomqtt.Client(
-        settings.host,
-        settings.port,
-        protocol=aiomqtt.ProtocolVersion.V311,
-        clean_session=not settings.persistent_session,
-        **common,  # type: ignore[arg-type]
-    )
+    else:
+        client = aiomqtt.Client(
+            settings.host,
+            settings.port,
+            protocol=aiomqtt.ProtocolVersion.V311,
+            clean_session=not settings.persistent_session,
+            **common,  # type: ignore[arg-type]
+        )
+    # aiomqtt's timeout bounds the wait for CONNACK; the TCP connect itself, in paho's
+    # worker thread, has paho's own (5 s by default): one bound for both.
+    client._client.connect_timeout = settings.connect_timeout_s
+    return client
 
 
 def _reason_value(exc: aiomqtt.MqttCodeError) -> int | None:
