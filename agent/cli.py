@@ -251,7 +251,8 @@ def _setup_logging(level: str) -> None:
 
 
 def run_agent(args: argparse.Namespace) -> int:
-    from agent.config import ConfigError, load_config
+    from agent.config import load_config
+    from bus.settings import ConfigError
 
     overrides = {
         "broker.url": args.broker,
@@ -268,8 +269,8 @@ def run_agent(args: argparse.Namespace) -> int:
     _setup_logging(config.log_level)
     from agent.gpu.base import GpuUnavailableError
     from agent.gpu.factory import open_backend
-    from agent.mqtt import BrokerRefusedError
     from agent.service import AgentService
+    from bus.mqtt import BrokerRefusedError
 
     try:
         backend = open_backend(config)
@@ -293,7 +294,7 @@ def run_agent(args: argparse.Namespace) -> int:
 async def _serve(
     service: AgentService, config_path: Path | None, overrides: dict[str, object]
 ) -> None:
-    from agent.mqtt import BrokerRefusedError
+    from bus.mqtt import BrokerRefusedError
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -328,13 +329,13 @@ def run_tui(args: argparse.Namespace) -> int:
     import secrets
     import socket
 
-    from agent.config import ConfigError, load_config
-    from agent.mqtt import settings_from_config
+    from bus.mqtt import settings_from_config
+    from bus.settings import ConfigError, load_bus_config
     from shared.topics import sanitize_host_id
 
     overrides = {"broker.url": args.broker, "prefix": args.prefix}
     try:
-        config = load_config(args.config, overrides=overrides)
+        config = load_bus_config(args.config, overrides=overrides)
     except ConfigError as exc:
         print(f"modelbus tui: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -354,13 +355,13 @@ def run_client(args: argparse.Namespace) -> int:
     import secrets
 
     from agent.client import Request, run_command, run_events
-    from agent.config import ConfigError, load_config
-    from agent.mqtt import settings_from_config
+    from bus.mqtt import settings_from_config
+    from bus.settings import ConfigError, load_bus_config
     from shared.topics import CommandName
 
     overrides = {"broker.url": args.broker, "prefix": args.prefix}
     try:
-        config = load_config(args.config, overrides=overrides)
+        config = load_bus_config(args.config, overrides=overrides)
     except ConfigError as exc:
         print(f"modelbus {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE

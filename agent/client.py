@@ -1,11 +1,11 @@
 """The client commands (``modelbus status``, ``switch``, ``events``...): the bus from a shell.
 
 One command is one short connection: a fresh client id and a clean session (MQTT 5, 3.1.1
-where the broker has no 5, as :func:`agent.mqtt.connect` decides). Everything an answer can
+where the broker has no 5, as :func:`bus.mqtt.connect` decides). Everything an answer can
 arrive on is subscribed to *before* the command is published, so nothing slips past: the
 reply topic (``P/H/reply/cli-<random>`` under MQTT 5, ``P/H/reply/<command>`` matched by
 request id under 3.1.1) and, with ``--wait``, ``P/H/jobs/+``, whose updates are kept until
-the reply names the job to follow. Only :mod:`agent.mqtt` talks to the broker.
+the reply names the job to follow. Only :mod:`bus.mqtt` talks to the broker.
 
 Exit codes (docs/client.md): 0 ok; 1 an error reply, a failed job, a plan that cannot be
 carried out, or a host that is not online; 2 usage (a value the contract refuses, here or in
@@ -28,7 +28,7 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel, ValidationError
 
-from agent.mqtt import (
+from bus.mqtt import (
     BrokerRefusedError,
     Connection,
     ConnectionSettings,

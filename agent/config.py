@@ -14,94 +14,18 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.alerts import AlertsConfig
 from agent.catalog import Catalog, ModelSpec
+from bus.settings import BUS_ENV_OVERRIDES, BrokerConfig, ConfigError, layered
 from shared.commands import describe_validation_error
 from shared.topics import DEFAULT_PREFIX, is_host_id, is_prefix, sanitize_host_id
-
-DEFAULT_BROKER_URL = "mqtt://127.0.0.1:1883"
-
-
-class ConfigError(Exception):
-    """A configuration that cannot be used; the message names the source and the field."""
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class BrokerConfig(Strict):
-    url: str = DEFAULT_BROKER_URL
-    username: str | None = None
-    password: str | None = None
-    client_id: str | None = Field(
-        default=None,
-        description="fixed MQTT client id; default modelbus-agent-<host_id>-<token derived "
-        "from the password or TLS key> (see docs/broker.md)",
-    )
-    protocol: Literal["auto", "5", "3.1.1"] = "auto"
-    keepalive_s: int = Field(default=30, ge=5, le=3600)
-    session_expiry_s: int = Field(
-        default=3600, ge=0, description="how long the broker keeps commands for an absent agent"
-    )
-    connect_timeout_s: float = Field(default=10.0, gt=0)
-    reconnect_min_s: float = Field(default=0.5, gt=0)
-    reconnect_max_s: float = Field(default=30.0, gt=0)
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    tls_insecure: bool = Field(default=False, description="skip hostname checks (testing only)")
-
-    @field_validator("url")
-    @classmethod
-    def _known_scheme(cls, url: str) -> str:
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts"):
-            raise ValueError("broker url must look like mqtt://[user:pass@]host[:port] or mqtts://")
-        if not parts.hostname:
-            raise ValueError("broker url has no host name")
-        try:
-            _ = parts.port
-        except ValueError:
-            raise ValueError("broker url has an invalid port") from None
-        return url
-
-    @model_validator(mode="after")
-    def _backoff_order(self) -> BrokerConfig:
-        if self.reconnect_max_s < self.reconnect_min_s:
-            raise ValueError("reconnect_max_s must be at least reconnect_min_s")
-        return self
-
-    @property
-    def host(self) -> str:
-        return urlsplit(self.url).hostname or "127.0.0.1"
-
-    @property
-    def tls(self) -> bool:
-        return urlsplit(self.url).scheme == "mqtts"
-
-    @property
-    def port(self) -> int:
-        return urlsplit(self.url).port or (8883 if self.tls else 1883)
-
-    @property
-    def credentials(self) -> tuple[str | None, str | None]:
-        """User and password: explicit fields win over those in the URL."""
-        parts = urlsplit(self.url)
-        user = self.username or (unquote(parts.username) if parts.username else None)
-        password = self.password or (unquote(parts.password) if parts.password else None)
-        return user, password
-
-    def redacted_url(self) -> str:
-        parts = urlsplit(self.url)
-        user, _ = self.credentials
-        who = f"{user}@" if user else ""
-        return f"{parts.scheme}://{who}{self.host}:{self.port}"
 
 
 def agent_client_id(host_id: str, broker: BrokerConfig) -> str:
@@ -331,12 +255,8 @@ def _default_state_dir() -> Path:
 
 # Environment variable -> dotted field path. Environment beats the file.
 ENV_OVERRIDES: Mapping[str, str] = {
-    "MODELBUS_BROKER": "broker.url",
-    "MODELBUS_BROKER_USERNAME": "broker.username",
-    "MODELBUS_BROKER_PASSWORD": "broker.password",
-    "MODELBUS_BROKER_CA_FILE": "broker.ca_file",
+    **BUS_ENV_OVERRIDES,
     "MODELBUS_HOST_ID": "host_id",
-    "MODELBUS_PREFIX": "prefix",
     "MODELBUS_STATE_DIR": "state_dir",
     "MODELBUS_LOG_LEVEL": "log_level",
     "MODELBUS_GPU_BACKEND": "gpu.backend",
@@ -356,50 +276,9 @@ def load_config(
 ) -> AgentConfig:
     """Build the configuration from the file, the environment and explicit overrides
     (dotted paths such as ``broker.url``; None values are ignored)."""
-    raw: dict[str, Any] = _read_yaml(path) if path is not None else {}
-    layers: list[tuple[str, Mapping[str, Any]]] = []
-    env = os.environ if environ is None else environ
-    layers.append(
-        ("environment", {ENV_OVERRIDES[k]: v for k, v in env.items() if k in ENV_OVERRIDES})
-    )
-    layers.append(("command line", dict(overrides or {})))
-    for _source, values in layers:
-        for dotted, value in values.items():
-            if value is not None:
-                _set_dotted(raw, dotted, value)
+    raw = layered(path, ENV_OVERRIDES, environ, overrides)
     try:
         return AgentConfig.model_validate(raw)
     except ValidationError as exc:
         where = str(path) if path is not None else "configuration"
         raise ConfigError(f"{where}: {describe_validation_error(exc)}") from None
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the configuration file ({exc.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}: {problem}{where}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of settings")
-    return data
-
-
-def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = target
-    for key in parents:
-        child = node.get(key)
-        if not isinstance(child, dict):
-            child = {}
-            node[key] = child
-        node = child
-    node[leaf] = value

@@ -208,7 +208,7 @@ def _tail(log: Path, size: int = 2000) -> str:
 def _run_tui(port: int, children: _Children, stop: threading.Event) -> str | None:
     """The TUI in this process until it is quit (or SIGTERM, SIGHUP), or until the broker or
     the agent dies; then what died, or None."""
-    from agent.mqtt import ConnectionSettings
+    from bus.mqtt import ConnectionSettings
     from tui.app import build_app
 
     settings = ConnectionSettings(
@@ -303,7 +303,7 @@ def _wait_until_online(port: int, agent: subprocess.Popen[bytes], timeout_s: flo
     subscribed would be lost."""
     import asyncio
 
-    from agent.mqtt import ConnectionSettings, Subscription, connect
+    from bus.mqtt import ConnectionSettings, Subscription, connect
     from shared.topics import HostTopics
 
     status = HostTopics(DEMO_PREFIX, DEMO_HOST).status

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from agent import __version__
 from agent.alerts import AlertTracker
 from agent.alerts import to_event as alert_event
-from agent.config import AgentConfig, ConfigError, load_config
+from agent.config import AgentConfig, load_config
 from agent.gpu.base import (
     ChangeSignal,
     DriverInfo,
@@ -30,7 +30,10 @@ from agent.installer import Installer
 from agent.intake import Intake, command_level, read_command, refused_intake
 from agent.lifecycle import Lifecycle
 from agent.model_commands import ModelCommands
-from agent.mqtt import (
+from agent.runtimes.factory import build_runtimes
+from agent.store import Store
+from agent.telemetry import GPU_LOST, ChangeFilter, gpu_info, gpu_state, host_state
+from bus.mqtt import (
     MAX_PUBLISH_BYTES,
     Connection,
     ConnectionSettings,
@@ -40,9 +43,7 @@ from agent.mqtt import (
     Will,
     settings_from_config,
 )
-from agent.runtimes.factory import build_runtimes
-from agent.store import Store
-from agent.telemetry import GPU_LOST, ChangeFilter, gpu_info, gpu_state, host_state
+from bus.settings import ConfigError
 from shared import PROTOCOL_VERSION
 from shared.commands import MAX_COMMAND_BYTES, CommandError
 from shared.messages import (

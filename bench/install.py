@@ -63,7 +63,7 @@ sys.path.insert(0, str(REPO))
 
 from agent import hub
 from agent.broker import DEMO_CONFIG, MosquittoBroker
-from agent.mqtt import Connection, ConnectionSettings, Subscription, connect
+from bus.mqtt import Connection, ConnectionSettings, Subscription, connect
 from shared.topics import HostTopics
 from tests.support.fake_hub import FakeHub, fake_safetensors
 

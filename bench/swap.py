@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agent.broker import DEMO_CONFIG, MosquittoBroker, free_port
-from agent.mqtt import Connection, ConnectionSettings, Subscription, connect
+from bus.mqtt import Connection, ConnectionSettings, Subscription, connect
 from shared.topics import HostTopics
 from tests.support.burst import BurstResult, burst
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from agent.broker import DEMO_CONFIG, MosquittoBroker
 from agent.gpu.sim import SimGpuClient
-from agent.mqtt import ConnectionSettings, Subscription, connect
+from bus.mqtt import ConnectionSettings, Subscription, connect
 from shared.topics import HostTopics
 
 TARGET_CPU_PERCENT = 1.0

@@ -52,8 +52,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agent.broker import DEMO_CONFIG, MosquittoBroker
-from agent.mqtt import ConnectionSettings, connect
 from agent.telemetry import host_state
+from bus.mqtt import ConnectionSettings, connect
 from shared import PROTOCOL_VERSION
 from shared.messages import (
     Availability,

@@ -20,7 +20,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, OptionList, Static
 
-from agent.mqtt import ConnectionSettings
+from bus.mqtt import ConnectionSettings
 from shared.messages import ModelState, Reply, utc_now
 from shared.topics import CommandName
 from tui.actions import PlanSummary, describe_reply, force_reason, summarize_plan

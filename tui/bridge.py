@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agent.mqtt import (
+from bus.mqtt import (
     BrokerRefusedError,
     Connection,
     ConnectionSettings,

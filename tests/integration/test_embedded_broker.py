@@ -19,7 +19,7 @@ from agent.embedded_broker import (
     EmbeddedBroker,
     start_demo_broker,
 )
-from agent.mqtt import connect
+from bus.mqtt import connect
 from shared.messages import HostInfo
 from shared.topics import HostTopics
 from tests.support.agent_process import REPO_ROOT, AgentProcess, write_agent_config

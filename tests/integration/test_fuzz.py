@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from agent.broker import MosquittoBroker
-from agent.mqtt import MqttError, connect
+from bus.mqtt import MqttError, connect
 from tests.support.agent_process import AgentProcess
 from tests.support.bus import client_settings, watch
 from tests.support.fuzz import HostileCommands

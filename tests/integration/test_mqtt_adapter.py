@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 
 from agent.broker import MosquittoBroker
-from agent.mqtt import connect
+from bus.mqtt import connect
 from tests.support.bus import client_settings
 
 

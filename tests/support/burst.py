@@ -15,7 +15,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from agent.mqtt import ConnectionSettings, Message, Subscription, connect
+from bus.mqtt import ConnectionSettings, Message, Subscription, connect
 from shared.messages import JobStatus
 from shared.topics import HostTopics
 from tests.support.bus import BusWatcher

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.mqtt import Connection, ConnectionSettings, Message, Subscription, connect
+from bus.mqtt import Connection, ConnectionSettings, Message, Subscription, connect
 
 _ids = itertools.count()
 

@@ -8,7 +8,7 @@ import asyncio
 import sys
 
 from agent import cli, service
-from agent.mqtt import Connection
+from bus.mqtt import Connection
 
 _announced_online = service.AgentService._on_connected
 _online: asyncio.Event | None = None

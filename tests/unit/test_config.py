@@ -5,7 +5,8 @@ from typing import Any
 
 import pytest
 
-from agent.config import ConfigError, load_config
+from agent.config import load_config
+from bus.settings import ConfigError, load_bus_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -117,3 +118,22 @@ def test_the_agents_client_id_is_bound_to_its_secret(tmp_path: Path) -> None:
     # An open broker has no secret to bind to; an explicit id is used as given.
     assert client_id("mqtt://broker:1883") == "modelbus-agent-gpu1"
     assert client_id("mqtt://u:p@broker:1883", **{"broker.client_id": "mine"}) == "mine"
+
+
+def test_clients_read_only_the_prefix_and_the_broker(tmp_path: Path) -> None:
+    """The TUI and the client commands take --config for the broker settings: an agent's
+    catalog in the same file is not theirs to validate."""
+    path = write(
+        tmp_path,
+        "prefix: lab\nbroker:\n  url: mqtt://file:1883\nmodels:\n  broken: {runtime: nope}\n",
+    )
+    with pytest.raises(ConfigError):
+        load_config(path, environ={})
+    config = load_bus_config(path, environ={"MODELBUS_BROKER_USERNAME": "tui"})
+    assert (config.prefix, config.broker.host, config.broker.credentials[0]) == (
+        "lab",
+        "file",
+        "tui",
+    )
+    with pytest.raises(ConfigError, match="prefix"):
+        load_bus_config(path, environ={}, overrides={"prefix": "a/#"})

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from agent.mqtt import ConnectionSettings, ReconnectingClient
-from agent.outbox import Outbox, Outgoing
+from bus.mqtt import ConnectionSettings, ReconnectingClient
+from bus.outbox import Outbox, Outgoing
 
 
 def drain(outbox: Outbox) -> list[tuple[str, bytes]]:

@@ -29,10 +29,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.outbox import Outbox, Outgoing
+from bus.outbox import Outbox, Outgoing
 
 if TYPE_CHECKING:
-    from agent.config import BrokerConfig
+    from bus.settings import BrokerConfig
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ ACK_TIMEOUT_S = 30.0
 # connection of a client that sends a bigger packet, which would then be sent again on
 # every reconnect. 1 KiB is left for the topic and properties.
 MAX_PUBLISH_BYTES = 262144 - 1024
-# What a client keeps for the broker while it cannot deliver (see agent/outbox.py).
+# What a client keeps for the broker while it cannot deliver (see bus/outbox.py).
 OUTBOX_MAX_MESSAGES = 10_000
 OUTBOX_MAX_BYTES = 32 * 1024 * 1024
 # How often, at most, dropped messages are logged.
@@ -467,7 +467,7 @@ class ReconnectingClient:
     messages to ``on_message`` one at a time, in arrival order. One message's handler
     failing is logged and the next message is handled.
 
-    Every publish goes through one outbox (agent/outbox.py) that a sender drains into
+    Every publish goes through one outbox (bus/outbox.py) that a sender drains into
     the connection without waiting for each acknowledgement, so messages leave in the
     order they were published. With ``queue_while_offline`` what is published without
     a connection, and what was sent but never acknowledged when one ended, is kept and
