@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from agent.config import AgentConfig
+    from agent.gpu.base import GpuBackend
     from agent.service import AgentService
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -268,7 +270,6 @@ def run_agent(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     _setup_logging(config.log_level)
     from agent.gpu.base import GpuUnavailableError
-    from agent.gpu.factory import open_backend
     from agent.service import AgentService
     from bus.mqtt import BrokerRefusedError
 
@@ -410,8 +411,30 @@ def write_schemas(out: Path, *, check: bool) -> int:
     return EXIT_OK
 
 
+def open_backend(config: AgentConfig) -> GpuBackend:
+    """The GPU backend the configuration asks for. Chosen here, in the application layer:
+    the daemon gets a backend and never imports the simulator (development tooling)."""
+    if config.gpu.backend == "sim":
+        from devtools.gpu_sim import SimBackend, SimGpuSpec
+
+        sim = config.gpu.sim
+        specs = [
+            SimGpuSpec(
+                name=gpu.name,
+                memory_total_mb=gpu.memory_total_mb,
+                foreign_mb=gpu.foreign_mb,
+                power_limit_w=gpu.power_limit_w,
+            )
+            for gpu in sim.gpus
+        ]
+        return SimBackend(config.sim_state_file, specs, release_delay_s=sim.release_delay_s)
+    from agent.gpu.nvml import NvmlBackend
+
+    return NvmlBackend()
+
+
 def run_sim(args: argparse.Namespace) -> int:
-    from agent.gpu import sim
+    from devtools import gpu_sim as sim
 
     if args.sim_command == "show":
         client = sim.SimGpuClient(args.state)

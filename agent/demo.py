@@ -25,8 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from agent.broker import BrokerError, MosquittoBroker, free_port
-from agent.embedded_broker import MOSQUITTO_DESCRIPTION, EmbeddedBroker, start_demo_broker
+from devtools.brokers import BrokerError, MosquittoBroker, free_port
+from devtools.embedded_broker import MOSQUITTO_DESCRIPTION, EmbeddedBroker, start_demo_broker
 
 DEMO_HOST = "demo"
 DEMO_PREFIX = "modelbus"
@@ -48,12 +48,12 @@ DEMO_MODELS: tuple[tuple[str, int, float, str], ...] = (
 def demo_catalog(
     ports: Sequence[int] | None = None, python: str = sys.executable
 ) -> dict[str, object]:
-    """Simulated model servers (agent.simserver) for the five demo models, on ``ports``
+    """Simulated model servers (devtools.simserver) for the five demo models, on ``ports``
     (default: free ones, so that another demo or a real server keeps its own)."""
     ports = list(ports) if ports is not None else [free_port() for _ in DEMO_MODELS]
     models: dict[str, object] = {}
     for port, (name, vram_mb, load_s, description) in zip(ports, DEMO_MODELS, strict=True):
-        argv = [python, "-m", "agent.simserver", "--port", "${PORT}", "--model", "${MODEL}"]
+        argv = [python, "-m", "devtools.simserver", "--port", "${PORT}", "--model", "${MODEL}"]
         argv += ["--gpus", "${GPUS}", "--vram-mb", str(vram_mb), "--load-s", str(load_s)]
         models[name] = {
             "runtime": "process",

@@ -62,8 +62,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agent import hub
-from agent.broker import DEMO_CONFIG, MosquittoBroker
 from bus.mqtt import Connection, ConnectionSettings, Subscription, connect
+from devtools.brokers import DEMO_CONFIG, MosquittoBroker
 from shared.topics import HostTopics
 from tests.support.fake_hub import FakeHub, fake_safetensors
 

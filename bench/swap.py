@@ -39,8 +39,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.broker import DEMO_CONFIG, MosquittoBroker, free_port
 from bus.mqtt import Connection, ConnectionSettings, Subscription, connect
+from devtools.brokers import DEMO_CONFIG, MosquittoBroker, free_port
 from shared.topics import HostTopics
 from tests.support.burst import BurstResult, burst
 
@@ -74,7 +74,15 @@ class Figures:
 def agent_config(workdir: Path, broker: MosquittoBroker, prefix: str, *, baseline: bool) -> Path:
     models = {}
     for name in ("alpha", "beta"):
-        argv = [sys.executable, "-m", "agent.simserver", "--port", "${PORT}", "--model", "${MODEL}"]
+        argv = [
+            sys.executable,
+            "-m",
+            "devtools.simserver",
+            "--port",
+            "${PORT}",
+            "--model",
+            "${MODEL}",
+        ]
         argv += ["--gpus", "${GPUS}", "--vram-mb", "20000", "--load-s", str(LOAD_S)]
         models[name] = {
             "runtime": "process",

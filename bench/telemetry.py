@@ -31,9 +31,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.broker import DEMO_CONFIG, MosquittoBroker
-from agent.gpu.sim import SimGpuClient
 from bus.mqtt import ConnectionSettings, Subscription, connect
+from devtools.brokers import DEMO_CONFIG, MosquittoBroker
+from devtools.gpu_sim import SimGpuClient
 from shared.topics import HostTopics
 
 TARGET_CPU_PERCENT = 1.0

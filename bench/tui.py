@@ -51,9 +51,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.broker import DEMO_CONFIG, MosquittoBroker
 from agent.telemetry import host_state
 from bus.mqtt import ConnectionSettings, connect
+from devtools.brokers import DEMO_CONFIG, MosquittoBroker
 from shared import PROTOCOL_VERSION
 from shared.messages import (
     Availability,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.broker import MosquittoBroker, mosquitto_binary
+from devtools.brokers import MosquittoBroker, mosquitto_binary
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_CONFIG = REPO_ROOT / "mosquitto" / "test.conf"

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from agent.broker import MosquittoBroker
+from devtools.brokers import MosquittoBroker
 from shared.topics import HostTopics
 from tests.conftest import TEST_USERS
 from tests.support.agent_process import AgentProcess, write_agent_config

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agent.broker import MosquittoBroker
+from devtools.brokers import MosquittoBroker
 from shared.topics import HostTopics
 from tests.conftest import TEST_USERS
 from tests.support.agent_process import AgentProcess

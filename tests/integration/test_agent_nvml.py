@@ -7,10 +7,10 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from agent.broker import MosquittoBroker
 from agent.config import load_config
 from agent.gpu.nvml import NvmlBackend
 from agent.service import AgentService
+from devtools.brokers import MosquittoBroker
 from shared.messages import Event, GpuState, HostInfo
 from shared.topics import HostTopics
 from tests.fakes.fake_nvml import MIB, FakeDevice, FakeProcess, make_fake_nvml

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.broker import MosquittoBroker
-from agent.gpu.sim import SimGpuClient
+from devtools.brokers import MosquittoBroker
+from devtools.gpu_sim import SimGpuClient
 from shared.messages import GpuState, HostInfo, HostState
 from shared.topics import HostTopics
 from tests.support.agent_process import AgentProcess, write_agent_config

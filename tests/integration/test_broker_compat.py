@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from amqtt.broker import Broker
 
-from agent.broker import MosquittoBroker, free_port
+from devtools.brokers import MosquittoBroker, free_port
 from shared.messages import HostInfo
 from shared.topics import HostTopics
 from tests.conftest import TEST_USERS

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from agent.broker import MosquittoBroker
+from devtools.brokers import MosquittoBroker
 from tests.support.agent_process import AgentProcess
 from tests.support.burst import burst, wait_jobs_ended
 from tests.support.host import Host

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.broker import MosquittoBroker, free_port
 from agent.client import JobProgress
+from devtools.brokers import MosquittoBroker, free_port
 from shared.messages import JobPhase, JobState, JobStatus
 from tests.integration.conftest import HOST
 from tests.support.agent_process import REPO_ROOT, AgentProcess

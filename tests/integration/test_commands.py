@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.broker import MosquittoBroker
+from devtools.brokers import MosquittoBroker
 from shared.messages import Reply
 from shared.topics import HostTopics
 from tests.support.agent_process import AgentProcess, write_agent_config

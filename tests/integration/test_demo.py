@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from agent.broker import free_port, port_accepts
+from devtools.brokers import free_port, port_accepts
 from shared.messages import Reply
 from shared.topics import HostTopics
 from tests.support.agent_process import REPO_ROOT

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.broker import free_port
+from devtools.brokers import free_port
 from tests.integration.test_demo import (
     SCRIPTS,
     Demo,
@@ -192,7 +192,7 @@ def test_demo_tui_switches_a_model_by_keys_and_quits_cleanly(tmux: Tmux, tmp_pat
             show=tmux.last_screen,
         )
         started = descendants(shell)
-        assert any("agent.simserver" in args for args in started.values()), started
+        assert any("devtools.simserver" in args for args in started.values()), started
         workdir = workdir_of(started)
 
         tmux.keys("q")

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.broker import BrokerError, MosquittoBroker, mosquitto_binary, port_accepts
-from agent.embedded_broker import (
+from bus.mqtt import connect
+from devtools.brokers import BrokerError, MosquittoBroker, mosquitto_binary, port_accepts
+from devtools.embedded_broker import (
     EMBEDDED_DESCRIPTION,
     MOSQUITTO_DESCRIPTION,
     EmbeddedBroker,
     start_demo_broker,
 )
-from bus.mqtt import connect
 from shared.messages import HostInfo
 from shared.topics import HostTopics
 from tests.support.agent_process import REPO_ROOT, AgentProcess, write_agent_config
@@ -147,7 +147,7 @@ def test_the_broker_exits_when_its_parent_is_killed(tmp_path: Path) -> None:
             "-c",
             "import sys, time\n"
             "from pathlib import Path\n"
-            "from agent.embedded_broker import EmbeddedBroker\n"
+            "from devtools.embedded_broker import EmbeddedBroker\n"
             f"broker = EmbeddedBroker(workdir=Path({str(tmp_path / 'broker')!r}))\n"
             "broker.start()\n"
             "print(broker.process.pid, broker.port, flush=True)\n"

@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import pytest
 
-from agent.broker import MosquittoBroker
 from bus.mqtt import MqttError, connect
+from devtools.brokers import MosquittoBroker
 from tests.support.agent_process import AgentProcess
 from tests.support.bus import client_settings, watch
 from tests.support.fuzz import HostileCommands

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.broker import MosquittoBroker
+from devtools.brokers import MosquittoBroker
 from tests.support.agent_process import AgentProcess
 from tests.support.bus import BusWatcher, watch
 from tests.support.host import Host

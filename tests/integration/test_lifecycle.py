@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.broker import MosquittoBroker, free_port
+from devtools.brokers import MosquittoBroker, free_port
 from shared.messages import Reply
 from tests.support.bus import watch
 from tests.support.host import Host

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import socket
 
-from agent.broker import MosquittoBroker
 from bus.mqtt import connect
+from devtools.brokers import MosquittoBroker
 from tests.support.bus import client_settings
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from agent.broker import MosquittoBroker
+from devtools.brokers import MosquittoBroker
 from shared.commands import decode_command
 from shared.messages import Reply
 from shared.topics import CommandName, HostTopics, parse_topic

@@ -18,10 +18,10 @@ from typing import Any, TypeVar
 import docker
 import pytest
 
-from agent.broker import free_port
 from agent.catalog import ModelSpec
 from agent.runtimes.base import ExitStatus, Instance, RuntimeFailure
 from agent.runtimes.docker import DockerRuntime, container_name
+from devtools.brokers import free_port
 from tests.support.dockerd import DockerdError, PrivateDockerd, why_unavailable
 
 T = TypeVar("T")

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from agent.broker import free_port
+from devtools.brokers import free_port
 
 _ports = itertools.count()
 
@@ -17,7 +17,7 @@ _ports = itertools.count()
 def sim_model(
     vram_mb: int, *, load_s: float = 0.2, extra: list[str] | None = None, **spec: Any
 ) -> dict[str, Any]:
-    argv = [sys.executable, "-m", "agent.simserver", "--port", "${PORT}", "--model", "${MODEL}"]
+    argv = [sys.executable, "-m", "devtools.simserver", "--port", "${PORT}", "--model", "${MODEL}"]
     argv += ["--gpus", "${GPUS}", "--vram-mb", str(vram_mb), "--load-s", str(load_s)]
     argv += extra or []
     entry: dict[str, Any] = {

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from textual.pilot import Pilot
 
-from agent.broker import MosquittoBroker
+from devtools.brokers import MosquittoBroker
 from shared.topics import HostTopics
 from tests.conftest import TEST_USERS
 from tests.support.agent_process import AgentProcess, write_agent_config

@@ -13,9 +13,9 @@ from typing import TypeVar
 
 import pytest
 
-from agent.gpu import sim
 from agent.gpu.base import DriverInfo, GpuProcessSample, GpuSample, GpuUnavailableError
-from agent.gpu.sim import (
+from devtools import gpu_sim as sim
+from devtools.gpu_sim import (
     SimBackend,
     SimGpuClient,
     SimGpuError,
@@ -35,7 +35,7 @@ T = TypeVar("T")
 HOLDER = """
 import sys
 from pathlib import Path
-from agent.gpu.sim import SimGpuClient
+from devtools.gpu_sim import SimGpuClient
 
 state, gpu, mb, util, name = sys.argv[1:6]
 client = SimGpuClient(Path(state))
@@ -47,7 +47,7 @@ sys.stdin.read()
 HOLD_ALLOCATION = """
 import sys
 from pathlib import Path
-from agent.gpu.sim import hold_allocation
+from devtools.gpu_sim import hold_allocation
 
 state, mb, ramp, hold = sys.argv[1:5]
 print("start", flush=True)

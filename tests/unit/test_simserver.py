@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from agent.gpu.sim import SimBackend, SimGpuSpec
-from agent.simserver import (
+from devtools.gpu_sim import SimBackend, SimGpuSpec
+from devtools.simserver import (
     CRASH_EXIT_CODE,
     ENV_GPUS,
     ENV_MODEL,
@@ -118,7 +118,7 @@ class Servers:
         flags: bool = True,
     ) -> Server:
         port = free_port() if port is None else port
-        argv = [sys.executable, "-m", "agent.simserver"]
+        argv = [sys.executable, "-m", "devtools.simserver"]
         if flags:
             argv += ["--port", str(port), "--state", str(self.state)]
         argv += args  # after the defaults, so a test's own --state wins

@@ -1,11 +1,11 @@
 """A simulated model server: an OpenAI-style HTTP server that holds simulated GPU memory.
 
-``python -m agent.simserver --port 8080 --state /tmp/gpus.bin --vram-mb 4096 --load-s 2``
+``python -m devtools.simserver --port 8080 --state /tmp/gpus.bin --vram-mb 4096 --load-s 2``
 stands in for llama.cpp or vLLM in the demo and the tests. It binds its port first (so a
 port conflict fails at once), then "loads": its memory on the simulated GPUs rises in
 RAMP_STEPS steps over ``--load-s`` seconds while ``/health`` answers 503 with the progress,
 and once everything is held it answers 200 and prints ``ready``. The memory is held by this
-process (its pid, named after the model) through :class:`agent.gpu.sim.SimGpuClient`, so the
+process (its pid, named after the model) through :class:`devtools.gpu_sim.SimGpuClient`, so the
 agent sees it exactly as it would see a real server on a real card.
 
 Every option falls back to an environment variable, because the agent's process runtime
@@ -46,7 +46,7 @@ from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit
 
-from agent.gpu.sim import SimGpuClient, SimGpuError, SimStoreError
+from devtools.gpu_sim import SimGpuClient, SimGpuError, SimStoreError
 
 ENV_MODEL = "MODELBUS_MODEL"
 ENV_PORT = "MODELBUS_PORT"
@@ -158,7 +158,7 @@ def _flag(text: str) -> bool:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m agent.simserver",
+        prog="python -m devtools.simserver",
         description="A simulated model server that holds simulated GPU memory. "
         "Every option falls back to the environment variable named in its help.",
     )

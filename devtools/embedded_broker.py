@@ -1,7 +1,7 @@
 """A development fallback broker for the demo when mosquitto is not installed.
 
 ``EmbeddedBroker`` runs amqtt (MQTT 3.1.1 only) in a child process
-(``python -m agent.embedded_broker --port N``) on 127.0.0.1, anonymous and
+(``python -m devtools.embedded_broker --port N``) on 127.0.0.1, anonymous and
 without persistence. The child exits when its standard input reaches end of
 file: the parent holds the other end of that pipe, and the kernel closes it
 however the parent ends, SIGKILL included. (PR_SET_PDEATHSIG would fire when
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.broker import (
+from devtools.brokers import (
     DEMO_CONFIG,
     BrokerError,
     ChildBroker,
@@ -57,7 +57,7 @@ class EmbeddedBroker(ChildBroker):
         self.workdir.mkdir(parents=True, exist_ok=True)
         package_root = str(Path(__file__).resolve().parents[1])
         python_path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
-        command = [sys.executable, "-m", "agent.embedded_broker", "--port", str(self.port)]
+        command = [sys.executable, "-m", "devtools.embedded_broker", "--port", str(self.port)]
         with self.log_file.open("ab") as log:
             self.process = subprocess.Popen(
                 [*command, *(["--verbose"] if verbose else [])],
@@ -124,7 +124,7 @@ def start_demo_broker(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m agent.embedded_broker",
+        prog="python -m devtools.embedded_broker",
         description=f"{EMBEDDED_DESCRIPTION} on 127.0.0.1; exits when stdin closes.",
     )
     parser.add_argument("--port", type=int, required=True)
