@@ -26,7 +26,7 @@ throughput, and are printed apart, without a verdict.
   to the file being closed; its peak RSS is its own ``RUSAGE_SELF``.
 - The two alternate, fastest-first order swapped each round, and the medians are shown.
   Downloaded files are deleted after every round.
-- Then a real agent (``python -m agent agent``) over a private Mosquitto installs the
+- Then a real agent (``python -m modelbus agent``) over a private Mosquitto installs the
   256 MiB repo and then the 1 GiB one with ``install ... wait: true``; its own peak RSS
   (VmHWM) is read after each, and must not grow: the download happens in its child.
 - RSS is "flat" when the peak with the large file is at most the peak with the small one
@@ -255,7 +255,7 @@ async def measure_agent(
         config_file = workdir / "agent.yaml"
         config_file.write_text(yaml.safe_dump(config))
         agent = subprocess.Popen(
-            [sys.executable, "-m", "agent", "agent", "--config", str(config_file)], cwd=REPO
+            [sys.executable, "-m", "modelbus", "agent", "--config", str(config_file)], cwd=REPO
         )
         settings = ConnectionSettings(
             "127.0.0.1", broker.port, "bench-install-client", persistent_session=False

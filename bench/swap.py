@@ -163,7 +163,7 @@ async def measure(
     prefix = "bench-baseline" if baseline else "bench-modelbus"
     config = agent_config(workdir, broker, prefix, baseline=baseline)
     agent = subprocess.Popen(
-        [sys.executable, "-m", "agent", "agent", "--config", str(config)], cwd=REPO
+        [sys.executable, "-m", "modelbus", "agent", "--config", str(config)], cwd=REPO
     )
     topics = HostTopics(prefix, "bench")
     settings = ConnectionSettings(

@@ -90,7 +90,7 @@ async def measure(
     config_file = workdir / f"{prefix}.yaml"
     config_file.write_text(yaml.safe_dump(config))
     agent = subprocess.Popen(
-        [sys.executable, "-m", "agent", "agent", "--config", str(config_file)], cwd=REPO
+        [sys.executable, "-m", "modelbus", "agent", "--config", str(config_file)], cwd=REPO
     )
     topics = HostTopics(prefix, host)
     settings = ConnectionSettings(

@@ -10,7 +10,7 @@ the same machine, and exits 0 whatever the verdicts; only a crash exits non-zero
   state and five models, then every second, at a random phase per host (agents are
   not synchronised), eight retained ``gpu/<i>`` with slightly changed figures and a
   ``state``: 180 messages a second.
-- The TUI is ``python -m agent tui`` in a 160x48 pseudo-terminal (TERM=xterm-256color,
+- The TUI is ``python -m modelbus tui`` in a 160x48 pseudo-terminal (TERM=xterm-256color,
   COLORTERM=truecolor), so it really renders and writes escape sequences; everything
   it writes is drained and counted.
 - First frame: from spawning the TUI, with the retained fleet already on the broker,
@@ -530,7 +530,7 @@ def main() -> int:
     if args.quick:
         args.seconds, args.idle_seconds, args.starts = 5.0, 4.0, 2
     begun = time.monotonic()
-    tui_argv = [sys.executable, "-m", "agent", "tui", "--prefix", PREFIX, "--broker"]
+    tui_argv = [sys.executable, "-m", "modelbus", "tui", "--prefix", PREFIX, "--broker"]
     started: list[subprocess.Popen[bytes]] = []
     problems: list[str] = []
     with MosquittoBroker(DEMO_CONFIG) as broker:

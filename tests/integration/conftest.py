@@ -26,7 +26,7 @@ def start_host(
 ) -> Iterator[Callable[..., AgentProcess]]:
     agents: list[AgentProcess] = []
 
-    def start(models: dict[str, Any], *, module: str = "agent", **options: Any) -> AgentProcess:
+    def start(models: dict[str, Any], *, module: str = "modelbus", **options: Any) -> AgentProcess:
         """Write a config for host ``lab`` and start ``python -m <module> agent`` on it."""
         config = write_agent_config(
             tmp_path / "agent.yaml",

@@ -147,7 +147,7 @@ async def test_one_operator_account_keeps_many_connections_side_by_side(
         cli = client(
             sys.executable,
             "-m",
-            "agent",
+            "modelbus",
             "status",
             "--json",
             "--host",

@@ -37,7 +37,7 @@ async def test_vram_high_starts_once_shows_in_the_gpu_and_clears_once(
     await host.online()
     state_file = agent.state_dir / "sim-gpus.bin"
     hog = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "agent", "sim", "alloc", "--state", str(state_file)],
+        *[sys.executable, "-m", "modelbus", "sim", "alloc", "--state", str(state_file)],
         *["--mb", "20000"],
         cwd=REPO_ROOT,
     )
@@ -73,7 +73,7 @@ def test_impossible_alert_rules_stop_the_agent_with_one_line(
     config = tmp_path / "agent.yaml"
     config.write_text(json.dumps({"gpu": {"backend": "sim"}, "alerts": alerts}))
     result = subprocess.run(
-        [sys.executable, "-m", "agent", "agent", "--config", str(config)],
+        [sys.executable, "-m", "modelbus", "agent", "--config", str(config)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

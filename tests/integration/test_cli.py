@@ -14,7 +14,7 @@ from tests.support.agent_process import REPO_ROOT
 
 def modelbus(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "agent", *args],
+        [sys.executable, "-m", "modelbus", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.client import JobProgress
 from devtools.brokers import MosquittoBroker, free_port
+from modelbus.bus_commands import JobProgress
 from shared.messages import JobPhase, JobState, JobStatus
 from tests.integration.conftest import HOST
 from tests.support.agent_process import REPO_ROOT, AgentProcess
@@ -51,7 +51,7 @@ async def spawned(*args: str) -> AsyncIterator[asyncio.subprocess.Process]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "agent",
+        "modelbus",
         *args,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,

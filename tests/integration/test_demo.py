@@ -108,7 +108,7 @@ class Demo:
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "agent", "demo", "--headless", *args],
+            [sys.executable, "-m", "modelbus", "demo", "--headless", *args],
             cwd=REPO_ROOT,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

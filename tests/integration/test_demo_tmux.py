@@ -150,7 +150,7 @@ def start_demo_tui(tmux: Tmux, tmp_path: Path, env: dict[str, str]) -> Path:
     """``modelbus demo`` in the tmux session; the file its exit code goes to. (Its stderr
     stays on the terminal: the TUI itself is drawn on stderr.)"""
     exit_file = tmp_path / "exit"
-    demo = shlex.join([sys.executable, "-m", "agent", "demo"])
+    demo = shlex.join([sys.executable, "-m", "modelbus", "demo"])
     shell = f"{demo}; echo $? > {shlex.quote(str(exit_file))}"
     tmux.start(f"sh -c {shlex.quote(shell)}", REPO_ROOT, env)
     return exit_file

@@ -15,6 +15,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -206,12 +207,18 @@ def test_dockerfile_builds_the_agent_image_as_a_non_root_user() -> None:
     assert users and users[-1] not in {"root", "0"}
     assert keywords.index("USER") > max(i for i, k in enumerate(keywords) if k == "RUN")
     assert "LABEL" in keywords
-    # Everything it copies from the repository exists there (the context is the root).
+    # Everything it copies from the repository exists there (the context is the root),
+    # and every package pyproject.toml installs is copied.
+    copied = set()
     for keyword, args in instructions:
         if keyword == "COPY":
             *sources, _destination = args.split()
             for source in sources:
                 assert (ROOT / source).exists(), source
+                copied.add(source)
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    wanted = {pattern.rstrip("*") for pattern in packages["packages"]["find"]["include"]}
+    assert wanted <= copied, wanted - copied
 
 
 # ---- the example agent config -----------------------------------------------------------

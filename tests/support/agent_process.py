@@ -65,7 +65,7 @@ class AgentProcess:
         config: Path,
         *args: str,
         env: dict[str, str] | None = None,
-        module: str = "agent",
+        module: str = "modelbus",
     ) -> None:
         self.log = config.parent / "agent.log"
         self.state_dir = config.parent / "state"

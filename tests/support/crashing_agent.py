@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from agent import cli, service
+from agent import service
 from bus.mqtt import Connection
+from modelbus import cli
 
 _announced_online = service.AgentService._on_connected
 _online: asyncio.Event | None = None

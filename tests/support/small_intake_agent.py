@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import sys
 
-from agent import cli, service
+from agent import service
+from modelbus import cli
 
 service.MAX_WAITING_COMMANDS = 5
 

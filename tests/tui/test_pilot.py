@@ -315,7 +315,7 @@ async def test_bad_bus_input_is_skipped_counted_and_listed(
 def test_tui_command_refuses_a_bad_broker_url_with_one_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from agent.cli import EXIT_USAGE, main
+    from modelbus.cli import EXIT_USAGE, main
 
     assert main(["tui", "--broker", "http://nowhere"]) == EXIT_USAGE
     err = capsys.readouterr().err

@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from agent.cli import main
+from modelbus.cli import main
 from shared.schema import all_schemas, render
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "docs" / "schema"

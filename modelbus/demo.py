@@ -153,7 +153,7 @@ def run_demo(*, headless: bool, port: int | None, prefer_embedded: bool = False)
         agent_log = workdir / "agent.log"
         log_file = agent_log.open("wb") if not headless else None
         agent = subprocess.Popen(
-            [sys.executable, "-m", "agent", "agent", "--config", str(config_file)],
+            [sys.executable, "-m", "modelbus", "agent", "--config", str(config_file)],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=log_file,

@@ -132,7 +132,7 @@ def _host_id(text: str) -> str:
 
 
 def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """The client commands: one command to one host over the bus (agent/client.py)."""
+    """The client commands: one command to one host over the bus (modelbus/bus_commands.py)."""
     bus = argparse.ArgumentParser(add_help=False)
     where = bus.add_argument_group("bus")
     where.add_argument("--broker", help="broker URL, mqtt://user:pass@host:port or mqtts://...")
@@ -228,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "agent":
         return run_agent(args)
     if args.command == "demo":
-        from agent.demo import run_demo
+        from modelbus.demo import run_demo
 
         return run_demo(
             headless=args.headless, port=args.port, prefer_embedded=args.embedded_broker
@@ -355,9 +355,9 @@ def run_client(args: argparse.Namespace) -> int:
     MODELBUS_BROKER* env, flags) and connects with a fresh id and a clean session."""
     import secrets
 
-    from agent.client import Request, run_command, run_events
     from bus.mqtt import settings_from_config
     from bus.settings import ConfigError, load_bus_config
+    from modelbus.bus_commands import Request, run_command, run_events
     from shared.topics import CommandName
 
     overrides = {"broker.url": args.broker, "prefix": args.prefix}

@@ -1,0 +1,3 @@
+from modelbus.cli import main
+
+raise SystemExit(main())
