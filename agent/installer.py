@@ -21,9 +21,9 @@ from typing import Any, Protocol
 from agent import hub
 from agent.catalog import Catalog
 from agent.config import WeightsConfig
+from agent.database import Database
 from agent.job_publishing import JobPublisher, QueuePositions, publish_job, wait_for_job
 from agent.jobs import Job, JobRequest, QueueFullError, SwapQueue
-from agent.store import Store
 from agent.weights import MIB, WeightsDir, default_name, manifest_for
 from agent.weights_estimate import estimate_directory, suggest_catalog_entry
 from shared.commands import CommandError, InstallCommand
@@ -75,7 +75,7 @@ class Installer:
         config: WeightsConfig,
         root: Path,
         catalog: Catalog,
-        store: Store,
+        store: Database,
         publisher: InstallPublisher,
         *,
         model_loaded: Callable[[str], bool],

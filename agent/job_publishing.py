@@ -9,8 +9,8 @@ import asyncio
 import contextlib
 from typing import Protocol
 
+from agent.database import Database
 from agent.jobs import Job, SwapQueue
-from agent.store import Store
 from shared.messages import Event, JobState, JobStatus
 
 # How long changes of queued jobs' places are gathered before they are published.
@@ -28,7 +28,7 @@ class JobPublisher(Protocol):
 
 
 async def publish_job(
-    job: Job, store: Store, publisher: JobPublisher, *, final: bool = False
+    job: Job, store: Database, publisher: JobPublisher, *, final: bool = False
 ) -> JobState:
     snapshot = job.snapshot()
     await publisher.job_changed(snapshot)

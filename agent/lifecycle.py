@@ -21,13 +21,13 @@ from urllib.parse import urlsplit
 from agent import ports
 from agent.catalog import Catalog, ModelSpec
 from agent.config import LifecycleConfig
+from agent.database import Database
 from agent.gpu.base import GpuSample
 from agent.health import probe
 from agent.job_publishing import JobPublisher, QueuePositions, publish_job, wait_for_job
 from agent.jobs import Job, JobRequest, QueueFullError, SwapQueue
 from agent.planner import GpuMemory, Plan, Refusal, Resident, Target, plan_load, plan_switch
 from agent.runtimes.base import Instance, Runtime, RuntimeFailure
-from agent.store import Store
 from agent.telemetry import ProcessOwner
 from shared.commands import CommandError
 from shared.messages import (
@@ -122,7 +122,7 @@ class Lifecycle:
         catalog: Catalog,
         config: LifecycleConfig,
         runtimes: dict[str, Runtime],
-        store: Store,
+        store: Database,
         publisher: Publisher,
         sample: Sampler,
         gpu_indices: GpuIndices,

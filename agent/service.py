@@ -18,6 +18,7 @@ from agent import __version__
 from agent.alerts import AlertTracker
 from agent.alerts import to_event as alert_event
 from agent.config import AgentConfig, load_config
+from agent.database import Database
 from agent.gpu.base import (
     ChangeSignal,
     DriverInfo,
@@ -31,7 +32,6 @@ from agent.intake import Intake, command_level, read_command, refused_intake
 from agent.lifecycle import Lifecycle
 from agent.model_commands import ModelCommands
 from agent.runtimes.factory import build_runtimes
-from agent.store import Store
 from agent.telemetry import GPU_LOST, ChangeFilter, gpu_info, gpu_state, host_state
 from bus.mqtt import (
     MAX_PUBLISH_BYTES,
@@ -104,7 +104,7 @@ class AgentService:
         self._telemetry_lock = asyncio.Lock()
         # Retained commands we cleared: their empty echo is not a new command.
         self._pending_clears: set[str] = set()
-        self.store = Store.open(config.state_dir / "modelbus.db")
+        self.store = Database.open(config.state_dir / "modelbus.db")
         self.lifecycle = Lifecycle(
             config.catalog,
             config.lifecycle,

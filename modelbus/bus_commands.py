@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import math
-import secrets
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +35,7 @@ from bus.mqtt import (
     Subscription,
     connect,
 )
+from bus.requests import Answer, Requests
 from shared.commands import COMMAND_MODELS, describe_validation_error
 from shared.messages import (
     ErrorCode,
@@ -47,9 +46,9 @@ from shared.messages import (
     JobState,
     JobStatus,
     ModelState,
-    Reply,
 )
 from shared.topics import CommandName, HostTopics, parse_topic
+from tui.format import duration_long, size_long
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
@@ -96,13 +95,10 @@ class Session:
     def __init__(self, connection: Connection, prefix: str) -> None:
         self.connection = connection
         self.prefix = prefix
-        self.token = secrets.token_hex(4)
-        # A response topic of our own under each commanded host's P/H/reply/#.
-        self.reply_name = f"cli-{self.token}"
+        self.requests = Requests(prefix, "cli")
         self.seen: list[Message] = []
         self._queue: asyncio.Queue[Message | BaseException] = asyncio.Queue()
         self._pump_task: asyncio.Task[None] | None = None
-        self._request_ids = (f"cli-{self.token}-{n}" for n in itertools.count(1))
 
     async def __aenter__(self) -> Session:
         self._pump_task = asyncio.create_task(self._pump())
@@ -131,9 +127,6 @@ class Session:
     @property
     def protocol(self) -> str:
         return self.connection.protocol
-
-    def next_request_id(self) -> str:
-        return next(self._request_ids)
 
     async def subscribe(self, *filters: str) -> None:
         await self.connection.subscribe([Subscription(f, qos=1) for f in filters])
@@ -218,14 +211,6 @@ async def _online(session: Session, host: str) -> str:
 # -- one command, one reply ------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """A reply, parsed and as sent (the raw JSON keeps fields this version does not know)."""
-
-    reply: Reply
-    raw: dict[str, Any]
-
-
 async def send(
     session: Session,
     host: str,
@@ -234,30 +219,20 @@ async def send(
     deadline: float | None,
 ) -> Answer:
     """Publish one command and wait for its reply (TimeoutError at ``deadline``)."""
-    topics = HostTopics(session.prefix, host)
-    request_id = session.next_request_id()
-    # MQTT 3.1.1 has no response topic: the agent answers on P/H/reply/<command>, which
-    # other clients share, so the request id tells ours apart.
-    response_topic = topics.reply(session.reply_name)
-    reply_filter = response_topic if session.protocol == "5" else topics.reply(command)
-    await session.subscribe(reply_filter)
+    request = session.requests.make(host, command, fields)
+    # Subscribed before publishing, so the reply cannot slip past.
+    await session.subscribe(request.reply_filter(session.connection.protocol))
     await session.connection.publish(
-        topics.command(command),
-        json.dumps({**fields, "request_id": request_id}),
+        request.topic,
+        request.payload,
         qos=1,
-        response_topic=response_topic,
-        correlation_data=request_id.encode(),
+        response_topic=request.response_topic,
+        correlation_data=request.correlation_data,
     )
     while True:
-        message = await session.next(deadline)
-        if message.topic != reply_filter:
-            continue
-        try:
-            reply = Reply.model_validate_json(message.payload)
-        except ValidationError:
-            continue
-        if reply.request_id == request_id:
-            return Answer(reply, json.loads(message.payload))
+        answer = request.answer(await session.next(deadline))
+        if answer is not None:
+            return answer
 
 
 async def follow_job(
@@ -598,11 +573,11 @@ def _subject(job: JobState) -> str:
 def _details(job: JobState) -> list[str]:
     parts = []
     if job.bytes_total:
-        parts.append(f"{format_bytes(job.bytes_done or 0)}/{format_bytes(job.bytes_total)}")
+        parts.append(f"{size_long(job.bytes_done or 0)}/{size_long(job.bytes_total)}")
     if job.queue_position is not None and job.state is JobStatus.QUEUED:
         parts.append(f"position {job.queue_position}")
     if job.eta_s is not None and job.state not in ENDED:
-        parts.append(f"ETA {format_duration(job.eta_s)}")
+        parts.append(f"ETA {duration_long(job.eta_s)}")
     return parts
 
 
@@ -633,7 +608,7 @@ def progress_line(job: JobState) -> str:
 def job_summary(job: JobState) -> str:
     took = ""
     if job.started_at and job.finished_at:
-        took = f" in {format_duration((job.finished_at - job.started_at).total_seconds())}"
+        took = f" in {duration_long((job.finished_at - job.started_at).total_seconds())}"
     line = f"{job.command} {_subject(job)}: {job.state.value}{took}"
     result = job.result or {}
     extras = []
@@ -648,24 +623,6 @@ def job_summary(job: JobState) -> str:
     if job.message:
         line = f"{line} - {job.message}"
     return f"{line} ({'; '.join(extras)})" if extras else line
-
-
-def format_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(count) < 1024:
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TiB"
-
-
-def format_duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min"
 
 
 # -- replies for people ----------------------------------------------------------------

@@ -11,16 +11,11 @@ MQTT 3.1.1 replies arrive on ``P/H/reply/<command>`` and are matched by request 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import json
 import logging
-import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
-
-from pydantic import ValidationError
 
 from bus.mqtt import (
     BrokerRefusedError,
@@ -30,8 +25,9 @@ from bus.mqtt import (
     ReconnectingClient,
     Subscription,
 )
+from bus.requests import Request, Requests
 from shared.messages import ErrorCode, ErrorInfo, Reply
-from shared.topics import CommandName, HostTopics, all_hosts_filter
+from shared.topics import CommandName, all_hosts_filter
 from tui.store import BusStore, Change
 
 log = logging.getLogger("modelbus.tui")
@@ -71,11 +67,8 @@ class BusBridge:
         self.reply_timeout_s = reply_timeout_s
         self._on_change = on_change
         self._on_link = on_link
-        token = secrets.token_hex(4)
-        self._request_ids = (f"tui-{token}-{n}" for n in itertools.count(1))
-        # Our response topic under each commanded host's P/H/reply/# (see mosquitto/acl).
-        self.reply_name = f"tui-{token}"
-        self._pending: dict[str, asyncio.Future[Reply]] = {}
+        self._requests = Requests(self.prefix, "tui")
+        self._pending: dict[str, tuple[Request, asyncio.Future[Reply]]] = {}
         self._client = ReconnectingClient(
             settings,
             # P/+/# also covers every P/H/reply/<ours> and P/H/reply/<command>.
@@ -109,7 +102,7 @@ class BusBridge:
         state = LinkState.RECONNECTING if self._ever_connected else LinkState.CONNECTING
         self._set_link(Link(state, broker))
         # Replies to what was sent over the lost connection may never come.
-        for future in self._pending.values():
+        for _request, future in self._pending.values():
             if not future.done():
                 future.set_exception(ConnectionError("the connection to the broker was lost"))
 
@@ -133,15 +126,11 @@ class BusBridge:
         return len(levels) > 1 and levels[1] == "reply"
 
     def _take_reply(self, message: Message) -> None:
-        if not self._pending:
-            return  # other clients' replies (3.1.1 reply topics are shared)
-        try:
-            reply = Reply.model_validate_json(message.payload)
-        except ValidationError:
-            return
-        future = self._pending.get(reply.request_id)
-        if future is not None and not future.done():
-            future.set_result(reply)
+        for request, future in self._pending.values():
+            answer = request.answer(message)
+            if answer is not None and not future.done():
+                future.set_result(answer.reply)
+                return
 
     # -- outgoing ------------------------------------------------------------------
 
@@ -151,18 +140,18 @@ class BusBridge:
         """Publish one command and wait for its reply. Never raises for bus trouble:
         not being connected, a lost connection or silence become an error reply
         the operator can read."""
-        request_id = next(self._request_ids)
-        body = {**(fields or {}), "request_id": request_id}
+        request = self._requests.make(host, command, fields)
+        request_id = request.request_id
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
+        self._pending[request_id] = (request, future)
         try:
-            topics = HostTopics(self.prefix, host)
+            # P/+/# covers both places the reply may come (docs/protocol.md, "Replies").
             sent = self._client.publish(
-                topics.command(command),
-                json.dumps(body),
+                request.topic,
+                request.payload,
                 qos=1,
-                response_topic=topics.reply(self.reply_name),
-                correlation_data=request_id.encode(),
+                response_topic=request.response_topic,
+                correlation_data=request.correlation_data,
             )
             if not sent:
                 return _local_error(

@@ -1,4 +1,7 @@
-"""Plain-text formatting of sizes, durations and ages for the TUI. Pure."""
+"""How sizes, durations and ages read to a person: the one place for it. Compact forms
+(``23.4G``, ``3m05s``) fit the TUI's panels; long forms (``23.4 GiB``, ``3 min 5 s``) read
+in the sentences of the command-line client. Pure: no Textual here, so the client can use
+it without loading the UI."""
 
 from __future__ import annotations
 
@@ -67,3 +70,23 @@ def watts(value: float | None, limit: float | None = None) -> str:
 
 def celsius(value: int | None) -> str:
     return "-°C" if value is None else f"{value}°C"
+
+
+def size_long(count: float) -> str:
+    """Bytes in a sentence: ``512.0 MiB``, ``1.0 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def duration_long(seconds: float) -> str:
+    """A duration in a sentence: ``6.0 s``, ``3 min 5 s``, ``2 h 10 min``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from agent import store as store_module
-from agent.store import (
+from agent import database as store_module
+from agent.database import (
     JOBS_KEPT,
     LOADS_KEPT_PER_MODEL,
     SCHEMA_VERSION,
+    Database,
     ModelFacts,
-    Store,
     StoreError,
 )
 from shared.messages import ErrorCode, ErrorInfo, JobPhase, JobState, JobStatus
@@ -56,8 +56,8 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db_path: Path) -> Iterator[Store]:
-    with Store.open(db_path) as opened:
+def store(db_path: Path) -> Iterator[Database]:
+    with Database.open(db_path) as opened:
         yield opened
 
 
@@ -65,7 +65,7 @@ def store(db_path: Path) -> Iterator[Store]:
 
 
 def test_open_creates_the_file_in_wal_mode_at_the_current_version(db_path: Path) -> None:
-    with Store.open(db_path):
+    with Database.open(db_path):
         pass
     assert db_path.is_file()
     connection = sqlite3.connect(db_path)
@@ -79,9 +79,9 @@ def test_open_creates_the_file_in_wal_mode_at_the_current_version(db_path: Path)
 
 def test_reopening_a_current_database_keeps_its_data(db_path: Path) -> None:
     for _ in range(2):  # the second open must not re-run the migrations
-        with Store.open(db_path) as store:
+        with Database.open(db_path) as store:
             store.record_usage("whisperx", 5.0)
-    with Store.open(db_path) as store:
+    with Database.open(db_path) as store:
         facts = store.model_facts("whisperx")
     assert facts is not None and facts.last_used_at == 5.0
 
@@ -89,12 +89,12 @@ def test_reopening_a_current_database_keeps_its_data(db_path: Path) -> None:
 def test_a_later_migration_is_applied_to_an_older_database(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with Store.open(db_path) as store:
+    with Database.open(db_path) as store:
         store.record_usage("whisperx", 1.0)
     extra = ("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT NOT NULL)",)
     monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS, extra))
     monkeypatch.setattr(store_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
-    with Store.open(db_path) as store:
+    with Database.open(db_path) as store:
         assert store.model_facts("whisperx") is not None
     connection = sqlite3.connect(db_path)
     try:
@@ -108,14 +108,14 @@ def test_a_corrupt_file_is_refused_naming_it(db_path: Path) -> None:
     db_path.parent.mkdir(parents=True)
     db_path.write_bytes(b"this is not sqlite at all \x00\xff" * 200)
     with pytest.raises(StoreError) as caught:
-        Store.open(db_path)
+        Database.open(db_path)
     message = str(caught.value)
     assert str(db_path) in message
     assert "move it away" in message
 
 
 def test_a_damaged_page_is_refused(db_path: Path) -> None:
-    with Store.open(db_path) as store:
+    with Database.open(db_path) as store:
         for index in range(200):
             store.save_job(job(f"job-{index}", minutes=index, message="x" * 200))
     connection = sqlite3.connect(db_path)
@@ -128,17 +128,17 @@ def test_a_damaged_page_is_refused(db_path: Path) -> None:
     data[page_size:] = b"\xa5" * (len(data) - page_size)
     db_path.write_bytes(bytes(data))
     with pytest.raises(StoreError, match=str(db_path)):
-        Store.open(db_path)
+        Database.open(db_path)
 
 
 def test_a_newer_schema_is_refused(db_path: Path) -> None:
-    with Store.open(db_path):
+    with Database.open(db_path):
         pass
     connection = sqlite3.connect(db_path)
     connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     connection.close()
     with pytest.raises(StoreError, match="newer") as caught:
-        Store.open(db_path)
+        Database.open(db_path)
     assert str(db_path) in str(caught.value)
     assert f"schema version {SCHEMA_VERSION + 1}" in str(caught.value)
 
@@ -147,10 +147,10 @@ def test_an_unwritable_state_dir_is_refused(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(StoreError, match="state directory"):
-        Store.open(blocker / "modelbus.db")
+        Database.open(blocker / "modelbus.db")
 
 
-def test_calls_after_close_say_so(store: Store) -> None:
+def test_calls_after_close_say_so(store: Database) -> None:
     store.close()
     store.close()  # twice is harmless
     with pytest.raises(StoreError, match="closed"):
@@ -160,12 +160,12 @@ def test_calls_after_close_say_so(store: Store) -> None:
 # ---- model facts -------------------------------------------------------------------------
 
 
-def test_unknown_model_has_no_facts(store: Store) -> None:
+def test_unknown_model_has_no_facts(store: Database) -> None:
     assert store.model_facts("nope") is None
     assert store.all_model_facts() == {}
 
 
-def test_load_time_is_an_exponentially_weighted_average(store: Store) -> None:
+def test_load_time_is_an_exponentially_weighted_average(store: Database) -> None:
     store.record_load("whisperx", 6000, 10.0, at=100.0)
     assert store.model_facts("whisperx") == ModelFacts(
         "whisperx", 6000, 10.0, 1, last_loaded_at=100.0, last_used_at=None
@@ -180,21 +180,21 @@ def test_load_time_is_an_exponentially_weighted_average(store: Store) -> None:
     assert facts is not None and facts.load_s == pytest.approx(10.0)  # 0.3 * 3 + 0.7 * 13
 
 
-def test_an_unmeasured_load_keeps_the_last_vram(store: Store) -> None:
+def test_an_unmeasured_load_keeps_the_last_vram(store: Database) -> None:
     store.record_load("whisperx", 6000, 10.0, at=1.0)
     store.record_load("whisperx", None, 10.0, at=2.0)
     facts = store.model_facts("whisperx")
     assert facts is not None and facts.vram_mb == 6000 and facts.load_count == 2
 
 
-def test_a_nonsense_load_time_is_rejected(store: Store) -> None:
+def test_a_nonsense_load_time_is_rejected(store: Database) -> None:
     for bad in (float("nan"), float("inf"), -1.0):
         with pytest.raises(ValueError, match="load time"):
             store.record_load("whisperx", 1, bad, at=1.0)
     assert store.model_facts("whisperx") is None
 
 
-def test_usage_and_loads_are_independent(store: Store) -> None:
+def test_usage_and_loads_are_independent(store: Database) -> None:
     store.record_usage("ovi-11b", 50.0)
     assert store.model_facts("ovi-11b") == ModelFacts("ovi-11b", None, None, 0, None, 50.0)
     store.record_load("ovi-11b", 22000, 30.0, at=60.0)
@@ -203,12 +203,12 @@ def test_usage_and_loads_are_independent(store: Store) -> None:
 
 
 def test_facts_survive_a_reopen(db_path: Path) -> None:
-    with Store.open(db_path) as store:
+    with Database.open(db_path) as store:
         store.record_load("whisperx", 6000, 10.0, at=1.0)
         store.record_load("whisperx", 6000, 20.0, at=2.0)
         store.record_load("ovi-11b", 22000, 40.0, at=3.0)
         store.record_usage("whisperx", 9.0)
-    with Store.open(db_path) as store:
+    with Database.open(db_path) as store:
         facts = store.all_model_facts()
     assert facts == {
         "ovi-11b": ModelFacts("ovi-11b", 22000, 40.0, 1, 3.0, None),
@@ -216,7 +216,7 @@ def test_facts_survive_a_reopen(db_path: Path) -> None:
     }
 
 
-def test_only_the_newest_loads_are_kept_per_model(store: Store) -> None:
+def test_only_the_newest_loads_are_kept_per_model(store: Database) -> None:
     total = LOADS_KEPT_PER_MODEL + 20
     for index in range(total):
         store.record_load("whisperx", index, 1.0, at=float(index))
@@ -229,7 +229,7 @@ def test_only_the_newest_loads_are_kept_per_model(store: Store) -> None:
     assert facts is not None and facts.load_count == total  # the summary counts all
 
 
-def test_concurrent_loads_from_many_threads_are_all_counted(store: Store) -> None:
+def test_concurrent_loads_from_many_threads_are_all_counted(store: Database) -> None:
     threads, per_thread = 8, 50
     start = threading.Barrier(threads)
     errors: list[BaseException] = []
@@ -262,7 +262,7 @@ def test_concurrent_loads_from_many_threads_are_all_counted(store: Store) -> Non
 # ---- jobs --------------------------------------------------------------------------------
 
 
-def test_job_round_trip_and_upsert(store: Store) -> None:
+def test_job_round_trip_and_upsert(store: Database) -> None:
     assert store.get_job("a") is None
     queued = job("a", state=JobStatus.QUEUED, phase=JobPhase.QUEUED, queue_position=1)
     store.save_job(queued)
@@ -278,7 +278,7 @@ def test_job_round_trip_and_upsert(store: Store) -> None:
     assert store.recent_jobs() == [done]
 
 
-def test_recent_jobs_are_newest_first_and_limited(store: Store) -> None:
+def test_recent_jobs_are_newest_first_and_limited(store: Database) -> None:
     # Saved out of order; same-instant jobs keep the order they were first saved in.
     for job_id, minutes in [("b", 2), ("a", 1), ("d", 3), ("c", 3)]:
         store.save_job(job(job_id, minutes=minutes))
@@ -291,7 +291,7 @@ def test_recent_jobs_are_newest_first_and_limited(store: Store) -> None:
 
 def test_interrupted_jobs_are_failed_and_stay_failed(db_path: Path) -> None:
     at = T0 + timedelta(hours=1)
-    with Store.open(db_path) as store:
+    with Database.open(db_path) as store:
         store.save_job(job("done", minutes=0))
         store.save_job(
             job("running", minutes=1, state=JobStatus.RUNNING, phase=JobPhase.LOADING, eta_s=9.0)
@@ -312,7 +312,7 @@ def test_interrupted_jobs_are_failed_and_stay_failed(db_path: Path) -> None:
             assert failed_job.eta_s is None and failed_job.queue_position is None
         assert store.unfinished_jobs() == []
         assert store.fail_interrupted_jobs(RESTART, at) == []
-    with Store.open(db_path) as store:
+    with Database.open(db_path) as store:
         assert store.unfinished_jobs() == []
         reread = store.get_job("running")
         assert reread == failed[0]
@@ -322,7 +322,7 @@ def test_interrupted_jobs_are_failed_and_stay_failed(db_path: Path) -> None:
 
 
 def test_history_keeps_the_newest_jobs_but_never_an_unfinished_one(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    store: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(store_module, "JOBS_KEPT", 10)
     store.save_job(job("old-running", minutes=-1, state=JobStatus.RUNNING, phase=JobPhase.LOADING))
@@ -332,7 +332,7 @@ def test_history_keeps_the_newest_jobs_but_never_an_unfinished_one(
     assert kept == [f"job-{index:02}" for index in range(24, 14, -1)] + ["old-running"]
 
 
-def test_history_is_pruned_at_the_real_limit(store: Store) -> None:
+def test_history_is_pruned_at_the_real_limit(store: Database) -> None:
     for index in range(JOBS_KEPT + 5):
         store.save_job(job(f"job-{index:04}", minutes=index))
     kept = store.recent_jobs(limit=JOBS_KEPT + 100)
@@ -341,7 +341,7 @@ def test_history_is_pruned_at_the_real_limit(store: Store) -> None:
     assert store.get_job("job-0004") is None
 
 
-def test_a_job_row_that_no_longer_validates_is_skipped(store: Store, db_path: Path) -> None:
+def test_a_job_row_that_no_longer_validates_is_skipped(store: Database, db_path: Path) -> None:
     store.save_job(job("good", minutes=1))
     store.save_job(job("bad", minutes=2, state=JobStatus.RUNNING, phase=JobPhase.LOADING))
     connection = sqlite3.connect(db_path)
@@ -358,12 +358,12 @@ def test_a_job_row_that_no_longer_validates_is_skipped(store: Store, db_path: Pa
 
 
 def test_instances_round_trip_and_survive_a_reopen(db_path: Path) -> None:
-    with Store.open(db_path) as store:
+    with Database.open(db_path) as store:
         assert store.instances() == {}
         store.save_instance("whisperx", {"pid": 123, "port": 8001, "gpus": [0]})
         store.save_instance("ovi-11b", {"container": "mb-ovi", "gpus": [0, 1]})
         store.save_instance("whisperx", {"pid": 456, "port": 8001, "gpus": [1]})
-    with Store.open(db_path) as store:
+    with Database.open(db_path) as store:
         assert store.instances() == {
             "ovi-11b": {"container": "mb-ovi", "gpus": [0, 1]},
             "whisperx": {"pid": 456, "port": 8001, "gpus": [1]},

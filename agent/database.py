@@ -109,8 +109,8 @@ class ModelFacts:
     last_used_at: float | None
 
 
-class Store:
-    """The agent's SQLite state. Open with ``Store.open(path)``; every method is
+class Database:
+    """The agent's SQLite state. Open with ``Database.open(path)``; every method is
     thread-safe and blocking, so async callers use ``asyncio.to_thread``."""
 
     def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
@@ -119,7 +119,7 @@ class Store:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: Path) -> Store:
+    def open(cls, path: Path) -> Database:
         """Open (creating it and its directory if needed) and migrate to SCHEMA_VERSION."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +153,7 @@ class Store:
                 self._connection.close()
                 self._connection = None
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> Database:
         return self
 
     def __exit__(
