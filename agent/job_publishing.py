@@ -31,6 +31,10 @@ async def publish_job(
     job: Job, store: Database, publisher: JobPublisher, *, final: bool = False
 ) -> JobState:
     snapshot = job.snapshot()
+    if not final and job.unchanged_since_published(snapshot):
+        # A progress tick of a load whose time was never measured changes nothing.
+        return snapshot
+    job.published = snapshot
     await publisher.job_changed(snapshot)
     await asyncio.to_thread(store.save_job, snapshot)
     if final:
@@ -81,6 +85,7 @@ class QueuePositions:
                 job.queue_position
             ):
                 snapshot = job.snapshot()
+                job.published = snapshot
                 await self._publisher.job_changed(snapshot)
                 self.published(snapshot)
 

@@ -57,6 +57,8 @@ class Job:
     # Seconds spent waiting on servers (stopping, starting), reported in the result so
     # the agent's own overhead can be told apart from the servers' time.
     timings: dict[str, float] = field(default_factory=dict)
+    # What was last published, so that a tick that changed nothing is not published again.
+    published: JobState | None = field(default=None, repr=False, compare=False)
 
     def add_time(self, name: str, seconds: float) -> None:
         self.timings[name] = self.timings.get(name, 0.0) + seconds
@@ -97,6 +99,11 @@ class Job:
         self.queue_position = None
         if message is not None:
             self.message = message
+
+    def unchanged_since_published(self, snapshot: JobState) -> bool:
+        """Whether ``snapshot`` says nothing the last published state did not (its time aside)."""
+        last = self.published
+        return last is not None and snapshot.model_copy(update={"ts": last.ts}) == last
 
     def snapshot(self) -> JobState:
         return JobState(

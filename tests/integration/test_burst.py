@@ -5,10 +5,12 @@ QoS 1 watcher."""
 from __future__ import annotations
 
 import collections
+import json
 from collections.abc import Callable
 
 import pytest
 
+from bus.mqtt import Message
 from devtools.brokers import MosquittoBroker
 from tests.support.agent_process import AgentProcess
 from tests.support.burst import burst, wait_jobs_ended
@@ -44,11 +46,11 @@ async def test_a_burst_of_1000_commands_from_20_clients_loses_none(
             await wait_jobs_ended(host.bus, host.topics, result.job_ids, after=mark)
         except AssertionError as missed:
             raise AssertionError(f"{missed}; {broker_drops(broker, log_start)}") from None
-        # Updates do not multiply: about queued, running and ended per job (they once
-        # republished every queued job at each start: 859 messages for 37 jobs).
-        job_updates = [m for m in host.bus.messages[mark:] if m.topic.startswith(jobs_head)]
-        jobs_seen = {m.topic for m in job_updates}
-        assert len(job_updates) <= 4 * len(jobs_seen), (len(job_updates), len(jobs_seen))
+        # Updates do not multiply: a job is published again only when something in it
+        # changed (every queued job was once republished at each start, cancel and
+        # insert: 859 messages for 37 jobs). How many changes a job has depends on how
+        # long its load takes, so the count itself is not bounded here.
+        assert repeated_job_updates(host.bus.messages[mark:], jobs_head) == [], summary
         kinds = collections.Counter(
             m.topic[len(host.topics.base) + 1 :].split("/")[0] for m in host.bus.messages[mark:]
         )
@@ -59,6 +61,21 @@ async def test_a_burst_of_1000_commands_from_20_clients_loses_none(
         )
     assert agent.process.poll() is None, agent.output()
     assert broker_drops(broker, log_start) == "the broker dropped nothing"
+
+
+def repeated_job_updates(messages: list[Message], jobs_head: str) -> list[str]:
+    """Job updates that said nothing the one before them did not (their time aside)."""
+    last: dict[str, dict[str, object]] = {}
+    repeated = []
+    for message in messages:
+        if not message.topic.startswith(jobs_head) or not message.payload:
+            continue
+        state = json.loads(message.payload)
+        del state["ts"]
+        if last.get(message.topic) == state:
+            repeated.append(f"{state['job_id']} {state['state']} {state['phase']}")
+        last[message.topic] = state
+    return repeated
 
 
 def broker_drops(broker: MosquittoBroker, log_start: int) -> str:

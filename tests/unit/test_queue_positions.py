@@ -1,10 +1,14 @@
-"""Queued jobs are republished only when their place changed, once per burst."""
+"""Jobs are republished only when something in them changed; queued jobs only when
+their place changed, once per burst."""
 
 from __future__ import annotations
 
-from agent.job_publishing import QueuePositions
+from pathlib import Path
+
+from agent.database import Database
+from agent.job_publishing import QueuePositions, publish_job
 from agent.jobs import Job, JobRequest, SwapQueue
-from shared.messages import Event, JobState
+from shared.messages import Event, JobPhase, JobState
 
 
 async def settle(positions: QueuePositions) -> None:
@@ -17,9 +21,11 @@ async def settle(positions: QueuePositions) -> None:
 class Recorder:
     def __init__(self) -> None:
         self.published: list[tuple[str, int | None]] = []
+        self.states: list[JobState] = []
 
     async def job_changed(self, job: JobState) -> None:
         self.published.append((job.model or "", job.queue_position))
+        self.states.append(job)
 
     async def job_finished(self, job: JobState) -> None:
         pass
@@ -71,3 +77,30 @@ async def test_only_the_jobs_behind_a_change_are_republished() -> None:
     await settle(positions)
     assert recorder.published == []
     positions.stop()
+
+
+async def test_a_progress_tick_that_changed_nothing_is_not_published(tmp_path: Path) -> None:
+    recorder = Recorder()
+    store = Database.open(tmp_path / "state.db")
+    job = Job(JobRequest("load", "m"))
+    job.start()
+    await publish_job(job, store, recorder)
+    # A load of a model whose load time was never measured: its progress stays put.
+    for _ in range(3):
+        job.advance(JobPhase.LOADING, 0.2)
+        await publish_job(job, store, recorder)
+    job.advance(JobPhase.LOADING, 0.5)
+    await publish_job(job, store, recorder)
+    # The end is always published, even when it repeats the state before it.
+    job.succeed()
+    await publish_job(job, store, recorder, final=True)
+    await publish_job(job, store, recorder, final=True)
+    phases = [(state.phase, state.progress) for state in recorder.states]
+    assert phases == [
+        (JobPhase.QUEUED, 0.0),
+        (JobPhase.LOADING, 0.2),
+        (JobPhase.LOADING, 0.5),
+        (JobPhase.DONE, 1.0),
+        (JobPhase.DONE, 1.0),
+    ]
+    store.close()
