@@ -1,8 +1,9 @@
-"""Jobs and the swap queue, pure: no I/O, no asyncio.
+"""Jobs and their queue, pure: no I/O, no asyncio.
 
-GPU-changing work (load, unload, switch) runs one job at a time per host. The
-queue is bounded, ordered by priority then arrival, and a request equal to one
-already queued or running joins it instead of queueing a duplicate.
+GPU-changing work (load, unload, switch) runs one job at a time per host, and so
+do installs, in a queue of their own. A queue is bounded, ordered by priority then
+arrival, and a request equal to one already queued or running joins it instead of
+queueing a duplicate.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import itertools
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar, Generic, TypeVar
 
 from shared.messages import ErrorCode, ErrorInfo, JobPhase, JobState, JobStatus, utc_now
 
@@ -21,23 +22,52 @@ def new_job_id() -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class JobRequest:
-    """What a job is asked to do; two equal requests are the same job."""
+class SwapRequest:
+    """A GPU-changing job (load, unload, switch); two equal requests are the same job."""
 
-    command: str  # load | unload | switch | install
-    model: str  # for installs, the weights' name
+    command: str  # load | unload | switch
+    model: str
     gpu: int | None = None
     exclusive: bool = False
     force: bool = False
-    repo: str | None = None
+
+    @property
+    def subject(self) -> str:
+        return self.model
+
+
+@dataclass(frozen=True, slots=True)
+class InstallRequest:
+    """Weights to download as ``name``; two equal requests are the same job."""
+
+    name: str
+    repo: str
     revision: str | None = None
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
+    command: ClassVar[str] = "install"
+
+    @property
+    def subject(self) -> str:
+        return self.name
+
+
+Request = TypeVar("Request", SwapRequest, InstallRequest)
+
+
+class JobFailure(Exception):
+    """Why a job failed, as its error says it."""
+
+    def __init__(self, code: ErrorCode, message: str, details: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details
 
 
 @dataclass
-class Job:
-    request: JobRequest
+class Job(Generic[Request]):
+    request: Request
     request_id: str | None = None
     priority: int = 0
     job_id: str = field(default_factory=new_job_id)
@@ -109,8 +139,9 @@ class Job:
         return JobState(
             job_id=self.job_id,
             command=self.request.command,
-            model=self.request.model,
-            repo=self.request.repo,
+            # For an install, the weights' name (the job's subject), as the contract says.
+            model=self.request.subject,
+            repo=self.request.repo if isinstance(self.request, InstallRequest) else None,
             request_id=self.request_id,
             state=self.state,
             phase=self.phase,
@@ -134,28 +165,28 @@ class QueueFullError(Exception):
 
 
 @dataclass
-class SwapQueue:
+class JobQueue(Generic[Request]):
     """Queued jobs by (priority desc, arrival), plus the one running job. The swap
     worker has one; installs have their own, so a download never holds up a swap."""
 
     limit: int = 32
     name: str = "swap"
-    running: Job | None = None
-    _queued: list[tuple[int, int, Job]] = field(default_factory=list)
+    running: Job[Request] | None = None
+    _queued: list[tuple[int, int, Job[Request]]] = field(default_factory=list)
     _arrival: itertools.count[int] = field(default_factory=itertools.count)
 
     def __len__(self) -> int:
         return len(self._queued)
 
-    def queued(self) -> list[Job]:
+    def queued(self) -> list[Job[Request]]:
         return [job for _, _, job in self._queued]
 
-    def find(self, job_id: str) -> Job | None:
+    def find(self, job_id: str) -> Job[Request] | None:
         if self.running is not None and self.running.job_id == job_id:
             return self.running
         return next((job for job in self.queued() if job.job_id == job_id), None)
 
-    def submit(self, job: Job, *, over_limit: bool = False) -> tuple[Job, bool]:
+    def submit(self, job: Job[Request], *, over_limit: bool = False) -> tuple[Job[Request], bool]:
         """Queue ``job``, or return the equal job already queued or running
         (``joined=True``). Raises QueueFullError when the queue is at its limit, unless
         ``over_limit`` (the agent's own work, such as a rollback, is never refused)."""
@@ -171,7 +202,7 @@ class SwapQueue:
         self._number()
         return job, False
 
-    def take(self) -> Job | None:
+    def take(self) -> Job[Request] | None:
         """The next job to run; it becomes ``running``."""
         if self.running is not None or not self._queued:
             return None
@@ -181,11 +212,11 @@ class SwapQueue:
         self._number()
         return job
 
-    def done(self, job: Job) -> None:
+    def done(self, job: Job[Request]) -> None:
         if self.running is job:
             self.running = None
 
-    def remove(self, job_id: str) -> Job | None:
+    def remove(self, job_id: str) -> Job[Request] | None:
         """Take a queued job out (to cancel it); None if it is not queued."""
         for entry in self._queued:
             if entry[2].job_id == job_id:

@@ -12,7 +12,7 @@ from typing import Any
 
 from agent.installer import Installer
 from agent.intake import Intake
-from agent.jobs import Job, JobRequest
+from agent.jobs import Job, SwapRequest
 from agent.lifecycle import Lifecycle
 from agent.planner import Plan, Refusal
 from shared.commands import (
@@ -52,16 +52,16 @@ class ModelCommands:
             CommandName.CANCEL: self._cancel,
         }
 
-    def _submit(self, intake: Intake) -> tuple[Job, bool]:
+    def _submit(self, intake: Intake) -> tuple[Job[Any], bool]:
         command = intake.command
         if isinstance(command, InstallCommand):
             return self.installer.submit(command, request_id=intake.request_id)
         priority = 0
         if isinstance(command, LoadCommand):
-            request = JobRequest("load", command.model, gpu=command.gpu)
+            request = SwapRequest("load", command.model, gpu=command.gpu)
             priority = command.priority or 0
         elif isinstance(command, SwitchCommand):
-            request = JobRequest(
+            request = SwapRequest(
                 "switch",
                 command.model,
                 gpu=command.gpu,
@@ -69,7 +69,7 @@ class ModelCommands:
                 force=command.force,
             )
         elif isinstance(command, UnloadCommand) and command.model is not None:
-            request = JobRequest("unload", command.model, force=command.force)
+            request = SwapRequest("unload", command.model, force=command.force)
         else:  # pragma: no cover - the handler table only routes the four job commands
             raise CommandError(ErrorCode.INTERNAL, "not a job command")
         return self.lifecycle.submit(request, request_id=intake.request_id, priority=priority)
@@ -99,7 +99,7 @@ class ModelCommands:
             if not record.resident or (record.spec.pinned and not command.force):
                 continue
             job, _ = self.lifecycle.submit(
-                JobRequest("unload", name, force=command.force), request_id=intake.request_id
+                SwapRequest("unload", name, force=command.force), request_id=intake.request_id
             )
             jobs.append({"model": name, "job_id": job.job_id})
         return intake.reply_ok(data={"jobs": jobs})
@@ -143,9 +143,11 @@ class ModelCommands:
     async def _cancel(self, intake: Intake) -> Reply | None:
         command = intake.command
         assert isinstance(command, CancelCommand)
-        job = await self.installer.cancel(command.job_id) or await self.lifecycle.cancel(
-            command.job_id
-        )
+        job: Job[Any] | None = await self.installer.cancel(command.job_id)
+        if job is None:
+            job = await self.lifecycle.cancel(command.job_id)
+        if job is None:
+            raise CommandError(ErrorCode.NOT_FOUND, f"no queued or running job {command.job_id!r}")
         if command.wait and not job.finished:
             self._cancelling.setdefault(job.job_id, []).append(intake)
             return None

@@ -217,13 +217,13 @@ class AgentService:
         return await self._call(self.backend.sample)
 
     def _host_state(self) -> HostState:
-        running = self.lifecycle.queue.running
+        running = self.lifecycle.active_job
         return host_state(
             self.gpus,
             utc_now(),
             loaded_models=self.lifecycle.loaded_models(),
-            queue_length=len(self.lifecycle.queue),
-            active_job=self.lifecycle.active_job,
+            queue_length=self.lifecycle.queue_length,
+            active_job=running.job_id if running else None,
             active_job_progress=running.progress if running else None,
         )
 

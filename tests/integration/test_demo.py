@@ -347,7 +347,11 @@ def test_demo_without_mosquitto_runs_on_the_embedded_broker(
     ), demo.output
     switch = shlex.split(lines["raw switch"])
     command_topic = switch[switch.index("-t") + 1]
-    reply = asyncio.run(_switch_over_311(demo.port, command_topic, switch))
+    try:
+        reply = asyncio.run(_switch_over_311(demo.port, command_topic, switch))
+    except AssertionError as missed:
+        # The demo's own output (its agent's log among it) says where the command stopped.
+        raise AssertionError(f"{missed}; the demo said: {list(demo.output)[-40:]}") from None
     assert reply["status"] == "ok", reply
     assert reply["data"]["job"]["result"]["vram_used_mb"] == 6144
     status = demo.run_line(lines["status"])  # the modelbus client falls back to 3.1.1 too

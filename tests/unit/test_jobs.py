@@ -2,16 +2,16 @@ from __future__ import annotations
 
 import pytest
 
-from agent.jobs import Job, JobRequest, QueueFullError, SwapQueue
+from agent.jobs import Job, JobQueue, QueueFullError, SwapRequest
 from shared.messages import ErrorCode, JobPhase, JobStatus
 
 
 def job(model: str, command: str = "switch", priority: int = 0) -> Job:
-    return Job(JobRequest(command, model), priority=priority)
+    return Job(SwapRequest(command, model), priority=priority)
 
 
 def test_priority_then_arrival() -> None:
-    queue = SwapQueue(limit=10)
+    queue = JobQueue(limit=10)
     for j in (job("a"), job("b", priority=5), job("c"), job("d", priority=5)):
         queue.submit(j)
     assert [j.request.model for j in queue.queued()] == ["b", "d", "a", "c"]
@@ -26,12 +26,12 @@ def test_priority_then_arrival() -> None:
 
 
 def test_equal_requests_join_queued_and_running_jobs() -> None:
-    queue = SwapQueue(limit=10)
+    queue = JobQueue(limit=10)
     original, joined = queue.submit(job("a"))
     assert not joined
     same, joined = queue.submit(job("a"))
     assert joined and same is original
-    other, joined = queue.submit(Job(JobRequest("switch", "a", exclusive=True)))
+    other, joined = queue.submit(Job(SwapRequest("switch", "a", exclusive=True)))
     assert not joined and other is not original
     running = queue.take()
     assert running is original
@@ -44,7 +44,7 @@ def test_equal_requests_join_queued_and_running_jobs() -> None:
 
 
 def test_the_queue_is_bounded() -> None:
-    queue = SwapQueue(limit=2)
+    queue = JobQueue(limit=2)
     queue.submit(job("a"))
     queue.submit(job("b"))
     with pytest.raises(QueueFullError, match="full"):
@@ -53,7 +53,7 @@ def test_the_queue_is_bounded() -> None:
 
 
 def test_remove_renumbers() -> None:
-    queue = SwapQueue(limit=5)
+    queue = JobQueue(limit=5)
     a, _ = queue.submit(job("a"))
     b, _ = queue.submit(job("b"))
     assert queue.remove(a.job_id) is a

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.database import Database
-from agent.job_publishing import QueuePositions, publish_job
-from agent.jobs import Job, JobRequest, SwapQueue
+from agent.job_worker import QueuePositions, publish_job
+from agent.jobs import Job, JobQueue, SwapRequest
 from shared.messages import Event, JobPhase, JobState
 
 
@@ -35,11 +35,11 @@ class Recorder:
 
 
 async def test_a_burst_of_starts_republishes_each_moved_job_once() -> None:
-    queue = SwapQueue(limit=50)
+    queue = JobQueue(limit=50)
     recorder = Recorder()
     positions = QueuePositions(queue, recorder, coalesce_s=0.01)
     for n in range(10):
-        job, _ = queue.submit(Job(JobRequest("load", f"m{n}")))
+        job, _ = queue.submit(Job(SwapRequest("load", f"m{n}")))
         positions.published(job.snapshot())  # each announced with its place
     # Five jobs start back to back: every queued job moves five places, once.
     for _ in range(5):
@@ -57,15 +57,15 @@ async def test_a_burst_of_starts_republishes_each_moved_job_once() -> None:
 
 
 async def test_only_the_jobs_behind_a_change_are_republished() -> None:
-    queue = SwapQueue(limit=50)
+    queue = JobQueue(limit=50)
     recorder = Recorder()
     positions = QueuePositions(queue, recorder, coalesce_s=0.01)
-    jobs = [queue.submit(Job(JobRequest("load", f"m{n}")))[0] for n in range(4)]
+    jobs = [queue.submit(Job(SwapRequest("load", f"m{n}")))[0] for n in range(4)]
     for job in jobs:
         positions.published(job.snapshot())
     # A job of higher priority goes to the front; an unannounced job is left to its
     # own announcement.
-    urgent, _ = queue.submit(Job(JobRequest("load", "urgent"), priority=10))
+    urgent, _ = queue.submit(Job(SwapRequest("load", "urgent"), priority=10))
     positions.moved()
     await settle(positions)
     assert recorder.published == [("m0", 2), ("m1", 3), ("m2", 4), ("m3", 5)]
@@ -82,7 +82,7 @@ async def test_only_the_jobs_behind_a_change_are_republished() -> None:
 async def test_a_progress_tick_that_changed_nothing_is_not_published(tmp_path: Path) -> None:
     recorder = Recorder()
     store = Database.open(tmp_path / "state.db")
-    job = Job(JobRequest("load", "m"))
+    job = Job(SwapRequest("load", "m"))
     job.start()
     await publish_job(job, store, recorder)
     # A load of a model whose load time was never measured: its progress stays put.
