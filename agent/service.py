@@ -4,35 +4,27 @@ client together and runs them in one TaskGroup until asked to stop."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
-import random
 import socket
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from agent import __version__
-from agent.alerts import AlertTracker
-from agent.alerts import to_event as alert_event
 from agent.config import AgentConfig, load_config
 from agent.database import Database
+from agent.discovery_publisher import DiscoveryPublisher
 from agent.gpu.base import (
-    ChangeSignal,
     DriverInfo,
     GpuBackend,
-    GpuSample,
-    GpuUnavailableError,
 )
-from agent.ha_discovery import Published, discovery_payload, with_removals
+from agent.gpu_telemetry import GpuTelemetry
 from agent.installer import Installer
 from agent.intake import Intake, command_level, read_command, refused_intake
 from agent.lifecycle import Lifecycle
 from agent.model_commands import ModelCommands
 from agent.runtimes.factory import build_runtimes
-from agent.telemetry import GPU_LOST, ChangeFilter, gpu_info, gpu_state, host_state
+from agent.telemetry import gpu_info, host_state
 from bus.mqtt import (
     MAX_PUBLISH_BYTES,
     Connection,
@@ -65,16 +57,12 @@ from shared.topics import CommandName, HostTopics
 
 log = logging.getLogger("modelbus.agent")
 
-T = TypeVar("T")
 CommandHandler = Callable[[Intake], Awaitable[Reply | None]]
 # How long a clean shutdown may spend telling the broker we are going offline.
 OFFLINE_PUBLISH_TIMEOUT_S = 2.0
 # Commands received (and so acknowledged to their senders) but not yet read, at most:
 # past this a command is answered ``busy`` at once instead of being executed.
 MAX_WAITING_COMMANDS = 1000
-# How long changes of the host state (queue length, active job, models) are gathered
-# before ``state`` is published: a burst of commands changes the queue with each one.
-STATE_COALESCE_S = 0.05
 # How many of the most recently finished jobs a status reply lists (besides all active ones).
 STATUS_RECENT_JOBS = 20
 
@@ -94,14 +82,6 @@ class AgentService:
         self.backend = backend
         self.topics = HostTopics(config.prefix, config.host_id)
         self.started_at = utc_now()
-        self.driver: DriverInfo | None = None
-        self.gpus: list[GpuState] = []
-        self.state: HostState | None = None
-        self._samples: tuple[GpuSample, ...] = ()
-        self._changes = ChangeFilter()
-        # Sampling and publishing of telemetry never interleave: a reconnect's
-        # republish and a change-triggered publish would otherwise race.
-        self._telemetry_lock = asyncio.Lock()
         # Retained commands we cleared: their empty echo is not a new command.
         self._pending_clears: set[str] = set()
         self.store = Database.open(config.state_dir / "modelbus.db")
@@ -111,8 +91,8 @@ class AgentService:
             build_runtimes(config),
             self.store,
             self,
-            self._fresh_samples,
-            lambda: [sample.index for sample in self._samples],
+            lambda: self.telemetry.fresh_samples(),
+            lambda: [sample.index for sample in self.telemetry.samples],
             sim_state_file=str(config.sim_state_file) if config.gpu.backend == "sim" else None,
         )
         self.installer = Installer(
@@ -132,19 +112,12 @@ class AgentService:
         self._job_clearers: set[asyncio.Task[None]] = set()
         self._jobs: dict[str, JobState] = {}
         subscriptions = [Subscription(self.topics.command_filter, 1, retain_as_published=True)]
-        self._ha = config.homeassistant
-        self._ha_status = f"{self._ha.discovery_prefix}/status"
-        if self._ha.enabled:
+        ha = config.homeassistant
+        self._ha_status = f"{ha.discovery_prefix}/status"
+        if ha.enabled:
             # Home Assistant's birth: after its restart, discovery must be sent again.
             subscriptions.append(Subscription(self._ha_status, 1))
-        self._discovery_pending: asyncio.Task[None] | None = None
         self._state_pending: asyncio.Task[None] | None = None
-        self._alerts = AlertTracker(config.alerts)
-        self._discovered_gpus: tuple[int, ...] = ()
-        # What our discovery topic holds, kept across restarts: Home Assistant needs to be
-        # told which components went away, and needs a cleared config only once.
-        self._ha_file = config.state_dir / "homeassistant-discovery.json"
-        self._ha_published: Published | None = None
         self.client = ReconnectingClient(
             connection_settings(config, self.topics),
             subscriptions=subscriptions,
@@ -156,24 +129,44 @@ class AgentService:
             name="agent",
         )
         self._protocol: str = "5"
+        self.discovery = DiscoveryPublisher(
+            ha,
+            self.topics,
+            self.client,
+            config.state_dir / "homeassistant-discovery.json",
+            host_info=self.host_info,
+            # Every model the state can name: the catalog, and a model still running
+            # after it left the catalog (Home Assistant refuses a state not in options).
+            models=lambda: sorted(set(self.lifecycle.catalog.names()) | set(self.lifecycle.models)),
+        )
+        self.telemetry = GpuTelemetry(
+            config.telemetry,
+            config.alerts,
+            backend,
+            self.topics,
+            self.client,
+            owner_of=self.lifecycle.owner_of,
+            host_state=self._host_state,
+            event=self._event,
+            gpus_sampled=self.discovery.gpus_sampled,
+        )
 
     # ---- lifecycle -------------------------------------------------------
 
     async def start(self) -> None:
         """Query the GPUs once; raises GpuUnavailableError with a user-facing sentence."""
-        self.driver = await self._call(self.backend.driver_info)
-        await self._sample()
+        await self.telemetry.start()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; raises BrokerRefusedError on bad credentials."""
-        if self.driver is None:
+        if self.telemetry.driver is None:
             await self.start()
         await self.lifecycle.start()
         await self.installer.start()
-        self._ha_published = await asyncio.to_thread(self._read_published)
+        await self.discovery.start()
         async with asyncio.TaskGroup() as group:
             client_task = group.create_task(self.client.run(), name="mqtt")
-            telemetry_task = group.create_task(self._telemetry_loop(), name="telemetry")
+            telemetry_task = group.create_task(self.telemetry.run(), name="telemetry")
             lifecycle_task = group.create_task(self.lifecycle.run(), name="lifecycle")
             installer_task = group.create_task(self.installer.run(), name="installer")
             await stop.wait()
@@ -188,9 +181,9 @@ class AgentService:
             client_task.cancel()
             for clearer in self._job_clearers:
                 clearer.cancel()
-            for pending in (self._discovery_pending, self._state_pending):
-                if pending is not None:
-                    pending.cancel()
+            self.discovery.stop()
+            if self._state_pending is not None:
+                self._state_pending.cancel()
         await asyncio.to_thread(self.backend.close)
         await asyncio.to_thread(self.store.close)
 
@@ -205,21 +198,10 @@ class AgentService:
                 self.client.waiting,
             )
 
-    async def _call(self, fn: Callable[[], T]) -> T:
-        """Blocking backend calls run off the event loop, under a timeout (asyncio.timeout,
-        not wait_for, which on Python 3.11 can swallow a cancellation)."""
-        async with asyncio.timeout(self.config.telemetry.sample_timeout_s):
-            return await asyncio.to_thread(fn)
-
-    # ---- telemetry -------------------------------------------------------
-
-    async def _fresh_samples(self) -> tuple[GpuSample, ...]:
-        return await self._call(self.backend.sample)
-
-    def _host_state(self) -> HostState:
+    def _host_state(self, gpus: list[GpuState]) -> HostState:
         running = self.lifecycle.active_job
         return host_state(
-            self.gpus,
+            gpus,
             utc_now(),
             loaded_models=self.lifecycle.loaded_models(),
             queue_length=self.lifecycle.queue_length,
@@ -227,127 +209,8 @@ class AgentService:
             active_job_progress=running.progress if running else None,
         )
 
-    async def _sample(self) -> None:
-        previous = {s.index: s.lost for s in self._samples}
-        self._samples = await self._call(self.backend.sample)
-        ts = utc_now()
-        gpus = [gpu_state(sample, ts, self.lifecycle.owner_of) for sample in self._samples]
-        # Threshold alerts (with hysteresis) judge the fresh figures; each start and
-        # clear is one event, and what is active goes into the GPU's alerts list.
-        changes = self._alerts.update(gpus, time.monotonic())
-        self.gpus = [_with_alerts(gpu, self._alerts.active(gpu.index)) for gpu in gpus]
-        for change in changes:
-            await self._event(alert_event(change))
-        indices = tuple(sample.index for sample in self._samples)
-        if self._discovered_gpus and indices != self._discovered_gpus:
-            self._discovered_gpus = indices
-            self._schedule_discovery()
-        self.state = self._host_state()
-        for sample in self._samples:
-            if sample.lost and not previous.get(sample.index, False):
-                await self._event(
-                    Event(
-                        event_type=GPU_LOST,
-                        severity=Severity.CRITICAL,
-                        message=f"GPU {sample.index} ({sample.name}) stopped answering",
-                        gpu=sample.index,
-                    )
-                )
-
-    async def _telemetry_loop(self) -> None:
-        telemetry = self.config.telemetry
-        signal = self.backend.change_signal() if telemetry.publish_on_change else None
-        if signal is not None:
-            await self._follow_change_signal(signal)
-        elif telemetry.publish_on_change:
-            await self._poll_for_changes()
-        else:
-            while True:
-                await asyncio.sleep(telemetry.interval_s)
-                await self._refresh(publish_all=True)
-
-    async def _follow_change_signal(self, signal: ChangeSignal) -> None:
-        """Sleep until a writer announces a change, a silent change falls due (memory
-        coming back after a release) or the periodic tick: no polling while idle."""
-        telemetry = self.config.telemetry
-        changed = asyncio.Event()
-
-        def on_readable() -> None:
-            # Drain here: the reader is level-triggered and would otherwise spin.
-            signal.drain()
-            changed.set()
-
-        loop = asyncio.get_running_loop()
-        loop.add_reader(signal.fileno(), on_readable)
-        try:
-            next_tick = time.monotonic() + telemetry.interval_s
-            while True:
-                timeout = next_tick - time.monotonic()
-                due = signal.next_due_s()
-                if due is not None:
-                    timeout = min(timeout, due)
-                if timeout > 0 and not changed.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(timeout):
-                            await changed.wait()
-                changed.clear()
-                tick = time.monotonic() >= next_tick
-                if tick:
-                    next_tick = time.monotonic() + telemetry.interval_s
-                await self._refresh(publish_all=tick)
-                if not tick:
-                    # A loading server changes memory many times a second: coalesce.
-                    await asyncio.sleep(telemetry.change_coalesce_s)
-        finally:
-            loop.remove_reader(signal.fileno())
-
-    async def _poll_for_changes(self) -> None:
-        """For backends without notifications: compare a cheap signature between ticks."""
-        telemetry = self.config.telemetry
-        next_tick = time.monotonic() + telemetry.interval_s
-        signature = await self._signature()
-        while True:
-            await asyncio.sleep(
-                max(0.0, min(telemetry.watch_interval_s, next_tick - time.monotonic()))
-            )
-            current = await self._signature()
-            tick = time.monotonic() >= next_tick
-            if tick:
-                next_tick = time.monotonic() + telemetry.interval_s
-            if tick or current != signature:
-                signature = current
-                await self._refresh(publish_all=tick)
-
-    async def _signature(self) -> tuple[int, ...]:
-        try:
-            return await self._call(self.backend.memory_signature)
-        except (GpuUnavailableError, TimeoutError) as exc:
-            log.warning("GPU change watch failed: %s", exc or "timed out")
-            return ()
-
-    async def _refresh(self, *, publish_all: bool) -> None:
-        async with self._telemetry_lock:
-            try:
-                await self._sample()
-            except (GpuUnavailableError, TimeoutError) as exc:
-                log.error("GPU sampling failed: %s", exc or "timed out")
-                return
-            # Without a connection there is nothing to tell: the next connect
-            # republishes every GPU and the state.
-            if self.client.connection is not None:
-                self._publish_telemetry(publish_all=publish_all)
-
-    def _publish_telemetry(self, *, publish_all: bool) -> None:
-        for gpu in self.gpus:
-            topic = self.topics.gpu(gpu.index)
-            if self._changes.changed(topic, gpu) or publish_all:
-                self.client.publish(topic, encode(gpu), qos=0, retain=True)
-        assert self.state is not None
-        if self._changes.changed(self.topics.state, self.state) or publish_all:
-            self.client.publish(self.topics.state, encode(self.state), qos=0, retain=True)
-
     def host_info(self) -> HostInfo:
-        driver = self.driver or DriverInfo(self.backend.name, None, None)
+        driver = self.telemetry.driver or DriverInfo(self.backend.name, None, None)
         return HostInfo(
             host_id=self.config.host_id,
             hostname=socket.gethostname(),
@@ -357,7 +220,7 @@ class AgentService:
             gpu_backend=driver.backend,
             driver_version=driver.driver_version,
             cuda_version=driver.cuda_version,
-            gpus=[gpu_info(sample) for sample in self._samples],
+            gpus=[gpu_info(sample) for sample in self.telemetry.samples],
             commands=sorted(self.handlers),
             started_at=self.started_at,
             ts=utc_now(),
@@ -371,7 +234,7 @@ class AgentService:
         What was queued while offline (events, replies, cleared jobs) goes first."""
         self._protocol = connection.protocol
         self.client.publish(self.topics.info, encode(self.host_info()), qos=1, retain=True)
-        await self._publish_discovery()
+        await self.discovery.publish()
         for record in self.lifecycle.models.values():
             self.client.publish(
                 self.topics.model(record.spec.name), encode(record.snapshot()), qos=1, retain=True
@@ -380,9 +243,7 @@ class AgentService:
             self.client.publish(self.topics.job(job.job_id), encode(job), qos=1, retain=True)
         if self._weights is not None:
             self.client.publish(self.topics.weights, encode(self._weights), qos=1, retain=True)
-        async with self._telemetry_lock:
-            self._changes.forget()
-            self._publish_telemetry(publish_all=True)
+        await self.telemetry.republish()
         self.client.publish(self.topics.status, Availability.ONLINE.value, qos=1, retain=True)
 
     async def _event(self, event: Event) -> None:
@@ -404,7 +265,7 @@ class AgentService:
     async def _on_message(self, connection: Connection, message: Message) -> None:
         if message.topic == self._ha_status:
             if message.payload.strip() == b"online":
-                self._schedule_discovery()
+                self.discovery.schedule()
             return
         level = command_level(self.topics, message.topic)
         if level is None:
@@ -515,11 +376,12 @@ class AgentService:
         return reply
 
     async def _status(self, intake: Intake) -> Reply:
+        state = self.telemetry.state
         return intake.reply_ok(
             data={
                 "info": self.host_info().model_dump(mode="json"),
-                "state": self.state.model_dump(mode="json") if self.state else None,
-                "gpus": [gpu.model_dump(mode="json") for gpu in self.gpus],
+                "state": state.model_dump(mode="json") if state else None,
+                "gpus": [gpu.model_dump(mode="json") for gpu in self.telemetry.gpus],
                 "models": [
                     record.snapshot().model_dump(mode="json")
                     for record in self.lifecycle.models.values()
@@ -549,7 +411,7 @@ class AgentService:
         """An empty retained payload removes the model's topic from the broker."""
         self.client.publish(self.topics.model(name), b"", qos=1, retain=True)
         # It was a select option while it ran after leaving the catalog: not any more.
-        await self._publish_discovery()
+        await self.discovery.publish()
 
     async def reload(self, config_path: Path | None, overrides: Mapping[str, Any]) -> None:
         """Re-read the catalog (SIGHUP); a broken file changes nothing."""
@@ -561,7 +423,7 @@ class AgentService:
         changes = await self.lifecycle.reload(config.catalog)
         log.info("catalog reloaded: %s", "; ".join(changes) or "no changes")
         self.client.publish(self.topics.info, encode(self.host_info()), qos=1, retain=True)
-        await self._publish_discovery()
+        await self.discovery.publish()
 
     async def job_changed(self, job: JobState) -> None:
         # Kept until cleared, so a reconnect republishes finished jobs too.
@@ -583,62 +445,6 @@ class AgentService:
     async def event(self, event: Event) -> None:
         await self._event(event)
 
-    # ---- Home Assistant ----------------------------------------------------
-
-    async def _publish_discovery(self) -> None:
-        """The host's retained discovery config. Turned off: an empty one, once, which
-        makes Home Assistant remove the device (sent again on every connect, it made Home
-        Assistant log a clean-up warning each time)."""
-        topic = self.topics.discovery_config(self._ha.discovery_prefix)
-        if not self._ha.enabled:
-            if self._ha_published is None or not self._ha_published.cleared:
-                self.client.publish(topic, b"", qos=1, retain=True)
-                await self._remember_published(Published({}, cleared=True))
-            return
-        info = self.host_info()
-        self._discovered_gpus = tuple(gpu.index for gpu in info.gpus)
-        payload = discovery_payload(
-            self.topics,
-            hostname=info.hostname,
-            agent_version=info.agent_version,
-            gpus=info.gpus,
-            # Every model the state can name: the catalog, and a model still running
-            # after it left the catalog (Home Assistant refuses a state not in options).
-            models=sorted(set(self.lifecycle.catalog.names()) | set(self.lifecycle.models)),
-            gpu_backend=info.gpu_backend,
-        )
-        payload, published = with_removals(payload, self._ha_published)
-        self.client.publish(topic, json.dumps(payload), qos=1, retain=True)
-        if published != self._ha_published:
-            await self._remember_published(published)
-
-    def _read_published(self) -> Published | None:
-        try:
-            return Published.from_json(self._ha_file.read_text())
-        except OSError:
-            return None
-
-    async def _remember_published(self, published: Published) -> None:
-        self._ha_published = published
-        try:
-            await asyncio.to_thread(self._ha_file.write_text, published.to_json())
-        except OSError as exc:
-            log.warning("could not remember the discovery config in %s: %s", self._ha_file, exc)
-
-    def _schedule_discovery(self) -> None:
-        """One republish per announcement, after a random delay; announcements that
-        come while one is pending join it, so a flapping Home Assistant cannot flood."""
-        if not self._ha.enabled:
-            return
-        if self._discovery_pending is not None and not self._discovery_pending.done():
-            return
-
-        async def later() -> None:
-            await asyncio.sleep(random.uniform(0, self._ha.republish_delay_max_s))
-            await self._publish_discovery()
-
-        self._discovery_pending = asyncio.get_running_loop().create_task(later())
-
     async def weights_changed(self, state: WeightsState) -> None:
         self._weights = state
         self.client.publish(self.topics.weights, encode(state), qos=1, retain=True)
@@ -646,17 +452,6 @@ class AgentService:
     async def state_changed(self) -> None:
         """Publish ``state`` shortly, once for all the changes until then."""
         if self._state_pending is None or self._state_pending.done():
-            self._state_pending = asyncio.get_running_loop().create_task(self._publish_state())
-
-    async def _publish_state(self) -> None:
-        await asyncio.sleep(STATE_COALESCE_S)
-        if not self.gpus:
-            return
-        self.state = self._host_state()
-        if self._changes.changed(self.topics.state, self.state):
-            self.client.publish(self.topics.state, encode(self.state), qos=0, retain=True)
-
-
-def _with_alerts(gpu: GpuState, active: list[str]) -> GpuState:
-    """The GPU's state with the threshold alerts active on it (no copy when none)."""
-    return gpu.model_copy(update={"alerts": [*gpu.alerts, *active]}) if active else gpu
+            self._state_pending = asyncio.get_running_loop().create_task(
+                self.telemetry.publish_state()
+            )

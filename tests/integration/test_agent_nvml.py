@@ -85,4 +85,4 @@ async def test_nvml_telemetry_changes_and_a_lost_gpu(broker: MosquittoBroker, pr
         await bus.wait_topic(
             topics.state, lambda v: v["gpus"][0]["alerts"] == ["gpu_lost"], after=mark
         )
-    assert service.state is not None and service.state.total_mb == 81559
+    assert service.telemetry.state is not None and service.telemetry.state.total_mb == 81559

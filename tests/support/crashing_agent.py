@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from agent import service
+from agent import gpu_telemetry, service
 from bus.mqtt import Connection
 from modelbus import cli
 
@@ -27,14 +27,14 @@ async def _on_connected(self: service.AgentService, connection: Connection) -> N
     _online_event().set()
 
 
-async def _telemetry_that_fails(self: service.AgentService) -> None:
+async def _telemetry_that_fails(self: gpu_telemetry.GpuTelemetry) -> None:
     await _online_event().wait()
-    await self.client.wait_delivered(10.0)  # "online" has reached the broker
+    await self._client.wait_delivered(10.0)  # "online" has reached the broker
     raise RuntimeError("an unexpected error in the telemetry loop (injected by the test)")
 
 
 service.AgentService._on_connected = _on_connected  # type: ignore[method-assign]
-service.AgentService._telemetry_loop = _telemetry_that_fails  # type: ignore[method-assign]
+gpu_telemetry.GpuTelemetry.run = _telemetry_that_fails  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     sys.exit(cli.main(sys.argv[1:]))
