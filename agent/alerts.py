@@ -26,13 +26,13 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.messages import Event, GpuState, Severity, utc_now
+from shared.messages import Event, EventType, GpuState, Severity, utc_now
 
-VRAM_HIGH = "vram_high"
-TEMPERATURE_HIGH = "temperature_high"
-POWER_HIGH = "power_high"
+VRAM_HIGH = EventType.VRAM_HIGH.value
+TEMPERATURE_HIGH = EventType.TEMPERATURE_HIGH.value
+POWER_HIGH = EventType.POWER_HIGH.value
 THRESHOLD_ALERTS = (VRAM_HIGH, TEMPERATURE_HIGH, POWER_HIGH)
-ONE_SHOT_ALERTS = ("model_crashed", "job_failed", "vram_leak")
+ONE_SHOT_ALERTS = (EventType.MODEL_CRASHED, EventType.JOB_FAILED, EventType.VRAM_LEAK)
 CLEARED_SUFFIX = "_cleared"
 
 
@@ -300,7 +300,7 @@ def to_event(change: AlertChange, ts: datetime | None = None) -> Event:
     event_type = change.alert if change.started else change.alert + CLEARED_SUFFIX
     severity = change.severity if change.started else Severity.INFO
     return Event(
-        event_type=event_type,
+        event_type=EventType(event_type),
         severity=severity,
         message=describe(change),
         gpu=change.gpu,

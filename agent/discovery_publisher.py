@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+from agent.background import Background, Debounced
 from agent.config import HomeAssistantConfig
 from agent.ha_discovery import Published, discovery_payload, with_removals
 from bus.mqtt import ReconnectingClient
@@ -27,6 +28,7 @@ class DiscoveryPublisher:
         config: HomeAssistantConfig,
         topics: HostTopics,
         client: ReconnectingClient,
+        background: Background,
         file: Path,
         *,
         host_info: Callable[[], HostInfo],
@@ -42,14 +44,17 @@ class DiscoveryPublisher:
         self._host_info = host_info
         self._models = models
         self._gpus: tuple[int, ...] = ()
-        self._pending: asyncio.Task[None] | None = None
+        # One republish per announcement, after a random delay; announcements that come
+        # while one is pending join it, so a flapping Home Assistant cannot flood.
+        self._republish = Debounced(
+            background,
+            self.publish,
+            delay_s=lambda: random.uniform(0, config.republish_delay_max_s),
+            name="discovery",
+        )
 
     async def start(self) -> None:
         self._published = await asyncio.to_thread(self._read)
-
-    def stop(self) -> None:
-        if self._pending is not None:
-            self._pending.cancel()
 
     def gpus_sampled(self, indices: tuple[int, ...]) -> None:
         """The GPUs the config names went or came back: send it again."""
@@ -96,15 +101,6 @@ class DiscoveryPublisher:
             log.warning("could not remember the discovery config in %s: %s", self._file, exc)
 
     def schedule(self) -> None:
-        """One republish per announcement, after a random delay; announcements that
-        come while one is pending join it, so a flapping Home Assistant cannot flood."""
-        if not self._config.enabled:
-            return
-        if self._pending is not None and not self._pending.done():
-            return
-
-        async def later() -> None:
-            await asyncio.sleep(random.uniform(0, self._config.republish_delay_max_s))
-            await self.publish()
-
-        self._pending = asyncio.get_running_loop().create_task(later())
+        """Send the config again shortly (Home Assistant came back, the GPUs changed)."""
+        if self._config.enabled:
+            self._republish.trigger()

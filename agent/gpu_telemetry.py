@@ -15,9 +15,9 @@ from agent.alerts import AlertsConfig, AlertTracker
 from agent.alerts import to_event as alert_event
 from agent.config import TelemetryConfig
 from agent.gpu.base import ChangeSignal, DriverInfo, GpuBackend, GpuSample, GpuUnavailableError
-from agent.telemetry import GPU_LOST, ChangeFilter, ProcessOwner, gpu_state
+from agent.telemetry import ChangeFilter, ProcessOwner, gpu_state
 from bus.mqtt import ReconnectingClient
-from shared.messages import Event, GpuState, HostState, Severity, encode, utc_now
+from shared.messages import Event, EventType, GpuState, HostState, Severity, encode, utc_now
 from shared.topics import HostTopics
 
 log = logging.getLogger("modelbus.agent")
@@ -101,7 +101,7 @@ class GpuTelemetry:
             if sample.lost and not previous.get(sample.index, False):
                 await self._event(
                     Event(
-                        event_type=GPU_LOST,
+                        event_type=EventType.GPU_LOST,
                         severity=Severity.CRITICAL,
                         message=f"GPU {sample.index} ({sample.name}) stopped answering",
                         gpu=sample.index,
@@ -201,8 +201,7 @@ class GpuTelemetry:
             self._client.publish(self._topics.state, encode(self.state), qos=0, retain=True)
 
     async def publish_state(self) -> None:
-        """Publish ``state`` shortly, once for all the changes until then."""
-        await asyncio.sleep(STATE_COALESCE_S)
+        """Publish ``state`` if it changed (the host's queue or models did)."""
         if not self.gpus:
             return
         self.state = self._host_state(self.gpus)

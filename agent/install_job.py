@@ -21,7 +21,7 @@ from agent.jobs import InstallRequest, Job, JobFailure
 from agent.weights import MIB, WeightsDir, manifest_for
 from agent.weights_estimate import estimate_directory, suggest_catalog_entry
 from shared.commands import CommandError
-from shared.messages import ErrorCode, Event, JobPhase, Severity
+from shared.messages import ErrorCode, Event, EventType, Installed, JobPhase, Severity, VramEstimate
 
 # Progress is measured over this window for the ETA: long enough to smooth bursts,
 # short enough to follow a link that slows down.
@@ -163,33 +163,33 @@ class Installing:
             vram_estimate_mb=estimate.vram_estimate_mb if estimate else None,
         )
         await asyncio.to_thread(self.weights.commit, manifest)
-        result: dict[str, Any] = {
-            "name": name,
-            "repo": repo,
-            "revision": resolved.revision,
-            "path": str(path),
-            "size_mb": round(manifest.size_bytes / MIB),
-            "files": manifest.files,
-            "downloaded_mb": round(resolved.missing_bytes / MIB),
-            "vram_estimate": None,
-            "suggested_catalog_entry": suggest_catalog_entry(
+        result = Installed(
+            name=name,
+            repo=repo,
+            revision=resolved.revision,
+            path=str(path),
+            size_mb=round(manifest.size_bytes / MIB),
+            files=manifest.files,
+            downloaded_mb=round(resolved.missing_bytes / MIB),
+            vram_estimate=None
+            if estimate is None
+            else VramEstimate(
+                vram_mb=estimate.vram_estimate_mb,
+                parameters=estimate.parameters,
+                dtype=estimate.dtype,
+                weights_mb=round(estimate.weights_bytes / MIB),
+                overhead_mb=estimate.overhead_mb,
+                missing_shards=list(estimate.missing_shards),
+                note=estimate.note,
+            ),
+            suggested_catalog_entry=suggest_catalog_entry(
                 name, repo, resolved.revision, path, estimate
             ),
-        }
-        if estimate is not None:
-            result["vram_estimate"] = {
-                "vram_mb": estimate.vram_estimate_mb,
-                "parameters": estimate.parameters,
-                "dtype": estimate.dtype,
-                "weights_mb": round(estimate.weights_bytes / MIB),
-                "overhead_mb": estimate.overhead_mb,
-                "missing_shards": list(estimate.missing_shards),
-                "note": estimate.note,
-            }
+        )
         job.succeed(result, f"installed {repo} as {name}")
         await self.publisher.event(
             Event(
-                event_type="weights_installed",
+                event_type=EventType.WEIGHTS_INSTALLED,
                 severity=Severity.INFO,
                 message=f"installed {repo} as {name} ({manifest.size_bytes / MIB:.0f} MiB)",
                 model=name,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent import hub
+from agent.background import Background
 from agent.catalog import Catalog
 from agent.config import WeightsConfig
 from agent.database import Database
@@ -23,7 +24,8 @@ from agent.job_worker import JobPublisher, JobWorker
 from agent.jobs import InstallRequest, Job
 from agent.weights import MIB, WeightsDir, default_name
 from shared.commands import CommandError, InstallCommand
-from shared.messages import ErrorCode, Event, Severity, WeightsState
+from shared.messages import ErrorCode, Event, EventType, Severity, WeightsState
+from shared.replies import Uninstalled
 
 log = logging.getLogger("modelbus.installer")
 
@@ -48,6 +50,7 @@ class Installer:
         catalog: Catalog,
         store: Database,
         publisher: InstallPublisher,
+        background: Background,
         *,
         model_loaded: Callable[[str], bool],
     ) -> None:
@@ -61,7 +64,12 @@ class Installer:
             config, self.weights, publisher, self._update_job, self.publish_state
         )
         self.worker: JobWorker[InstallRequest] = JobWorker(
-            self.installing, store, publisher, name="install", limit=config.queue_limit
+            self.installing,
+            store,
+            publisher,
+            background,
+            name="install",
+            limit=config.queue_limit,
         )
         self._stopping = False
 
@@ -105,7 +113,7 @@ class Installer:
         """Cancel a queued or running install; None when ``job_id`` is not an install."""
         return await self.worker.cancel(job_id)
 
-    async def uninstall(self, name: str) -> dict[str, Any]:
+    async def uninstall(self, name: str) -> Uninstalled:
         path = self.weights.path_for(name)
         for active in self.worker.active():
             if active.request.name == name:
@@ -126,17 +134,17 @@ class Installer:
         await self.publish_state()
         await self.publisher.event(
             Event(
-                event_type="weights_uninstalled",
+                event_type=EventType.WEIGHTS_UNINSTALLED,
                 severity=Severity.INFO,
                 message=f"removed weights {name} ({freed / MIB:.0f} MiB)",
                 model=name,
             )
         )
-        return {
-            "name": name,
-            "was": "installed" if installed is not None else "partial",
-            "freed_mb": round(freed / MIB),
-        }
+        return Uninstalled(
+            name=name,
+            was="installed" if installed is not None else "partial",
+            freed_mb=round(freed / MIB),
+        )
 
     def used_by(self) -> dict[str, list[str]]:
         """Weights name -> catalog models that name them (``weights:``) or serve their

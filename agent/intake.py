@@ -6,7 +6,9 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from shared.commands import CommandBase, CommandError, decode_command, request_id_of
 from shared.messages import ErrorCode, ErrorInfo, Reply
@@ -15,6 +17,7 @@ from shared.topics import HostTopics
 # Reply topics are built from the command level of the topic; anything odd
 # (a 60 KiB level, control characters) is answered on .../reply/unknown instead.
 _PLAIN_COMMAND_LEVEL = re.compile(r"[A-Za-z0-9_-]{1,64}")
+Data = TypeVar("Data", bound=BaseModel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +36,7 @@ class Intake:
     command: CommandBase | None = None
     error: CommandError | None = None
 
-    def reply_ok(self, *, job_id: str | None = None, data: dict[str, Any] | None = None) -> Reply:
+    def reply_ok(self, *, job_id: str | None = None, data: Data | None = None) -> Reply[Data]:
         return Reply(
             request_id=self.request_id,
             command=self.command_name,
@@ -47,9 +50,9 @@ class Intake:
         error: CommandError | None = None,
         *,
         job_id: str | None = None,
-        data: dict[str, Any] | None = None,
+        data: BaseModel | None = None,
         fresh_request_id: bool = False,
-    ) -> Reply:
+    ) -> Reply[Any]:
         failure = error or self.error
         assert failure is not None, "reply_error needs an error"
         return Reply(

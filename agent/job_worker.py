@@ -21,10 +21,11 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, Protocol
 
+from agent.background import Background, Debounced
 from agent.database import Database
 from agent.jobs import Job, JobFailure, JobQueue, QueueFullError, Request
 from shared.commands import CommandError
-from shared.messages import ErrorCode, Event, JobState, JobStatus, Severity
+from shared.messages import ErrorCode, Event, EventType, JobState, JobStatus, Severity
 
 log = logging.getLogger("modelbus.jobs")
 
@@ -74,14 +75,16 @@ class QueuePositions:
         self,
         queue: JobQueue[Any],
         publisher: JobPublisher,
+        background: Background,
         *,
         coalesce_s: float = POSITION_COALESCE_S,
     ) -> None:
         self._queue = queue
         self._publisher = publisher
-        self.coalesce_s = coalesce_s
         self._published: dict[str, int | None] = {}
-        self._pending: asyncio.Task[None] | None = None
+        self._publish = Debounced(
+            background, self._publish_moved, delay_s=coalesce_s, name=f"{queue.name}-positions"
+        )
 
     def published(self, job: JobState) -> None:
         """Remember the place a job was published with (forgotten once it left the queue)."""
@@ -92,15 +95,9 @@ class QueuePositions:
 
     def moved(self) -> None:
         """Places may have changed: publish the jobs whose place did, shortly."""
-        if self._pending is None or self._pending.done():
-            self._pending = asyncio.get_running_loop().create_task(self._publish_later())
+        self._publish.trigger()
 
-    def stop(self) -> None:
-        if self._pending is not None:
-            self._pending.cancel()
-
-    async def _publish_later(self) -> None:
-        await asyncio.sleep(self.coalesce_s)
+    async def _publish_moved(self) -> None:
         for job in self._queue.queued():
             # A job not yet announced is published with its place by its announcement.
             if job.job_id in self._published and self._published[job.job_id] != (
@@ -134,6 +131,7 @@ class JobWorker(Generic[Request]):
         runner: JobRunner[Request],
         store: Database,
         publisher: JobPublisher,
+        background: Background,
         *,
         name: str,
         limit: int,
@@ -142,15 +140,12 @@ class JobWorker(Generic[Request]):
         self.store = store
         self.publisher = publisher
         self.queue: JobQueue[Request] = JobQueue(limit=limit, name=name)
-        self._positions = QueuePositions(self.queue, publisher)
+        self._background = background
+        self._positions = QueuePositions(self.queue, publisher, background)
         self._wakeup = asyncio.Event()
         # The running job and its cancel scope.
         self._running: tuple[Job[Request], asyncio.Task[None]] | None = None
         self._cancel_requested: set[str] = set()
-        # Announcements of queued jobs run beside the worker, in its task group once it
-        # runs (a job submitted before, such as a preload, waits for it).
-        self._group: asyncio.TaskGroup | None = None
-        self._early: list[Coroutine[Any, Any, None]] = []
         self._stopping = False
 
     @property
@@ -172,7 +167,8 @@ class JobWorker(Generic[Request]):
             # A job of higher priority moves the ones behind it.
             self._positions.moved()
             # Published and saved while still queued, so a restart cannot lose it.
-            self._beside(self.update(queued))
+            # Beside the submitter: a command's reply does not wait for the publish.
+            self._background.spawn(self.update(queued), name=f"announce-{queued.job_id}")
         return queued, joined
 
     async def cancel(self, job_id: str) -> Job[Request] | None:
@@ -198,31 +194,19 @@ class JobWorker(Generic[Request]):
         self._positions.published(await publish_job(job, self.store, self.publisher, final=final))
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as group:
-            self._group = group
-            for early in self._early:
-                group.create_task(early)
-            self._early.clear()
-            while not self._stopping:
-                job = self.queue.take()
-                if job is None:
-                    await self._wakeup.wait()
-                    self._wakeup.clear()
-                    continue
-                await self._run(job)
+        while not self._stopping:
+            job = self.queue.take()
+            if job is None:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            await self._run(job)
 
     def stop(self) -> None:
         """Ask the worker to end. A flag besides the cancellation, because aiomqtt's
         publish waits with wait_for, which on 3.11 can swallow one."""
         self._stopping = True
         self._wakeup.set()
-        self._positions.stop()
-
-    def _beside(self, work: Coroutine[Any, Any, None]) -> None:
-        if self._group is None:
-            self._early.append(work)
-        else:
-            self._group.create_task(work)
 
     async def _run(self, job: Job[Request]) -> None:
         scope = asyncio.create_task(self.runner.run(job), name=f"{self.queue.name}-{job.job_id}")
@@ -277,7 +261,7 @@ class JobWorker(Generic[Request]):
         assert job.error is not None
         await self.publisher.event(
             Event(
-                event_type="job_failed",
+                event_type=EventType.JOB_FAILED,
                 severity=Severity.ERROR,
                 message=f"{self.runner.describe(job)} failed: {job.error.message}",
                 model=job.request.subject,

@@ -12,9 +12,18 @@ import itertools
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
-from shared.messages import ErrorCode, ErrorInfo, JobPhase, JobState, JobStatus, utc_now
+from shared.messages import (
+    ErrorCode,
+    ErrorInfo,
+    JobCommand,
+    JobPhase,
+    JobResult,
+    JobState,
+    JobStatus,
+    utc_now,
+)
 
 
 def new_job_id() -> str:
@@ -25,7 +34,7 @@ def new_job_id() -> str:
 class SwapRequest:
     """A GPU-changing job (load, unload, switch); two equal requests are the same job."""
 
-    command: str  # load | unload | switch
+    command: Literal[JobCommand.LOAD, JobCommand.UNLOAD, JobCommand.SWITCH]
     model: str
     gpu: int | None = None
     exclusive: bool = False
@@ -45,7 +54,7 @@ class InstallRequest:
     revision: str | None = None
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
-    command: ClassVar[str] = "install"
+    command: ClassVar[JobCommand] = JobCommand.INSTALL
 
     @property
     def subject(self) -> str:
@@ -79,7 +88,7 @@ class Job(Generic[Request]):
     created_at: datetime = field(default_factory=utc_now)
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    result: dict[str, Any] | None = None
+    result: JobResult | None = None
     error: ErrorInfo | None = None
     queue_position: int | None = None
     bytes_done: int | None = None
@@ -108,7 +117,7 @@ class Job(Generic[Request]):
         if message is not None:
             self.message = message
 
-    def succeed(self, result: dict[str, Any] | None = None, message: str | None = None) -> None:
+    def succeed(self, result: JobResult | None = None, message: str | None = None) -> None:
         self._finish(JobStatus.SUCCEEDED, message)
         self.progress = 1.0
         self.result = result

@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Collection
 
+from agent.background import Background
 from agent.catalog import Catalog
 from agent.config import LifecycleConfig
 from agent.database import Database
@@ -31,7 +32,15 @@ from agent.runtimes.base import Runtime, RuntimeFailure
 from agent.stopping import ServerStops
 from agent.swap import Swap, check_gpu_override, gpu_memory
 from agent.telemetry import ProcessOwner
-from shared.messages import Event, LoadedModel, ModelLifecycle, Severity, utc_now
+from shared.messages import (
+    Event,
+    EventType,
+    JobCommand,
+    LoadedModel,
+    ModelLifecycle,
+    Severity,
+    utc_now,
+)
 
 log = logging.getLogger("modelbus.lifecycle")
 
@@ -47,6 +56,7 @@ class Lifecycle:
         runtimes: dict[str, Runtime],
         store: Database,
         publisher: ModelPublisher,
+        background: Background,
         sample: Sampler,
         gpu_indices: GpuIndices,
         *,
@@ -68,7 +78,7 @@ class Lifecycle:
             sim_state_file=sim_state_file,
         )
         self.worker: JobWorker[SwapRequest] = JobWorker(
-            self.swap, store, publisher, name="swap", limit=config.queue_limit
+            self.swap, store, publisher, background, name="swap", limit=config.queue_limit
         )
         self.monitor = ModelMonitor(
             around,
@@ -107,7 +117,9 @@ class Lifecycle:
         record = self.registry.records.get(request.model)
         # A model that left the catalog but still runs can still be unloaded.
         spec = record.spec if record is not None else None
-        if spec is None or (request.model not in self.catalog and request.command != "unload"):
+        if spec is None or (
+            request.model not in self.catalog and request.command != JobCommand.UNLOAD
+        ):
             raise self.registry.unknown_model(request.model)
         check_gpu_override(spec, request.gpu, self.gpu_indices())
         return self.worker.submit(Job(request, request_id=request_id, priority=priority))
@@ -153,7 +165,7 @@ class Lifecycle:
             await self.publisher.job_finished(job)
             await self.publisher.event(
                 Event(
-                    event_type="job_failed",
+                    event_type=EventType.JOB_FAILED,
                     severity=Severity.WARNING,
                     message=f"job {job.job_id} ({job.command} {job.model}) was interrupted "
                     "by a restart",
@@ -166,7 +178,7 @@ class Lifecycle:
             await self.publisher.model_changed(record.snapshot())
         for name in self.config.preload:
             if not self.registry.records[name].resident:
-                self.submit(SwapRequest("load", name), request_id="preload")
+                self.submit(SwapRequest(JobCommand.LOAD, name), request_id="preload")
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:

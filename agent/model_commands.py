@@ -6,8 +6,7 @@ the job ends; a request equal to a queued or running one joins that job.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from agent.installer import Installer
@@ -25,11 +24,12 @@ from shared.commands import (
     UninstallCommand,
     UnloadCommand,
 )
-from shared.messages import ErrorCode, JobState, JobStatus, Reply
+from shared.messages import ErrorCode, JobCommand, JobRef, JobState, JobStatus, Reply
+from shared.replies import JobAccepted, JobOutcome, JobsQueued, PlanFits, PlanRefused
 from shared.topics import CommandName
 
-Handler = Callable[[Intake], Awaitable[Reply | None]]
-SendReply = Callable[[Intake, Reply], None]
+Handler = Callable[[Intake], Awaitable[Reply[Any] | None]]
+SendReply = Callable[[Intake, Reply[Any]], None]
 
 
 class ModelCommands:
@@ -58,23 +58,23 @@ class ModelCommands:
             return self.installer.submit(command, request_id=intake.request_id)
         priority = 0
         if isinstance(command, LoadCommand):
-            request = SwapRequest("load", command.model, gpu=command.gpu)
+            request = SwapRequest(JobCommand.LOAD, command.model, gpu=command.gpu)
             priority = command.priority or 0
         elif isinstance(command, SwitchCommand):
             request = SwapRequest(
-                "switch",
+                JobCommand.SWITCH,
                 command.model,
                 gpu=command.gpu,
                 exclusive=command.exclusive,
                 force=command.force,
             )
         elif isinstance(command, UnloadCommand) and command.model is not None:
-            request = SwapRequest("unload", command.model, force=command.force)
+            request = SwapRequest(JobCommand.UNLOAD, command.model, force=command.force)
         else:  # pragma: no cover - the handler table only routes the four job commands
             raise CommandError(ErrorCode.INTERNAL, "not a job command")
         return self.lifecycle.submit(request, request_id=intake.request_id, priority=priority)
 
-    async def _job_command(self, intake: Intake) -> Reply | None:
+    async def _job_command(self, intake: Intake) -> Reply[Any] | None:
         command = intake.command
         if isinstance(command, UnloadCommand) and command.all:
             return self._unload_all(intake, command)
@@ -84,14 +84,10 @@ class ModelCommands:
             return None
         return intake.reply_ok(
             job_id=job.job_id,
-            data={
-                "state": job.state.value,
-                "joined": joined,
-                "queue_position": job.queue_position,
-            },
+            data=JobAccepted(state=job.state, joined=joined, queue_position=job.queue_position),
         )
 
-    def _unload_all(self, intake: Intake, command: UnloadCommand) -> Reply:
+    def _unload_all(self, intake: Intake, command: UnloadCommand) -> Reply[JobsQueued]:
         """One unload job per loaded model (pinned ones only with force); the reply
         lists them, each followed on its own jobs/<id> topic."""
         jobs = []
@@ -99,22 +95,20 @@ class ModelCommands:
             if not record.resident or (record.spec.pinned and not command.force):
                 continue
             job, _ = self.lifecycle.submit(
-                SwapRequest("unload", name, force=command.force), request_id=intake.request_id
+                SwapRequest(JobCommand.UNLOAD, name, force=command.force),
+                request_id=intake.request_id,
             )
-            jobs.append({"model": name, "job_id": job.job_id})
-        return intake.reply_ok(data={"jobs": jobs})
+            jobs.append(JobRef(model=name, job_id=job.job_id))
+        return intake.reply_ok(data=JobsQueued(jobs=jobs))
 
     async def job_finished(self, job: JobState) -> None:
         """Answer everyone who asked to wait for this job, and every cancel of it."""
+        outcome = JobOutcome(job=job)
         for intake in self._cancelling.pop(job.job_id, []):
-            self._send_reply(
-                intake,
-                intake.reply_ok(job_id=job.job_id, data={"job": job.model_dump(mode="json")}),
-            )
+            self._send_reply(intake, intake.reply_ok(job_id=job.job_id, data=outcome))
         for intake in self._waiting.pop(job.job_id, []):
-            data = {"job": job.model_dump(mode="json")}
             if job.state == JobStatus.SUCCEEDED:
-                reply = intake.reply_ok(job_id=job.job_id, data=data)
+                reply: Reply[Any] = intake.reply_ok(job_id=job.job_id, data=outcome)
             else:
                 error = job.error
                 reply = intake.reply_error(
@@ -123,11 +117,11 @@ class ModelCommands:
                         error.message if error else f"job {job.state.value}",
                     ),
                     job_id=job.job_id,
-                    data=data,
+                    data=outcome,
                 )
             self._send_reply(intake, reply)
 
-    async def _plan(self, intake: Intake) -> Reply:
+    async def _plan(self, intake: Intake) -> Reply[PlanFits | PlanRefused]:
         command = intake.command
         assert isinstance(command, PlanCommand)
         result = await self.lifecycle.plan(
@@ -135,12 +129,12 @@ class ModelCommands:
         )
         return intake.reply_ok(data=describe_plan(command.model, result))
 
-    async def _uninstall(self, intake: Intake) -> Reply:
+    async def _uninstall(self, intake: Intake) -> Reply[Any]:
         command = intake.command
         assert isinstance(command, UninstallCommand)
         return intake.reply_ok(data=await self.installer.uninstall(command.name))
 
-    async def _cancel(self, intake: Intake) -> Reply | None:
+    async def _cancel(self, intake: Intake) -> Reply[JobOutcome] | None:
         command = intake.command
         assert isinstance(command, CancelCommand)
         job: Job[Any] | None = await self.installer.cancel(command.job_id)
@@ -151,32 +145,32 @@ class ModelCommands:
         if command.wait and not job.finished:
             self._cancelling.setdefault(job.job_id, []).append(intake)
             return None
-        return intake.reply_ok(
-            job_id=job.job_id, data={"job": job.snapshot().model_dump(mode="json")}
-        )
+        return intake.reply_ok(job_id=job.job_id, data=JobOutcome(job=job.snapshot()))
 
 
-def describe_plan(model: str, result: Plan | Refusal) -> dict[str, Any]:
+def describe_plan(model: str, result: Plan | Refusal) -> PlanFits | PlanRefused:
     if isinstance(result, Refusal):
-        return {
-            "model": model,
-            "fits": False,
-            "code": result.code,
-            "message": result.message,
-            "required_mb": result.required_mb,
-            "available_mb": result.available_mb,
-            "evictable_mb": result.evictable_mb,
-            "gpus": list(result.gpus),
-        }
-    plan = asdict(result)
-    return {
-        "model": model,
-        "fits": True,
-        "already_loaded": result.already_loaded,
-        "gpus": list(result.gpus),
-        "evict": list(result.evict),
-        "required_mb": result.required_mb,
-        "free_before_mb": {str(k): v for k, v in plan["free_before_mb"].items()},
-        "freed_mb": {str(k): v for k, v in plan["freed_mb"].items()},
-        "free_after_mb": {str(k): v for k, v in plan["free_after_mb"].items()},
-    }
+        return PlanRefused(
+            model=model,
+            code=ErrorCode(result.code),
+            message=result.message,
+            required_mb=result.required_mb,
+            available_mb=result.available_mb,
+            evictable_mb=result.evictable_mb,
+            gpus=list(result.gpus),
+        )
+    return PlanFits(
+        model=model,
+        already_loaded=result.already_loaded,
+        gpus=list(result.gpus),
+        evict=list(result.evict),
+        required_mb=result.required_mb,
+        free_before_mb=_by_gpu(result.free_before_mb),
+        freed_mb=_by_gpu(result.freed_mb),
+        free_after_mb=_by_gpu(result.free_after_mb),
+    )
+
+
+def _by_gpu(values: Mapping[int, int]) -> dict[str, int]:
+    """JSON object keys are strings."""
+    return {str(gpu): value for gpu, value in values.items()}

@@ -15,9 +15,9 @@ from agent.health import probe
 from agent.jobs import SwapRequest
 from agent.model_registry import ModelRecord, Surroundings
 from agent.runtimes.base import RuntimeFailure
-from agent.swap import log_tail, recent_output
+from agent.swap import LOG_LINES_IN_ERRORS, log_tail
 from shared.commands import CommandError
-from shared.messages import Event, ModelLifecycle, Severity
+from shared.messages import Event, EventType, JobCommand, ModelLifecycle, Severity
 
 log = logging.getLogger("modelbus.lifecycle")
 
@@ -60,7 +60,7 @@ class ModelMonitor:
         runtime = self.registry.runtime(record)
         status = await runtime.exit_status(instance)
         if status is not None:
-            output = await recent_output(runtime, instance)
+            output = await runtime.logs(instance, LOG_LINES_IN_ERRORS)
             await self.crashed(record, status.reason + log_tail(output))
             return
         if await probe(record.spec.health) == 200:
@@ -83,7 +83,7 @@ class ModelMonitor:
         if record.instance is not instance or self.swapping():
             return  # the swap worker stopped or replaced it meanwhile
         if status is not None:
-            output = await recent_output(runtime, instance)
+            output = await runtime.logs(instance, LOG_LINES_IN_ERRORS)
             await self.crashed(record, status.reason + log_tail(output))
             return
         healthy = await probe(spec.health) == 200
@@ -105,7 +105,7 @@ class ModelMonitor:
             log.info("%s idle for %.0f s (ttl %.0f s): unloading", spec.name, idle_s, spec.ttl_s)
             # The operator asked for this unload by setting ttl_s: pinned or not.
             try:
-                self.submit(SwapRequest("unload", spec.name, force=True), "ttl")
+                self.submit(SwapRequest(JobCommand.UNLOAD, spec.name, force=True), "ttl")
             except CommandError as exc:
                 log.error("could not unload idle %s: %s", spec.name, exc.message)
 
@@ -127,7 +127,7 @@ class ModelMonitor:
         await self.registry.stopped(record)
         await self.publisher.event(
             Event(
-                event_type="model_crashed",
+                event_type=EventType.MODEL_CRASHED,
                 severity=Severity.ERROR,
                 message=f"{name} crashed: {reason}",
                 model=name,
@@ -137,6 +137,6 @@ class ModelMonitor:
         await self.publisher.state_changed()
         if record.spec.restart == "on-crash" and name in self.registry.catalog:
             try:
-                self.submit(SwapRequest("load", name), "restart-on-crash")
+                self.submit(SwapRequest(JobCommand.LOAD, name), "restart-on-crash")
             except CommandError as exc:
                 log.error("could not restart %s: %s", name, exc.message)

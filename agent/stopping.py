@@ -14,7 +14,7 @@ from agent.job_worker import JobUpdate
 from agent.jobs import Job, JobFailure
 from agent.model_registry import ModelRecord, Surroundings
 from agent.runtimes.base import RuntimeFailure
-from shared.messages import ErrorCode, Event, JobPhase, ModelLifecycle, Severity
+from shared.messages import ErrorCode, Event, EventType, JobPhase, ModelLifecycle, Severity
 
 # Most of what a server held back is enough: the driver keeps a little per context.
 RETURNED_SHARE = 0.9
@@ -78,7 +78,7 @@ class ServerStops:
         if not quiet:
             await self.publisher.event(
                 Event(
-                    event_type="model_unloaded",
+                    event_type=EventType.MODEL_UNLOADED,
                     severity=Severity.INFO,
                     message=f"{name} unloaded ({reason})",
                     model=name,
@@ -116,7 +116,7 @@ class ServerStops:
     async def vram_leak(self, model: str | None, expected_mb: int, gpus: Sequence[int]) -> None:
         await self.publisher.event(
             Event(
-                event_type="vram_leak",
+                event_type=EventType.VRAM_LEAK,
                 severity=Severity.WARNING,
                 message=f"{expected_mb} MiB on GPU {','.join(map(str, gpus))} did not come back "
                 f"within {self.config.vram_wait_timeout_s:g} s"

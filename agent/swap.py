@@ -27,7 +27,20 @@ from agent.planner import GpuMemory, Refusal, plan_load, plan_switch
 from agent.runtimes.base import Instance, Runtime, RuntimeFailure
 from agent.stopping import ServerStops
 from shared.commands import CommandError
-from shared.messages import ErrorCode, Event, JobPhase, ModelLifecycle, Severity
+from shared.messages import (
+    ErrorCode,
+    Event,
+    EventType,
+    JobCommand,
+    JobPhase,
+    JobRef,
+    Loaded,
+    ModelLifecycle,
+    RolledBack,
+    Severity,
+    SwapTimings,
+    Unloaded,
+)
 
 log = logging.getLogger("modelbus.lifecycle")
 
@@ -77,10 +90,10 @@ class Swap:
     async def run(self, job: Job[SwapRequest]) -> None:
         self._attempt = None
         record = self.registry.records[job.request.model]
-        if job.request.command == "unload":
+        if job.request.command == JobCommand.UNLOAD:
             await self._unload(job, record)
         else:
-            await self._load(job, record, evict=job.request.command == "switch")
+            await self._load(job, record, evict=job.request.command == JobCommand.SWITCH)
 
     async def recover(self, job: Job[SwapRequest], failure: BaseException) -> None:
         attempt, self._attempt = self._attempt, None
@@ -143,7 +156,7 @@ class Swap:
         if attempt.evicted:
             await self.publisher.event(
                 Event(
-                    event_type="swap_completed",
+                    event_type=EventType.SWAP_COMPLETED,
                     severity=Severity.INFO,
                     message=f"{spec.name} ready after evicting {', '.join(attempt.evicted)}",
                     model=spec.name,
@@ -153,18 +166,16 @@ class Swap:
             )
         job.succeed(self._result(record, attempt.evicted, job), f"{spec.name} is ready")
 
-    def _result(
-        self, record: ModelRecord, evicted: Sequence[str], job: Job[SwapRequest]
-    ) -> dict[str, Any]:
-        return {
-            "timings": {name: round(value, 4) for name, value in job.timings.items()},
-            "model": record.spec.name,
-            "gpus": list(record.gpus),
-            "vram_used_mb": record.vram_used_mb,
-            "load_s": record.last_load_s,
-            "evicted": list(evicted),
-            "service": f"http://127.0.0.1:{record.spec.port}",
-        }
+    def _result(self, record: ModelRecord, evicted: Sequence[str], job: Job[SwapRequest]) -> Loaded:
+        return Loaded(
+            timings=SwapTimings(**{name: round(value, 4) for name, value in job.timings.items()}),
+            model=record.spec.name,
+            gpus=list(record.gpus),
+            vram_used_mb=record.vram_used_mb,
+            load_s=record.last_load_s,
+            evicted=list(evicted),
+            service=f"http://127.0.0.1:{record.spec.port}",
+        )
 
     async def _start_and_wait(
         self, job: Job[SwapRequest], record: ModelRecord, gpus: tuple[int, ...]
@@ -211,7 +222,7 @@ class Swap:
         await self.publisher.model_changed(record.snapshot())
         await self.publisher.event(
             Event(
-                event_type="model_loaded",
+                event_type=EventType.MODEL_LOADED,
                 severity=Severity.INFO,
                 message=f"{spec.name} ready on GPU {','.join(map(str, gpus))} in {load_s:.1f} s"
                 + (f", using {record.vram_used_mb} MiB" if record.vram_used_mb else ""),
@@ -237,7 +248,7 @@ class Swap:
         while True:
             status = await runtime.exit_status(instance)
             if status is not None:
-                log_lines = await recent_output(runtime, instance)
+                log_lines = await runtime.logs(instance, LOG_LINES_IN_ERRORS)
                 raise JobFailure(
                     ErrorCode.LOAD_FAILED,
                     f"{spec.name} {status.reason} while loading" + log_tail(log_lines),
@@ -250,7 +261,7 @@ class Swap:
                 answered_by = impostor
             now = time.monotonic()
             if now >= deadline:
-                log_lines = await recent_output(runtime, instance)
+                log_lines = await runtime.logs(instance, LOG_LINES_IN_ERRORS)
                 raise JobFailure(
                     ErrorCode.TIMEOUT,
                     f"{spec.name} was not healthy after {spec.load_timeout_s:g} s (load_timeout_s)"
@@ -310,13 +321,13 @@ class Swap:
         if not cancelled:
             await self.publisher.event(
                 Event(
-                    event_type="model_load_failed",
+                    event_type=EventType.MODEL_LOAD_FAILED,
                     severity=Severity.ERROR,
                     message=f"{record.spec.name} failed to load: {record.error}",
                     model=record.spec.name,
                 )
             )
-        restores = []
+        restores: list[JobRef] = []
         for name in reversed(attempt.evicted):
             restored = self.registry.records.get(name)
             if restored is None or restored.resident:
@@ -324,18 +335,18 @@ class Swap:
             gpus = restored.placed_on
             moved = len(gpus) == 1 and list(gpus) != restored.spec.gpus
             restore = Job(
-                SwapRequest("load", name, gpu=gpus[0] if moved else None),
+                SwapRequest(JobCommand.LOAD, name, gpu=gpus[0] if moved else None),
                 request_id=f"restore-{job.job_id}",
                 priority=RESTORE_PRIORITY,
             )
             queued, _ = self.requeue(restore)
-            restores.append({"model": name, "job_id": queued.job_id})
+            restores.append(JobRef(model=name, job_id=queued.job_id))
             if queued is restore:
                 log.info("restoring %s after a failed swap: job %s", name, restore.job_id)
         if restores:
-            job.result = {"restores": restores}
+            job.result = RolledBack(restores=restores)
             job.message = f"{job.message}; restoring " + ", ".join(
-                f"{r['model']} (job {r['job_id']})" for r in restores
+                f"{r.model} (job {r.job_id})" for r in restores
             )
 
     # ---- unload ----------------------------------------------------------
@@ -343,7 +354,7 @@ class Swap:
     async def _unload(self, job: Job[SwapRequest], record: ModelRecord) -> None:
         name = record.spec.name
         if not record.resident:
-            job.succeed({"model": name, "freed_mb": 0}, f"{name} is not loaded")
+            job.succeed(Unloaded(model=name, freed_mb=0), f"{name} is not loaded")
             return
         if record.spec.pinned and not job.request.force:
             raise JobFailure(
@@ -353,7 +364,7 @@ class Swap:
         await self.update_job(job)
         freed = record.vram_used_mb or 0
         await self.stops.stop(record, job, reason="unload")
-        job.succeed({"model": name, "freed_mb": freed}, f"{name} unloaded")
+        job.succeed(Unloaded(model=name, freed_mb=freed), f"{name} unloaded")
 
 
 def log_tail(lines: Sequence[str]) -> str:
@@ -381,9 +392,3 @@ def gpu_memory(samples: Sequence[GpuSample]) -> list[GpuMemory]:
         for s in samples
         if not s.lost and s.memory_total_mb is not None
     ]
-
-
-async def recent_output(runtime: Runtime, instance: Instance) -> list[str]:
-    """The server's last output lines, read off the event loop (a hung dockerd must
-    not freeze the agent)."""
-    return await asyncio.to_thread(runtime.logs, instance, LOG_LINES_IN_ERRORS)

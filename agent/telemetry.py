@@ -12,9 +12,17 @@ from datetime import datetime
 from typing import Any
 
 from agent.gpu.base import GpuSample
-from shared.messages import GpuInfo, GpuProcess, GpuState, GpuSummary, HostState, LoadedModel
+from shared.messages import (
+    EventType,
+    GpuInfo,
+    GpuProcess,
+    GpuState,
+    GpuSummary,
+    HostState,
+    LoadedModel,
+)
 
-GPU_LOST = "gpu_lost"
+GPU_LOST = EventType.GPU_LOST.value  # also the name of the alert it raises
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ from shared.topics import CommandName, HostTopics
 class Answer:
     """A reply, parsed and as sent (the raw JSON keeps fields this version does not know)."""
 
-    reply: Reply
+    reply: Reply[Any]
     raw: dict[str, Any]
 
 
@@ -58,7 +58,7 @@ class Request:
         if message.topic not in (self.response_topic, self.default_reply_topic):
             return None
         try:
-            reply = Reply.model_validate_json(message.payload)
+            reply: Reply[Any] = Reply.model_validate_json(message.payload)
         except ValidationError:
             return None
         if reply.request_id != self.request_id:

@@ -19,12 +19,12 @@ import contextlib
 import json
 import math
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from bus.mqtt import (
     BrokerRefusedError,
@@ -40,12 +40,21 @@ from shared.commands import COMMAND_MODELS, describe_validation_error
 from shared.messages import (
     ErrorCode,
     Event,
-    GpuState,
-    HostInfo,
-    HostState,
+    Installed,
     JobState,
     JobStatus,
-    ModelState,
+    Loaded,
+    Unloaded,
+)
+from shared.replies import (
+    PLAN_RESULT,
+    HostStatus,
+    JobAccepted,
+    JobOutcome,
+    JobsQueued,
+    PlanFits,
+    PlanRefused,
+    Uninstalled,
 )
 from shared.topics import CommandName, HostTopics, parse_topic
 from tui.format import duration_long, size_long
@@ -301,11 +310,13 @@ async def run_request(
         print(f"modelbus {name}: {error.code}: {error.message}", file=err, flush=True)
         # The agent refused a value of the command: a usage error, as if refused here.
         return EXIT_USAGE if error.code is ErrorCode.INVALID_PAYLOAD else EXIT_ERROR
-    if request.command is CommandName.PLAN and not (reply.data or {}).get("fits"):
-        # A plan that cannot be carried out fails, so `plan X && switch X` does what it says.
-        for line in format_plan(reply.data or {}):
-            print(f"modelbus {name}: {line}", file=err, flush=True)
-        return EXIT_ERROR
+    if request.command is CommandName.PLAN:
+        plan = _read(PLAN_RESULT.validate_python, reply.data, "plan")
+        if isinstance(plan, PlanRefused):
+            # A plan that cannot be carried out fails, so `plan X && switch X` does what it says.
+            for line in format_plan(plan):
+                print(f"modelbus {name}: {line}", file=err, flush=True)
+            return EXIT_ERROR
     if not (request.wait and reply.job_id):
         if not request.json_output:
             for line in format_reply(host, answer, request.fields):
@@ -610,16 +621,16 @@ def job_summary(job: JobState) -> str:
     if job.started_at and job.finished_at:
         took = f" in {duration_long((job.finished_at - job.started_at).total_seconds())}"
     line = f"{job.command} {_subject(job)}: {job.state.value}{took}"
-    result = job.result or {}
+    result = job.result
     extras = []
-    if result.get("evicted"):
-        extras.append(f"evicted {', '.join(map(str, result['evicted']))}")
-    if result.get("service"):
-        extras.append(f"serving at {result['service']}")
-    if result.get("freed_mb") is not None:
-        extras.append(f"freed {result['freed_mb']} MiB")
-    if result.get("path"):
-        extras.append(f"{result.get('size_mb', '?')} MiB in {result['path']}")
+    if isinstance(result, Loaded):
+        if result.evicted:
+            extras.append(f"evicted {', '.join(result.evicted)}")
+        extras.append(f"serving at {result.service}")
+    elif isinstance(result, Unloaded):
+        extras.append(f"freed {result.freed_mb} MiB")
+    elif isinstance(result, Installed):
+        extras.append(f"{result.size_mb} MiB in {result.path}")
     if job.message:
         line = f"{line} - {job.message}"
     return f"{line} ({'; '.join(extras)})" if extras else line
@@ -633,76 +644,73 @@ def format_reply(host: str, answer: Answer, fields: Mapping[str, Any] | None = N
     reply = answer.reply
     fields = fields or {}
     subject = fields.get("model") or fields.get("repo") or fields.get("name")
-    data = reply.data or {}
     command = reply.command
     if command == CommandName.STATUS:
-        return format_status(host, data)
+        return format_status(host, _read(HostStatus.model_validate, reply.data, "status"))
     if command == CommandName.PLAN:
-        return format_plan(data)
-    if command == CommandName.UNINSTALL and "freed_mb" in data:
-        return [f"uninstalled {data.get('name')} from {host}: freed {data['freed_mb']} MiB"]
-    if command == CommandName.CANCEL and isinstance(data.get("job"), dict):
-        job = data["job"]
-        subject = job.get("model") or job.get("repo")
-        message = f" - {job['message']}" if job.get("message") else ""
-        return [
-            f"job {job.get('job_id')} ({job.get('command')} {subject}): {job.get('state')}{message}"
-        ]
-    if isinstance(data.get("jobs"), list):
-        return [
-            f"{command} {entry.get('model')}: job {entry.get('job_id')}" for entry in data["jobs"]
-        ]
+        return format_plan(_read(PLAN_RESULT.validate_python, reply.data, "plan"))
+    if command == CommandName.UNINSTALL:
+        gone = _read(Uninstalled.model_validate, reply.data, "uninstall")
+        return [f"uninstalled {gone.name} from {host}: freed {gone.freed_mb} MiB"]
+    if command == CommandName.CANCEL:
+        job = _read(JobOutcome.model_validate, reply.data, "cancel").job
+        message = f" - {job.message}" if job.message else ""
+        return [f"job {job.job_id} ({job.command} {_subject(job)}): {job.state}{message}"]
+    if command == CommandName.UNLOAD and reply.job_id is None:
+        queued = _read(JobsQueued.model_validate, reply.data, "unload")
+        return [f"{command} {entry.model}: job {entry.job_id}" for entry in queued.jobs]
     if reply.job_id:
-        state = data.get("state", "queued")
-        where = f", position {data['queue_position']}" if data.get("queue_position") else ""
-        joined = " (joined an equal job)" if data.get("joined") else ""
+        accepted = _read(JobAccepted.model_validate, reply.data, command)
+        where = f", position {accepted.queue_position}" if accepted.queue_position else ""
+        joined = " (joined an equal job)" if accepted.joined else ""
         what = f"{command} {subject}" if subject else command
-        return [f"{what} on {host}: job {reply.job_id} {state}{where}{joined}"]
-    if data:
-        return [json.dumps(data, indent=2)]
+        return [f"{what} on {host}: job {reply.job_id} {accepted.state}{where}{joined}"]
+    if reply.data:
+        return [json.dumps(reply.data, indent=2)]
     return [f"{command} on {host}: ok"]
 
 
-def _parse_all(model: type[BaseModel], values: Iterable[Any]) -> list[Any]:
-    parsed = []
-    for value in values:
-        with contextlib.suppress(ValidationError):
-            parsed.append(model.model_validate(value))
-    return parsed
+Shape = TypeVar("Shape")
+
+
+def _read(parse: Callable[[Any], Shape], data: Any, what: str) -> Shape:
+    """``data`` as the contract's model, or a ClientExit naming what did not match."""
+    try:
+        return parse(data)
+    except ValidationError as exc:
+        raise ClientExit(
+            EXIT_ERROR,
+            f"the agent's {what} reply does not match this client's protocol "
+            f"({describe_validation_error(exc)}); are both the same version?",
+        ) from None
 
 
 def _mb(value: int | None) -> str:
     return "?" if value is None else str(value)
 
 
-def format_status(host: str, data: Mapping[str, Any]) -> list[str]:
+def format_status(host: str, status: HostStatus) -> list[str]:
     lines = []
-    info = _parse_all(HostInfo, [data["info"]] if data.get("info") else [])
-    state = _parse_all(HostState, [data["state"]] if data.get("state") else [])
-    if info:
-        i: HostInfo = info[0]
-        versions = ", ".join(
-            part
-            for part in (
-                f"agent {i.agent_version}",
-                f"MQTT {i.mqtt_protocol}",
-                f"{i.gpu_backend} GPUs",
-                f"driver {i.driver_version}" if i.driver_version else "",
-                f"CUDA {i.cuda_version}" if i.cuda_version else "",
-            )
-            if part
+    i = status.info
+    versions = ", ".join(
+        part
+        for part in (
+            f"agent {i.agent_version}",
+            f"MQTT {i.mqtt_protocol}",
+            f"{i.gpu_backend} GPUs",
+            f"driver {i.driver_version}" if i.driver_version else "",
+            f"CUDA {i.cuda_version}" if i.cuda_version else "",
         )
-        lines.append(f"host {host} ({i.hostname}): {versions}")
-    else:
-        lines.append(f"host {host}")
-    if state:
-        s: HostState = state[0]
+        if part
+    )
+    lines.append(f"host {host} ({i.hostname}): {versions}")
+    if status.state is not None:
+        s = status.state
         lines.append(
             f"VRAM {s.used_mb}/{s.total_mb} MiB used, {s.free_mb} MiB free; "
             f"queue {s.queue_length}" + (f", running job {s.active_job}" if s.active_job else "")
         )
-    for gpu in _parse_all(GpuState, data.get("gpus") or []):
-        g: GpuState = gpu
+    for g in status.gpus:
         util = f", {g.utilization_percent}% util" if g.utilization_percent is not None else ""
         temp = f", {g.temperature_c} °C" if g.temperature_c is not None else ""
         alerts = f", alerts: {', '.join(g.alerts)}" if g.alerts else ""
@@ -710,12 +718,10 @@ def format_status(host: str, data: Mapping[str, Any]) -> list[str]:
             f"  GPU {g.index} {g.name or '?'}: {_mb(g.memory_used_mb)}/{_mb(g.memory_total_mb)} "
             f"MiB used{util}{temp}{alerts}"
         )
-    models = _parse_all(ModelState, data.get("models") or [])
-    if models:
+    if status.models:
         lines.append("models:")
-        width = max(len(m.name) for m in models)
-        for model in models:
-            m: ModelState = model
+        width = max(len(m.name) for m in status.models)
+        for m in status.models:
             vram = m.vram_used_mb if m.vram_used_mb is not None else m.vram_estimate_mb
             flags = " pinned" if m.pinned else ""
             gpus = ",".join(map(str, m.gpus)) or "-"
@@ -724,33 +730,28 @@ def format_status(host: str, data: Mapping[str, Any]) -> list[str]:
                 f"  {m.name:<{width}}  {m.state.value:<9} GPU {gpus}  {_mb(vram)} MiB"
                 f"  {m.runtime}{flags}{error}"
             )
-    jobs = _parse_all(JobState, data.get("jobs") or [])
-    if jobs:
+    if status.jobs:
         lines.append("jobs:")
-        lines.extend(f"  {j.job_id} {progress_line(j)}" for j in jobs)
+        lines.extend(f"  {j.job_id} {progress_line(j)}" for j in status.jobs)
     return lines
 
 
-def format_plan(data: Mapping[str, Any]) -> list[str]:
-    model = data.get("model", "?")
-    if not data.get("fits"):
-        return [
-            f"{model} does not fit: {data.get('message') or data.get('code', 'no reason given')}"
-        ]
-    gpus = ", ".join(str(g) for g in data.get("gpus") or []) or "?"
-    if data.get("already_loaded"):
+def format_plan(plan: PlanFits | PlanRefused) -> list[str]:
+    model = plan.model
+    if isinstance(plan, PlanRefused):
+        return [f"{model} does not fit: {plan.message}"]
+    gpus = ", ".join(str(g) for g in plan.gpus) or "?"
+    if plan.already_loaded:
         return [f"{model} is already loaded (GPU {gpus}); a switch would change nothing"]
-    evict = data.get("evict") or []
     lines = [
         f"a switch to {model} fits on GPU {gpus}"
-        + (f", stopping {', '.join(evict)}" if evict else ", stopping nothing")
+        + (f", stopping {', '.join(plan.evict)}" if plan.evict else ", stopping nothing")
     ]
-    before = data.get("free_before_mb") or {}
-    freed = data.get("freed_mb") or {}
-    after = data.get("free_after_mb") or {}
-    for gpu in sorted(before, key=lambda k: int(k) if str(k).isdigit() else 0):
+    for gpu in sorted(plan.free_before_mb, key=lambda k: int(k) if k.isdigit() else 0):
+        freed = plan.freed_mb.get(gpu, 0)
+        left = plan.free_after_mb.get(gpu, "?")
         lines.append(
-            f"  GPU {gpu}: needs {data.get('required_mb', '?')} MiB; free {before[gpu]} MiB"
-            f" + freed {freed.get(gpu, 0)} MiB -> {after.get(gpu, '?')} MiB left"
+            f"  GPU {gpu}: needs {plan.required_mb} MiB; free {plan.free_before_mb[gpu]} MiB"
+            f" + freed {freed} MiB -> {left} MiB left"
         )
     return lines

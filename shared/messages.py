@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -156,6 +156,15 @@ class JobStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+class JobCommand(StrEnum):
+    """The commands that run as jobs (``JobState.command``)."""
+
+    LOAD = "load"
+    UNLOAD = "unload"
+    SWITCH = "switch"
+    INSTALL = "install"
+
+
 class JobPhase(StrEnum):
     QUEUED = "queued"
     EVICTING = "evicting"
@@ -192,11 +201,84 @@ class ErrorInfo(Published):
     details: dict[str, Any] | None = None
 
 
+class JobRef(Published):
+    """A job started for a model, e.g. one of those an ``unload all`` queued."""
+
+    model: str
+    job_id: str
+
+
+class SwapTimings(Published):
+    """Seconds a load or switch waited on the servers."""
+
+    stop_s: float | None = Field(default=None, description="stopping the evicted models")
+    start_s: float | None = Field(default=None, description="launching the new server")
+    healthy_s: float | None = Field(default=None, description="from launch to healthy")
+
+
+class Loaded(Published):
+    """``result`` of a load or switch that succeeded."""
+
+    timings: SwapTimings = Field(default_factory=SwapTimings)
+    model: str
+    gpus: list[int]
+    vram_used_mb: int | None = Field(default=None, description="measured")
+    load_s: float | None = Field(default=None, description="start to healthy")
+    evicted: list[str] = Field(description="in the order they were stopped")
+    service: str = Field(description="the server's base URL")
+
+
+class Unloaded(Published):
+    """``result`` of an unload."""
+
+    model: str
+    freed_mb: int
+
+
+class RolledBack(Published):
+    """``result`` of a swap that failed or was cancelled after evicting models: the jobs
+    that start them again."""
+
+    restores: list[JobRef]
+
+
+class VramEstimate(Published):
+    """From the weights' safetensors metadata; an estimate until a load measures."""
+
+    vram_mb: int
+    parameters: int
+    dtype: str
+    weights_mb: int
+    overhead_mb: int
+    missing_shards: list[str] = Field(default_factory=list)
+    note: str
+
+
+class Installed(Published):
+    """``result`` of an install."""
+
+    name: str
+    repo: str
+    revision: str | None = None
+    path: str
+    size_mb: int
+    files: int
+    downloaded_mb: int = Field(description="what this install fetched (the rest was there)")
+    vram_estimate: VramEstimate | None = None
+    suggested_catalog_entry: dict[str, dict[str, Any]] = Field(
+        description="{name: entry} for the models: catalog, for an operator to finish"
+    )
+
+
+# Told apart by their required fields (each has one no other has).
+JobResult = Loaded | Unloaded | RolledBack | Installed
+
+
 class JobState(Published):
     """``P/H/jobs/<job_id>``: retained while relevant, then cleared with an empty payload."""
 
     job_id: str
-    command: str
+    command: JobCommand
     model: str | None = None
     repo: str | None = None
     request_id: str | None = None
@@ -211,7 +293,11 @@ class JobState(Published):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    result: dict[str, Any] | None = None
+    result: JobResult | None = Field(
+        default=None,
+        description="a load or switch that succeeded: Loaded; an unload: Unloaded; a swap "
+        "that failed or was cancelled after evicting: RolledBack; an install: Installed",
+    )
     error: ErrorInfo | None = None
     ts: datetime
 
@@ -258,13 +344,32 @@ class Severity(StrEnum):
     CRITICAL = "critical"
 
 
+class EventType(StrEnum):
+    """The events this agent raises; consumers must accept others (a newer agent's)."""
+
+    MODEL_LOADED = "model_loaded"
+    MODEL_UNLOADED = "model_unloaded"
+    MODEL_LOAD_FAILED = "model_load_failed"
+    MODEL_CRASHED = "model_crashed"
+    SWAP_COMPLETED = "swap_completed"
+    JOB_FAILED = "job_failed"
+    WEIGHTS_INSTALLED = "weights_installed"
+    WEIGHTS_UNINSTALLED = "weights_uninstalled"
+    VRAM_LEAK = "vram_leak"
+    GPU_LOST = "gpu_lost"
+    VRAM_HIGH = "vram_high"
+    VRAM_HIGH_CLEARED = "vram_high_cleared"
+    TEMPERATURE_HIGH = "temperature_high"
+    TEMPERATURE_HIGH_CLEARED = "temperature_high_cleared"
+    POWER_HIGH = "power_high"
+    POWER_HIGH_CLEARED = "power_high_cleared"
+
+
 class Event(Published):
     """``P/H/events`` (not retained): something happened worth telling people about."""
 
-    event_type: str = Field(
-        description="model_loaded, model_unloaded, model_load_failed, model_crashed, "
-        "swap_completed, job_failed, vram_high, temperature_high, vram_leak, gpu_lost, ..."
-    )
+    # A type this version does not know stays a plain string, never a validation error.
+    event_type: EventType | str
     severity: Severity
     message: str
     model: str | None = None
@@ -273,14 +378,20 @@ class Event(Published):
     ts: datetime = Field(default_factory=utc_now)
 
 
-class Reply(Published):
-    """The one answer to every command, on the response topic or ``P/H/reply/<command>``."""
+# What ``Reply.data`` holds; each command's shape is in ``shared.replies``.
+Data = TypeVar("Data")
+
+
+class Reply(Published, Generic[Data]):
+    """The one answer to every command, on the response topic or ``P/H/reply/<command>``.
+    ``Reply[Shape]`` types ``data`` (``shared.replies.REPLY_DATA`` names each command's);
+    a plain ``Reply`` leaves it as the JSON object it is."""
 
     request_id: str
     command: str
     status: Literal["ok", "error"]
     job_id: str | None = None
-    data: dict[str, Any] | None = None
+    data: Data | None = None
     error: ErrorInfo | None = None
     ts: datetime = Field(default_factory=utc_now)
 

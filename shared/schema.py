@@ -18,6 +18,7 @@ from shared.messages import (
     Reply,
     WeightsState,
 )
+from shared.replies import REPLY_DATA
 
 PUBLISHED: dict[str, type[BaseModel]] = {
     "info": HostInfo,
@@ -32,12 +33,14 @@ PUBLISHED: dict[str, type[BaseModel]] = {
 
 
 def all_schemas() -> dict[str, dict[str, Any]]:
-    """File name -> JSON Schema, for published payloads and for each command."""
+    """File name -> JSON Schema, for published payloads, each command and its reply."""
     schemas = {
         f"{name}.schema.json": model.model_json_schema() for name, model in PUBLISHED.items()
     }
     for command, model in COMMAND_MODELS.items():
         schemas[f"cmd-{command}.schema.json"] = model.model_json_schema()
+    for command, data in REPLY_DATA.items():
+        schemas[f"reply-{command}.schema.json"] = Reply[data].model_json_schema()  # type: ignore[valid-type]
     return schemas
 
 

@@ -7,7 +7,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
+from shared.commands import describe_validation_error
 from shared.messages import JobState, JobStatus, ModelLifecycle, ModelState, Reply
+from shared.replies import PLAN_RESULT, JobAccepted, PlanRefused
 from tui.format import gib
 
 _BUSY_STATES = frozenset({ModelLifecycle.LOADING, ModelLifecycle.UNLOADING})
@@ -32,27 +36,22 @@ class PlanSummary:
         return self.fits and bool(self.evict)
 
 
-def _mb_sum(values: Any) -> int:
-    if not isinstance(values, Mapping):
-        return 0
-    return sum(v for v in values.values() if isinstance(v, int))
-
-
 def summarize_plan(model: str, data: Mapping[str, Any] | None) -> PlanSummary:
-    """Read a plan reply's ``data`` defensively: an agent of another version may
-    leave fields out, and the operator must still get a sentence."""
-    data = data or {}
-    fits = data.get("fits") is True
-    listed = data.get("evict")
-    names = listed if isinstance(listed, list) else []
-    evict = tuple(name for name in names if isinstance(name, str))
-    freed = _mb_sum(data.get("freed_mb"))
-    free_after = data.get("free_after_mb")
-    after = _mb_sum(free_after) if isinstance(free_after, Mapping) else None
-    already = data.get("already_loaded") is True
-    if not fits:
-        message = str(data.get("message") or f"{model} does not fit")
-    elif already:
+    """A plan reply's ``data`` as the operator reads it; a reply that is not a plan (an
+    agent of another protocol version) is told as such, not guessed at."""
+    try:
+        plan = PLAN_RESULT.validate_python(data)
+    except ValidationError as exc:
+        unreadable = (
+            f"could not read the agent's plan for {model}: {describe_validation_error(exc)}"
+        )
+        return PlanSummary(model, False, False, (), 0, None, unreadable)
+    if isinstance(plan, PlanRefused):
+        return PlanSummary(model, False, False, (), 0, None, plan.message)
+    freed = sum(plan.freed_mb.values())
+    after = sum(plan.free_after_mb.values()) if plan.free_after_mb else None
+    evict = tuple(plan.evict)
+    if plan.already_loaded:
         message = f"{model} is already loaded; nothing to do."
     elif evict:
         message = f"Switching to {model} stops {', '.join(evict)}, freeing {gib(freed)}" + (
@@ -60,7 +59,7 @@ def summarize_plan(model: str, data: Mapping[str, Any] | None) -> PlanSummary:
         )
     else:
         message = f"{model} fits next to what runs; nothing is stopped."
-    return PlanSummary(model, fits, already, evict, freed, after, message)
+    return PlanSummary(model, True, plan.already_loaded, evict, freed, after, message)
 
 
 def force_reason(model: ModelState, jobs: Iterable[JobState]) -> str | None:
@@ -75,7 +74,7 @@ def force_reason(model: ModelState, jobs: Iterable[JobState]) -> str | None:
     return None
 
 
-def describe_reply(reply: Reply) -> tuple[bool, str]:
+def describe_reply(reply: Reply[Any]) -> tuple[bool, str]:
     """(ok, sentence) for a notification: an error says what was wrong."""
     if reply.status == "error":
         error = reply.error
@@ -83,9 +82,12 @@ def describe_reply(reply: Reply) -> tuple[bool, str]:
             return False, f"{reply.command} failed"
         return False, f"{reply.command} refused ({error.code.value}): {error.message}"
     if reply.job_id is not None:
-        data = reply.data or {}
-        position = data.get("queue_position")
-        joined = " (joined the same request)" if data.get("joined") is True else ""
-        where = f", queue position {position}" if isinstance(position, int) else ""
+        try:
+            accepted = JobAccepted.model_validate(reply.data)
+        except ValidationError:  # a wait reply: the job as it ended
+            return True, f"{reply.command} job {reply.job_id} done"
+        joined = " (joined the same request)" if accepted.joined else ""
+        position = accepted.queue_position
+        where = f", queue position {position}" if position is not None else ""
         return True, f"{reply.command} accepted as job {reply.job_id}{joined}{where}"
     return True, f"{reply.command}: ok"

@@ -269,13 +269,15 @@ class ModelbusApp(App[int]):
             return None
         return host, view.models[name]
 
-    async def _send(self, host: str, command: CommandName, fields: dict[str, Any]) -> Reply | None:
+    async def _send(
+        self, host: str, command: CommandName, fields: dict[str, Any]
+    ) -> Reply[Any] | None:
         if self.bridge is None:
             self.notify("Not connected to a broker.", severity="error")
             return None
         return await self.bridge.send(host, command, fields)
 
-    def _tell(self, reply: Reply | None, host: str) -> None:
+    def _tell(self, reply: Reply[Any] | None, host: str) -> None:
         if reply is None:
             return
         ok, sentence = describe_reply(reply)

@@ -68,7 +68,7 @@ class BusBridge:
         self._on_change = on_change
         self._on_link = on_link
         self._requests = Requests(self.prefix, "tui")
-        self._pending: dict[str, tuple[Request, asyncio.Future[Reply]]] = {}
+        self._pending: dict[str, tuple[Request, asyncio.Future[Reply[Any]]]] = {}
         self._client = ReconnectingClient(
             settings,
             # P/+/# also covers every P/H/reply/<ours> and P/H/reply/<command>.
@@ -136,13 +136,13 @@ class BusBridge:
 
     async def send(
         self, host: str, command: CommandName, fields: Mapping[str, Any] | None = None
-    ) -> Reply:
+    ) -> Reply[Any]:
         """Publish one command and wait for its reply. Never raises for bus trouble:
         not being connected, a lost connection or silence become an error reply
         the operator can read."""
         request = self._requests.make(host, command, fields)
         request_id = request.request_id
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Reply[Any]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = (request, future)
         try:
             # P/+/# covers both places the reply may come (docs/protocol.md, "Replies").
@@ -172,7 +172,9 @@ class BusBridge:
             self._pending.pop(request_id, None)
 
 
-def _local_error(command: CommandName, request_id: str, code: ErrorCode, message: str) -> Reply:
+def _local_error(
+    command: CommandName, request_id: str, code: ErrorCode, message: str
+) -> Reply[Any]:
     """A reply the TUI makes up itself when the agent's cannot come."""
     return Reply(
         request_id=request_id,

@@ -58,8 +58,9 @@ class Runtime(Protocol):
         """None while it runs; why it stopped otherwise."""
         ...
 
-    def logs(self, instance: Instance, lines: int = 20) -> list[str]:
-        """Its last output lines, for error reports."""
+    async def logs(self, instance: Instance, lines: int = 20) -> list[str]:
+        """Its last output lines, for error reports; never raises (an empty list when
+        they cannot be read), and never blocks the event loop."""
         ...
 
     async def adopt(self, specs: dict[str, ModelSpec]) -> list[Instance]:

@@ -107,19 +107,25 @@ class DockerRuntime:
             f"inspect the container of model '{instance.model}'", self._exit_status, instance
         )
 
-    def logs(self, instance: Instance, lines: int = 20) -> list[str]:
-        # Synchronous by protocol and used for error reports: never raises, and the
-        # client's HTTP timeout bounds how long a hung daemon can hold it.
+    async def logs(self, instance: Instance, lines: int = 20) -> list[str]:
+        # For error reports: a daemon that fails or hangs costs the report its lines,
+        # never the report (and never the event loop: two dockerd calls).
         if lines <= 0:
             return []
         try:
-            container = self._container(instance)
-            if container is None:
-                return []
-            output: bytes = container.logs(tail=lines)
-        except (self._docker.errors.DockerException, OSError):
+            output = await self._run(
+                f"read the log of model '{instance.model}'", self._tail, instance, lines
+            )
+        except RuntimeFailure:
             return []
         return output.decode(errors="replace").splitlines()[-lines:]
+
+    def _tail(self, instance: Instance, lines: int) -> bytes:
+        container = self._container(instance)
+        if container is None:
+            return b""
+        output: bytes = container.logs(tail=lines)
+        return output
 
     async def adopt(self, specs: dict[str, ModelSpec]) -> list[Instance]:
         return await self._run("list the running model containers", self._adopt, specs)

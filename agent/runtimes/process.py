@@ -312,9 +312,12 @@ class ProcessRuntime:
             return ExitStatus(None, "process ended (exit code unknown)")
         return _describe(process.returncode)
 
-    def logs(self, instance: Instance, lines: int = 20) -> list[str]:
+    async def logs(self, instance: Instance, lines: int = 20) -> list[str]:
         if lines <= 0 or not is_model_name(instance.model):
             return []
+        return await asyncio.to_thread(self._tail, instance, lines)
+
+    def _tail(self, instance: Instance, lines: int) -> list[str]:
         try:
             with self._log_path(instance.model).open("rb") as log:
                 size = log.seek(0, os.SEEK_END)

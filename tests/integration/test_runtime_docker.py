@@ -187,11 +187,12 @@ async def test_image_mode_start_logs_stop(
     assert instance.pid in instance.pids
     assert abs(instance.started_at - time.time()) < 30
 
-    log = await eventually(
-        lambda: asyncio.to_thread(lambda: runtime.logs(instance, 5) or None), "a log line"
-    )
+    async def log_lines() -> list[str] | None:
+        return await runtime.logs(instance, 5) or None
+
+    log = await eventually(log_lines, "a log line")
     assert any("response:200" in line for line in log)
-    assert len(runtime.logs(instance, 1)) == 1
+    assert len(await runtime.logs(instance, 1)) == 1
 
     started = time.monotonic()
     await runtime.stop(instance, timeout_s=5)
@@ -200,7 +201,7 @@ async def test_image_mode_start_logs_stop(
     assert not exists(client, instance.container_name)
     assert await runtime.exit_status(instance) == ExitStatus(None, "container was removed")
     assert await runtime.pids(instance) == frozenset()
-    assert runtime.logs(instance) == []
+    assert await runtime.logs(instance) == []
     await runtime.stop(instance, timeout_s=5)  # idempotent
 
 
@@ -243,7 +244,7 @@ async def test_exit_status_of_a_crashed_server_then_a_fresh_start(
 
     status = await eventually(lambda: runtime.exit_status(instance), "the exit")
     assert status == ExitStatus(3, "container exited with code 3")
-    assert runtime.logs(instance) == ["CUDA out of memory"]
+    assert await runtime.logs(instance) == ["CUDA out of memory"]
 
     # The exited container of ours is replaced, not in the way of the next start.
     fixed = image_spec("crasher")
@@ -347,7 +348,7 @@ async def test_unreachable_daemon_is_a_clear_failure(tmp_path: Path) -> None:
     instance = Instance(model="x", runtime="docker", container_name="modelbus-lab-x")
     with pytest.raises(RuntimeFailure, match="is dockerd running"):
         await runtime.exit_status(instance)
-    assert runtime.logs(instance) == []
+    assert await runtime.logs(instance) == []
 
 
 async def test_the_agent_runs_adopts_and_watches_a_docker_model(

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import sys
 
-from agent import service
+from agent import dispatch
 from modelbus import cli
 
-service.MAX_WAITING_COMMANDS = 5
+dispatch.MAX_WAITING_COMMANDS = 5
 
 if __name__ == "__main__":
     sys.exit(cli.main(sys.argv[1:]))

@@ -271,7 +271,7 @@ def test_job_round_trip_and_upsert(store: Database) -> None:
         "a",
         progress=1.0,
         finished_at=T0 + timedelta(seconds=42),
-        result={"gpu": [0]},
+        result={"model": "whisperx", "freed_mb": 1024},
     )
     store.save_job(done)
     assert store.get_job("a") == done

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.background import Background
 from agent.database import Database
 from agent.job_worker import JobWorker
 from agent.jobs import Job, JobFailure, SwapRequest
@@ -84,9 +85,11 @@ def load(model: str) -> Job[SwapRequest]:
     return Job(SwapRequest("load", model))
 
 
-async def test_a_cancel_ends_the_scope_and_recovery_runs_uncancelled(store: Database) -> None:
+async def test_a_cancel_ends_the_scope_and_recovery_runs_uncancelled(
+    store: Database, background: Background
+) -> None:
     runner, recorder = Runner(), Recorder()
-    worker = JobWorker(runner, store, recorder, name="swap", limit=4)
+    worker = JobWorker(runner, store, recorder, background, name="swap", limit=4)
     running = asyncio.create_task(worker.run())
     job, _ = worker.submit(load("a"))
     await runner.started.wait()
@@ -109,9 +112,11 @@ async def test_a_cancel_ends_the_scope_and_recovery_runs_uncancelled(store: Data
         await running
 
 
-async def test_failures_fail_the_job_not_the_worker(store: Database) -> None:
+async def test_failures_fail_the_job_not_the_worker(
+    store: Database, background: Background
+) -> None:
     runner, recorder = Runner(), Recorder()
-    worker = JobWorker(runner, store, recorder, name="swap", limit=4)
+    worker = JobWorker(runner, store, recorder, background, name="swap", limit=4)
     running = asyncio.create_task(worker.run())
     runner.finish_recover.set()
     runner.fail = JobFailure(ErrorCode.LOAD_FAILED, "it exited")
@@ -144,9 +149,11 @@ async def test_failures_fail_the_job_not_the_worker(store: Database) -> None:
         await running
 
 
-async def test_a_shutdown_ends_the_running_job_and_undoes_nothing(store: Database) -> None:
+async def test_a_shutdown_ends_the_running_job_and_undoes_nothing(
+    store: Database, background: Background
+) -> None:
     runner, recorder = Runner(), Recorder()
-    worker = JobWorker(runner, store, recorder, name="swap", limit=4)
+    worker = JobWorker(runner, store, recorder, background, name="swap", limit=4)
     running = asyncio.create_task(worker.run())
     job, _ = worker.submit(load("a"))
     await runner.started.wait()
@@ -164,9 +171,11 @@ class BrokenUndo(Runner):
         raise RuntimeError("a bug while undoing")
 
 
-async def test_a_failure_while_undoing_does_not_stop_the_worker(store: Database) -> None:
+async def test_a_failure_while_undoing_does_not_stop_the_worker(
+    store: Database, background: Background
+) -> None:
     runner, recorder = BrokenUndo(), Recorder()
-    worker = JobWorker(runner, store, recorder, name="swap", limit=4)
+    worker = JobWorker(runner, store, recorder, background, name="swap", limit=4)
     running = asyncio.create_task(worker.run())
     runner.fail = JobFailure(ErrorCode.LOAD_FAILED, "it exited")
     first, _ = worker.submit(load("a"))

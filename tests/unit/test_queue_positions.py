@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from agent.background import Background
 from agent.database import Database
 from agent.job_worker import QueuePositions, publish_job
 from agent.jobs import Job, JobQueue, SwapRequest
@@ -13,7 +14,7 @@ from shared.messages import Event, JobPhase, JobState
 
 async def settle(positions: QueuePositions) -> None:
     """Until the gathered changes are published (the pending publish has run)."""
-    pending = positions._pending
+    pending = positions._publish._task
     if pending is not None:
         await pending
 
@@ -34,10 +35,10 @@ class Recorder:
         pass
 
 
-async def test_a_burst_of_starts_republishes_each_moved_job_once() -> None:
+async def test_a_burst_of_starts_republishes_each_moved_job_once(background: Background) -> None:
     queue = JobQueue(limit=50)
     recorder = Recorder()
-    positions = QueuePositions(queue, recorder, coalesce_s=0.01)
+    positions = QueuePositions(queue, recorder, background, coalesce_s=0.01)
     for n in range(10):
         job, _ = queue.submit(Job(SwapRequest("load", f"m{n}")))
         positions.published(job.snapshot())  # each announced with its place
@@ -56,10 +57,10 @@ async def test_a_burst_of_starts_republishes_each_moved_job_once() -> None:
     assert len(recorder.published) == 5
 
 
-async def test_only_the_jobs_behind_a_change_are_republished() -> None:
+async def test_only_the_jobs_behind_a_change_are_republished(background: Background) -> None:
     queue = JobQueue(limit=50)
     recorder = Recorder()
-    positions = QueuePositions(queue, recorder, coalesce_s=0.01)
+    positions = QueuePositions(queue, recorder, background, coalesce_s=0.01)
     jobs = [queue.submit(Job(SwapRequest("load", f"m{n}")))[0] for n in range(4)]
     for job in jobs:
         positions.published(job.snapshot())
@@ -76,7 +77,6 @@ async def test_only_the_jobs_behind_a_change_are_republished() -> None:
     positions.moved()
     await settle(positions)
     assert recorder.published == []
-    positions.stop()
 
 
 async def test_a_progress_tick_that_changed_nothing_is_not_published(tmp_path: Path) -> None:

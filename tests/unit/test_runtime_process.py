@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -86,14 +86,6 @@ def start_ticks(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
 
 
-async def until(check: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def exited(runtime: ProcessRuntime, instance: Instance) -> ExitStatus:
     deadline = time.monotonic() + 10.0
     while (status := await runtime.exit_status(instance)) is None:
@@ -104,12 +96,16 @@ async def exited(runtime: ProcessRuntime, instance: Instance) -> ExitStatus:
 
 
 async def logged(runtime: ProcessRuntime, instance: Instance, text: str) -> list[str]:
-    await until(lambda: text in "\n".join(runtime.logs(instance, 50)), f"{text!r} in the log")
-    return runtime.logs(instance, 50)
+    deadline = time.monotonic() + 10.0
+    while text not in "\n".join(lines := await runtime.logs(instance, 50)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {text!r} in the log")
+        await asyncio.sleep(0.02)
+    return lines
 
 
-def child_pid(runtime: ProcessRuntime, instance: Instance) -> int:
-    line = next(line for line in runtime.logs(instance, 50) if line.startswith("child "))
+async def child_pid(runtime: ProcessRuntime, instance: Instance) -> int:
+    line = next(line for line in await runtime.logs(instance, 50) if line.startswith("child "))
     return int(line.split()[1])
 
 
@@ -184,14 +180,14 @@ async def test_logs_are_the_last_lines_of_a_bounded_tail(runtime: ProcessRuntime
     instance = await runtime.start(spec, {})
     await logged(runtime, instance, "done")
 
-    assert runtime.logs(instance, 3) == ["line 99998", "line 99999", "done"]
-    everything = runtime.logs(instance, 1_000_000)
+    assert await runtime.logs(instance, 3) == ["line 99998", "line 99999", "done"]
+    everything = await runtime.logs(instance, 1_000_000)
     assert sum(len(line) + 1 for line in everything) <= LOG_TAIL_BYTES
     # The window's cut first line is dropped; every line returned is whole.
     assert all(line == "done" or line.startswith("line ") for line in everything)
     first = int(everything[0].split()[1])
     assert everything[:-1] == [f"line {i}" for i in range(first, 100_000)]
-    assert runtime.logs(instance, 0) == []
+    assert await runtime.logs(instance, 0) == []
 
 
 async def test_logs_replace_undecodable_bytes_and_restart_truncates(
@@ -204,7 +200,7 @@ async def test_logs_replace_undecodable_bytes_and_restart_truncates(
 
     second = await runtime.start(make_spec(SLEEPER), {})
     assert await logged(runtime, second, "ready") == ["ready"]
-    assert runtime.logs(Instance("never-started", "process"), 5) == []
+    assert await runtime.logs(Instance("never-started", "process"), 5) == []
 
 
 async def test_stop_sends_sigterm_and_waits_for_the_exit(
@@ -219,7 +215,7 @@ async def test_stop_sends_sigterm_and_waits_for_the_exit(
 
     assert time.monotonic() - began < 5.0
     assert gone(instance.pid)
-    assert "got SIGTERM" in runtime.logs(instance)
+    assert "got SIGTERM" in await runtime.logs(instance)
     assert await runtime.exit_status(instance) == ExitStatus(0, "exited with code 0")
     assert not (state_dir / "pids" / "m1.json").exists()
 
@@ -230,7 +226,7 @@ async def test_stop_kills_a_group_that_ignores_sigterm(
 ) -> None:
     instance = await runtime.start(make_spec(STUBBORN, child_group), {})
     await logged(runtime, instance, "child ")
-    child = child_pid(runtime, instance)
+    child = await child_pid(runtime, instance)
     assert instance.pid is not None
     assert await runtime.pids(instance) == {instance.pid, child}
 
@@ -261,7 +257,7 @@ async def test_exit_status_of_a_crash(runtime: ProcessRuntime) -> None:
     instance = await runtime.start(make_spec(code), {})
 
     assert await exited(runtime, instance) == ExitStatus(3, "exited with code 3")
-    assert runtime.logs(instance) == ["out of memory"]
+    assert await runtime.logs(instance) == ["out of memory"]
 
 
 async def test_exit_status_of_a_signal(runtime: ProcessRuntime) -> None:
@@ -310,7 +306,7 @@ async def test_a_restarted_agent_adopts_and_stops_the_server(
     spec = make_spec(STUBBORN)
     original = await runtime.start(spec, {})
     await logged(runtime, original, "child ")
-    child = child_pid(runtime, original)
+    child = await child_pid(runtime, original)
     assert original.pid is not None
 
     restarted = ProcessRuntime(state_dir)  # the agent after a restart
@@ -324,7 +320,7 @@ async def test_a_restarted_agent_adopts_and_stops_the_server(
     assert instance.pids == {original.pid, child}
     assert await restarted.exit_status(instance) is None
     assert await restarted.pids(instance) == {original.pid, child}
-    assert runtime.logs(original) == restarted.logs(instance)
+    assert await runtime.logs(original) == await restarted.logs(instance)
 
     await restarted.stop(instance, 0.5)
 

@@ -16,6 +16,7 @@ from shared.messages import (
     ModelState,
     Reply,
 )
+from shared.replies import PlanFits, PlanRefused
 from tui.actions import describe_reply, force_reason, summarize_plan
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -61,28 +62,65 @@ def test_plan_with_evictions_names_them_and_the_memory_freed() -> None:
 
 
 def test_plan_that_does_not_fit_carries_the_agents_sentence() -> None:
-    data = {"model": "big", "fits": False, "message": "needs 40 GiB, GPU 0 has 32 GiB"}
+    data = PlanRefused(
+        model="big",
+        code=ErrorCode.INSUFFICIENT_VRAM,
+        message="needs 40 GiB, GPU 0 has 32 GiB",
+        required_mb=40960,
+        available_mb=32768,
+        evictable_mb=0,
+        gpus=[0],
+    ).model_dump(mode="json")
     summary = summarize_plan("big", data)
     assert not summary.fits and not summary.needs_confirmation
     assert summary.message == "needs 40 GiB, GPU 0 has 32 GiB"
 
 
+def fits(**fields: object) -> dict[str, object]:
+    plan = PlanFits.model_validate(
+        {
+            "model": "m",
+            "already_loaded": False,
+            "gpus": [0],
+            "evict": [],
+            "required_mb": 1024,
+            "free_before_mb": {"0": 4096},
+            "freed_mb": {"0": 0},
+            "free_after_mb": {"0": 3072},
+            **fields,
+        }
+    )
+    return plan.model_dump(mode="json")
+
+
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        ({"fits": True, "already_loaded": True}, "m is already loaded; nothing to do."),
-        ({"fits": True, "evict": []}, "m fits next to what runs; nothing is stopped."),
-        (None, "m does not fit"),
-        (
-            {"fits": True, "evict": "oops", "freed_mb": [1]},
-            "m fits next to what runs; nothing is stopped.",
-        ),
+        (fits(already_loaded=True), "m is already loaded; nothing to do."),
+        (fits(), "m fits next to what runs; nothing is stopped."),
     ],
 )
-def test_plan_summary_survives_partial_or_odd_data(
-    data: dict[str, object] | None, expected: str
-) -> None:
+def test_plan_summary_of_a_plan_that_stops_nothing(data: dict[str, object], expected: str) -> None:
     assert summarize_plan("m", data).message == expected
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (None, "field 'payload'"),
+        ({"fits": True, "evict": []}, "missing field"),
+        ({**fits(), "evict": "oops"}, "evict"),
+    ],
+)
+def test_a_reply_that_is_not_a_plan_is_told_not_guessed(
+    data: dict[str, object] | None, problem: str
+) -> None:
+    """An agent of another version: the operator is told the plan could not be read,
+    and nothing is offered for confirmation."""
+    summary = summarize_plan("m", data)
+    assert not summary.fits and not summary.needs_confirmation
+    assert summary.message.startswith("could not read the agent's plan for m: ")
+    assert problem in summary.message
 
 
 def test_force_reason_for_pinned_busy_and_job_bound_models() -> None:
