@@ -4,8 +4,9 @@
   so the planner and the ETAs get better than the catalog's estimates.
 - Job history: every job's last published state, so a restarted agent can fail the
   jobs it was running instead of leaving them "running" forever.
-- Loaded instances: what the agent started, in the runtime's own terms, so a restarted
-  agent knows what it owns (alongside the runtimes' pid files and container labels).
+- The last ``LOADS_KEPT_PER_MODEL`` loads of each model (VRAM, load time, when).
+
+What the agent started is found again by its runtimes (pid files, container labels), not here.
 
 Plain ``sqlite3``, no ORM. The schema version lives in ``PRAGMA user_version``;
 ``MIGRATIONS[n]`` takes a database from version ``n`` to ``n + 1``, so a later release
@@ -21,7 +22,6 @@ each), so the lock is never held for long.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sqlite3
@@ -89,6 +89,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             data TEXT NOT NULL
         )""",
     ),
+    # 1 -> 2: instances and a model's last use were never read; what runs is found by the
+    # runtimes (pid files, container labels), when a model was used is kept in memory.
+    ("DROP TABLE instances", "ALTER TABLE models DROP COLUMN last_used_at"),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -106,7 +109,6 @@ class ModelFacts:
     load_s: float | None  # exponentially weighted average (LOAD_TIME_ALPHA)
     load_count: int
     last_loaded_at: float | None
-    last_used_at: float | None
 
 
 class Database:
@@ -203,32 +205,10 @@ class Database:
                 {"model": model, "keep": LOADS_KEPT_PER_MODEL},
             )
 
-    def record_usage(self, model: str, at: float) -> None:
-        """Remember that ``model`` served a request (or was otherwise used) at ``at``."""
-        with self._transaction() as db:
-            db.execute(
-                """INSERT INTO models (model, last_used_at) VALUES (?, ?)
-                ON CONFLICT (model) DO UPDATE SET last_used_at = excluded.last_used_at""",
-                (model, at),
-            )
-
     def model_facts(self, model: str) -> ModelFacts | None:
         with self._locked() as db:
             row = db.execute(f"{_FACTS_QUERY} WHERE model = ?", (model,)).fetchone()
         return None if row is None else _facts(row)
-
-    def all_model_facts(self) -> dict[str, ModelFacts]:
-        with self._locked() as db:
-            rows = db.execute(f"{_FACTS_QUERY} ORDER BY model").fetchall()
-        return {facts.model: facts for facts in map(_facts, rows)}
-
-    def load_history(self, model: str) -> list[tuple[int | None, float, float]]:
-        """The kept loads of ``model`` as (vram_mb, load_s, at), oldest first."""
-        with self._locked() as db:
-            rows = db.execute(
-                "SELECT vram_mb, load_s, at FROM loads WHERE model = ? ORDER BY id", (model,)
-            ).fetchall()
-        return [(row[0], row[1], row[2]) for row in rows]
 
     # ---- job history -----------------------------------------------------
 
@@ -254,31 +234,6 @@ class Database:
                         LIMIT -1 OFFSET {JOBS_KEPT})""",
                     _UNFINISHED,
                 )
-
-    def get_job(self, job_id: str) -> JobState | None:
-        with self._locked() as db:
-            row = db.execute("SELECT job_id, body FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        return None if row is None else self._decode_job(row[0], row[1])
-
-    def recent_jobs(self, limit: int = 50) -> list[JobState]:
-        """The newest ``limit`` jobs, newest (by ``created_at``) first."""
-        if limit < 0:
-            raise ValueError(f"limit must be >= 0, not {limit}")
-        with self._locked() as db:
-            rows = db.execute(
-                "SELECT job_id, body FROM jobs ORDER BY created_at DESC, seq DESC LIMIT ?",
-                (limit,),
-            ).fetchall()
-        return self._decode_jobs(rows)
-
-    def unfinished_jobs(self) -> list[JobState]:
-        """Queued and running jobs, oldest first (queue order)."""
-        with self._locked() as db:
-            rows = db.execute(
-                "SELECT job_id, body FROM jobs WHERE state IN (?, ?) ORDER BY created_at, seq",
-                _UNFINISHED,
-            ).fetchall()
-        return self._decode_jobs(rows)
 
     def fail_interrupted_jobs(self, reason: str, at: datetime) -> list[JobState]:
         """Mark every queued or running job failed (an ``internal`` error saying
@@ -317,36 +272,6 @@ class Database:
                 failed.append(job)
         return failed
 
-    # ---- loaded instances ------------------------------------------------
-
-    def save_instance(self, model: str, data: dict[str, Any]) -> None:
-        """Remember the running instance of ``model``; ``data`` must be JSON-serialisable."""
-        text = json.dumps(data)
-        with self._transaction() as db:
-            db.execute(
-                """INSERT INTO instances (model, data) VALUES (?, ?)
-                ON CONFLICT (model) DO UPDATE SET data = excluded.data""",
-                (model, text),
-            )
-
-    def remove_instance(self, model: str) -> None:
-        with self._transaction() as db:
-            db.execute("DELETE FROM instances WHERE model = ?", (model,))
-
-    def instances(self) -> dict[str, dict[str, Any]]:
-        with self._locked() as db:
-            rows = db.execute("SELECT model, data FROM instances ORDER BY model").fetchall()
-        result: dict[str, dict[str, Any]] = {}
-        for model, text in rows:
-            data = json.loads(text)
-            if isinstance(data, dict):
-                result[model] = data
-            else:
-                log.warning(
-                    "ignoring the saved instance of %s in %s: not a JSON object", model, self.path
-                )
-        return result
-
     # ---- plumbing --------------------------------------------------------
 
     @contextmanager
@@ -378,10 +303,6 @@ class Database:
                 raise
             db.execute("COMMIT")
 
-    def _decode_jobs(self, rows: list[tuple[str, str]]) -> list[JobState]:
-        jobs = (self._decode_job(job_id, body) for job_id, body in rows)
-        return [job for job in jobs if job is not None]
-
     def _decode_job(self, job_id: str, body: str) -> JobState | None:
         try:
             return JobState.model_validate_json(body)
@@ -393,14 +314,12 @@ class Database:
             return None
 
 
-_FACTS_QUERY = (
-    "SELECT model, last_vram_mb, load_s_avg, load_count, last_loaded_at, last_used_at FROM models"
-)
+_FACTS_QUERY = "SELECT model, last_vram_mb, load_s_avg, load_count, last_loaded_at FROM models"
 
 
 def _facts(row: tuple[Any, ...]) -> ModelFacts:
-    model, vram_mb, load_s, load_count, last_loaded_at, last_used_at = row
-    return ModelFacts(model, vram_mb, load_s, load_count, last_loaded_at, last_used_at)
+    model, vram_mb, load_s, load_count, last_loaded_at = row
+    return ModelFacts(model, vram_mb, load_s, load_count, last_loaded_at)
 
 
 def _job_row(job: JobState) -> tuple[str, str, str | None, str, float, float | None, str]:

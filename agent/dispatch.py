@@ -5,9 +5,10 @@ bug in a handler, gets past one error reply; the message loop goes on."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
+from agent.background import Background
 from agent.intake import Intake, command_level, read_command, refused_intake
 from bus.mqtt import MAX_PUBLISH_BYTES, Connection, Message, ReconnectingClient
 from shared.commands import MAX_COMMAND_BYTES, CommandError
@@ -27,18 +28,26 @@ class CommandDispatcher:
         self,
         topics: HostTopics,
         client: ReconnectingClient,
+        background: Background,
         *,
         executed: Callable[[], Awaitable[None]],
     ) -> None:
         self._topics = topics
         self._client = client
+        self._background = background
         self._executed = executed
         self._handlers: dict[str, CommandHandler] = {}
+        # Commands whose work may take long (deleting 40 GB of weights): they run beside
+        # the intake, so the commands after them are read and answered meanwhile.
+        self._beside: set[str] = set()
         # Retained commands we cleared: their empty echo is not a new command.
         self._pending_clears: set[str] = set()
 
-    def register(self, handlers: Mapping[str, CommandHandler]) -> None:
+    def register(
+        self, handlers: Mapping[str, CommandHandler], *, beside: Collection[str] = ()
+    ) -> None:
         self._handlers.update(handlers)
+        self._beside.update(beside)
 
     @property
     def commands(self) -> list[str]:
@@ -87,8 +96,16 @@ class CommandDispatcher:
                     f"{MAX_WAITING_COMMANDS}); the command was not executed, try again shortly",
                 )
             )
+        elif intake.command is not None and intake.command_name in self._beside:
+            self._background.spawn(self._answer(intake), name=f"command-{intake.request_id}")
+            return
         else:
             reply = await self._execute(intake)
+        if reply is not None:
+            self.send_reply(intake, reply)
+
+    async def _answer(self, intake: Intake) -> None:
+        reply = await self._execute(intake)
         if reply is not None:
             self.send_reply(intake, reply)
 

@@ -72,10 +72,18 @@ class Installer:
             limit=config.queue_limit,
         )
         self._stopping = False
+        # Weights whose files an uninstall is deleting now.
+        self._removing: set[str] = set()
+
+    def _refuse_while_removing(self, name: str) -> None:
+        if name in self._removing:
+            raise CommandError(
+                ErrorCode.BUSY, f"{name!r} is being uninstalled; try again once it is gone"
+            )
 
     # ---- what others ask -------------------------------------------------
 
-    def submit(
+    async def submit(
         self, command: InstallCommand, *, request_id: str | None
     ) -> tuple[Job[InstallRequest], bool]:
         repo = command.repo
@@ -86,7 +94,8 @@ class Installer:
             )
         name = command.name or default_name(repo)
         self.weights.path_for(name)  # refuses names that could reach outside
-        holder = self._holder(name)
+        self._refuse_while_removing(name)
+        holder = await asyncio.to_thread(self._holder, name)
         if holder is not None and holder != repo:
             raise CommandError(
                 ErrorCode.INVALID_PAYLOAD,
@@ -114,23 +123,31 @@ class Installer:
         return await self.worker.cancel(job_id)
 
     async def uninstall(self, name: str) -> Uninstalled:
+        """Delete ``name``'s files, in a thread: this runs beside the command intake."""
         path = self.weights.path_for(name)
+        self._refuse_while_removing(name)
         for active in self.worker.active():
             if active.request.name == name:
                 raise CommandError(
                     ErrorCode.BUSY,
                     f"job {active.job_id} is installing {name!r}; cancel it first",
                 )
-        users = [m for m in self.used_by().get(name, []) if self.model_loaded(m)]
+        used_by = await asyncio.to_thread(self.used_by)
+        users = [m for m in used_by.get(name, []) if self.model_loaded(m)]
         if users:
             raise CommandError(
                 ErrorCode.BUSY,
                 f"{name!r} is used by loaded model(s) {', '.join(users)}; unload them first",
             )
         installed = await asyncio.to_thread(self.weights.manifest, name)
-        if installed is None and not path.is_dir():
+        if installed is None and not await asyncio.to_thread(path.is_dir):
             raise CommandError(ErrorCode.NOT_FOUND, f"no weights named {name!r} are installed")
-        freed = await asyncio.to_thread(self.weights.remove, name)
+        self._refuse_while_removing(name)  # a second uninstall may have started meanwhile
+        self._removing.add(name)
+        try:
+            freed = await asyncio.to_thread(self.weights.remove, name)
+        finally:
+            self._removing.discard(name)
         await self.publish_state()
         await self.publisher.event(
             Event(

@@ -41,6 +41,9 @@ class ModelCommands:
         # Cancels that answer once their job has ended.
         self._cancelling: dict[str, list[Intake]] = {}
 
+    # Deleting weights can take minutes: the intake goes on meanwhile.
+    slow_commands = frozenset({CommandName.UNINSTALL})
+
     def handlers(self) -> dict[str, Handler]:
         return {
             CommandName.LOAD: self._job_command,
@@ -52,10 +55,10 @@ class ModelCommands:
             CommandName.CANCEL: self._cancel,
         }
 
-    def _submit(self, intake: Intake) -> tuple[Job[Any], bool]:
+    async def _submit(self, intake: Intake) -> tuple[Job[Any], bool]:
         command = intake.command
         if isinstance(command, InstallCommand):
-            return self.installer.submit(command, request_id=intake.request_id)
+            return await self.installer.submit(command, request_id=intake.request_id)
         priority = 0
         if isinstance(command, LoadCommand):
             request = SwapRequest(JobCommand.LOAD, command.model, gpu=command.gpu)
@@ -78,7 +81,7 @@ class ModelCommands:
         command = intake.command
         if isinstance(command, UnloadCommand) and command.all:
             return self._unload_all(intake, command)
-        job, joined = self._submit(intake)
+        job, joined = await self._submit(intake)
         if getattr(intake.command, "wait", False):
             self._waiting.setdefault(job.job_id, []).append(intake)
             return None

@@ -89,7 +89,9 @@ class AgentService:
             name="agent",
         )
         self._protocol: str = "5"
-        self.dispatcher = CommandDispatcher(self.topics, self.client, executed=self._executed)
+        self.dispatcher = CommandDispatcher(
+            self.topics, self.client, self.background, executed=self._executed
+        )
         self._publish_state = Debounced(
             self.background,
             lambda: self.telemetry.publish_state(),
@@ -130,7 +132,9 @@ class AgentService:
             self.lifecycle, self.installer, self.dispatcher.send_reply
         )
         self.dispatcher.register({CommandName.STATUS: self._status})
-        self.dispatcher.register(self.model_commands.handlers())
+        self.dispatcher.register(
+            self.model_commands.handlers(), beside=self.model_commands.slow_commands
+        )
         self.discovery = DiscoveryPublisher(
             ha,
             self.topics,

@@ -17,8 +17,8 @@ offset     size    content
 64         128*N   one row per GPU: name 64s (UTF-8, NUL padded), memory_total_mb u64,
                    foreign_mb u64, power_limit_w f64, idle_power_w f64, padding
 64+128*N   96*256  process slots: pid u32, state u8 (0 free, 1 active, 2 releasing), 3 pad,
-                   gpu u32, utilization_percent u32, process start time u64 (clock ticks
-                   since boot, field 22 of /proc/<pid>/stat), used_mb u64,
+                   gpu u32, utilization_percent u32, process start time u64 (hundredths
+                   of a second since the epoch, as ``agent.processes`` reads it), used_mb u64,
                    release_at f64 (``time.time()``, shared by all processes), name 56s
 =========  ======  =====================================================================
 
@@ -57,6 +57,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Self
 
+from agent import processes
 from agent.gpu.base import DriverInfo, GpuProcessSample, GpuSample, GpuUnavailableError
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,6 @@ _GPU_NAME_BYTES = 64
 
 _FREE, _ACTIVE, _RELEASING = 0, 1, 2
 
-_HAVE_PROC = os.path.exists("/proc/self/stat")
 _CREATE_ATTEMPTS = 10
 
 
@@ -145,36 +145,20 @@ class SimGpuSpec:
 
 
 def process_start_time(pid: int) -> int | None:
-    """The start time of a live process (clock ticks since boot), or None when it is
-    gone or a zombie. Without /proc, a live process reports 0 and reuse goes unnoticed."""
-    if pid <= 0:
-        return None
-    if not _HAVE_PROC:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return 0
-        return 0
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            data = stat.read()
-    except OSError:
-        return None
-    # The command name may hold spaces and parentheses: the fields start after the last ')'.
-    fields = data[data.rfind(b")") + 2 :].split()
-    if len(fields) < 20 or fields[0] in (b"Z", b"X", b"x"):
-        return None
-    return int(fields[19])
+    """When a live process started, in hundredths of a second since the epoch (what a
+    slot holds), or None when it is gone or a zombie."""
+    started = processes.start_time(pid)
+    return None if started is None else round(started * 100)
+
+
+def _holds_slot(slot: _Slot) -> bool:
+    """Whether the process that took ``slot`` is still alive (not a newer one with its pid)."""
+    started = processes.start_time(slot.pid)
+    return started is not None and processes.same_start(started, slot.start_time / 100)
 
 
 def _process_name(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm", "rb") as comm:
-            return comm.read().strip().decode("utf-8", "replace") or f"pid{pid}"
-    except OSError:
-        return f"pid{pid}"
+    return processes.name(pid) or f"pid{pid}"
 
 
 def _encode_name(name: str, size: int) -> bytes:
@@ -484,7 +468,7 @@ class _Store:
         for slot in slots:
             if slot.state == _RELEASING and slot.release_at <= now:
                 return True
-            if slot.state == _ACTIVE and process_start_time(slot.pid) != slot.start_time:
+            if slot.state == _ACTIVE and not _holds_slot(slot):
                 return True
         return False
 
@@ -497,7 +481,7 @@ class _Store:
                 slot.clear()
                 self.write_slot(slot)
                 changed = True
-            elif slot.state == _ACTIVE and process_start_time(slot.pid) != slot.start_time:
+            elif slot.state == _ACTIVE and not _holds_slot(slot):
                 self.start_release(slot, now)
                 changed = True
         return changed

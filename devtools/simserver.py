@@ -46,6 +46,7 @@ from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit
 
+from agent import processes
 from devtools.gpu_sim import SimGpuClient, SimGpuError, SimStoreError
 
 ENV_MODEL = "MODELBUS_MODEL"
@@ -286,9 +287,7 @@ ENV_TIMINGS = "MODELBUS_SIM_TIMINGS"
 def _process_started_at() -> float:
     """When this process was created (epoch seconds, clock-tick resolution), so the
     interpreter's start-up counts as the server's time, not the agent's."""
-    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-    age_s = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
-    return time.time() - age_s
+    return processes.start_time(os.getpid()) or time.time()
 
 
 def _record_timing(model: str, event: str, at: float | None = None) -> None:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from agent import processes
 from agent.gpu.base import DriverInfo, GpuProcessSample, GpuSample, GpuUnavailableError
 
 BYTES_PER_MIB = 1024 * 1024
@@ -296,7 +296,7 @@ class NvmlBackend:
 
     def _process_name(self, pid: int) -> str | None:
         name = _text(self._system_query("nvmlSystemGetProcessName", pid))
-        return name or _proc_comm(pid)
+        return name or processes.name(pid)  # None: exited, or another PID namespace
 
     # ---- the one query wrapper ---------------------------------------------
 
@@ -376,10 +376,3 @@ def _process_mib(used_bytes: int | None) -> int | None:
     if used_bytes is None or used_bytes == NVML_VALUE_NOT_AVAILABLE_ULL or used_bytes < 0:
         return None
     return int(used_bytes) // BYTES_PER_MIB
-
-
-def _proc_comm(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip() or None
-    except OSError:
-        return None  # exited, another PID namespace, or not Linux

@@ -7,9 +7,9 @@ pipe would break (SIGPIPE) when the agent exits, and the server must survive tha
 to be adopted by the next agent.
 
 What the next agent needs to find it again lives in ``<state_dir>/pids/<model>.json``:
-the pid, the process start time (field 22 of ``/proc/<pid>/stat``, clock ticks since
-boot) and the boot id, so that a pid the kernel has since given to another process
-is never mistaken for the server. Output is in ``<state_dir>/logs/<model>.log``.
+the pid, the process start time and the boot id (``agent.processes``), so that a pid the
+kernel has since given to another process is never mistaken for the server. Output is
+in ``<state_dir>/logs/<model>.log``. Every file and ``/proc`` read runs off the event loop.
 
 Nothing here goes through a shell: argv is executed as given, after macro expansion.
 """
@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent import processes
 from agent.catalog import ModelSpec
 from agent.runtimes.base import ExitStatus, Instance, RuntimeFailure
 from shared.topics import is_model_name
@@ -42,75 +43,6 @@ KILL_WAIT_S = 5.0
 REAP_WAIT_S = 2.0
 # The agent's own secrets: model servers run third-party code and never need them.
 PRIVATE_ENV = frozenset({"MODELBUS_BROKER_PASSWORD"})
-
-_PROC = Path("/proc")
-_BOOT_ID = _PROC / "sys" / "kernel" / "random" / "boot_id"
-
-
-# ---- /proc -------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Stat:
-    state: str
-    pgid: int
-    sid: int
-    start_ticks: int
-
-    @property
-    def ended(self) -> bool:
-        # A zombie holds no memory and runs no code: for us it has exited.
-        return self.state in ("Z", "X", "x")
-
-
-def _stat(pid: int) -> _Stat | None:
-    """``/proc/<pid>/stat``, or None when there is no such process."""
-    try:
-        raw = (_PROC / str(pid) / "stat").read_bytes()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = raw.rpartition(b")")[2].split()
-    try:
-        return _Stat(
-            state=fields[0].decode("ascii", errors="replace"),
-            pgid=int(fields[2]),
-            sid=int(fields[3]),
-            start_ticks=int(fields[19]),
-        )
-    except (IndexError, ValueError):
-        return None
-
-
-def _running(pid: int, start_ticks: int | None) -> bool:
-    """Whether ``pid`` is alive and still the process that started at ``start_ticks``."""
-    stat = _stat(pid)
-    if stat is None or stat.ended:
-        return False
-    return start_ticks is None or stat.start_ticks == start_ticks
-
-
-def _members(leader: int) -> frozenset[int]:
-    """Live pids in the process group or session that ``leader`` started."""
-    found: set[int] = set()
-    try:
-        entries = list(os.scandir(_PROC))
-    except OSError:
-        return frozenset()
-    for entry in entries:
-        if not entry.name.isdigit():
-            continue
-        stat = _stat(int(entry.name))
-        if stat is not None and not stat.ended and leader in (stat.pgid, stat.sid):
-            found.add(int(entry.name))
-    return frozenset(found)
-
-
-def _boot_id() -> str | None:
-    try:
-        return _BOOT_ID.read_text().strip() or None
-    except OSError:
-        return None
 
 
 def _describe(returncode: int) -> ExitStatus:
@@ -131,9 +63,9 @@ class _PidRecord:
     """What a pid file says."""
 
     pid: int
-    start_ticks: int | None
+    start_time: float | None  # when the process started, as agent.processes reads it
     boot_id: str | None
-    started_at: float
+    started_at: float  # when the agent launched it
 
     @classmethod
     def parse(cls, text: str) -> _PidRecord | None:
@@ -143,17 +75,24 @@ class _PidRecord:
             return None
         if not isinstance(data, dict):
             return None
-        pid, ticks = data.get("pid"), data.get("start_ticks")
+        pid, start_time = data.get("pid"), data.get("start_time")
         boot_id, started_at = data.get("boot_id"), data.get("started_at", 0.0)
         if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
             return None
-        if ticks is not None and (not isinstance(ticks, int) or isinstance(ticks, bool)):
+        ticks = data.get("start_ticks")  # what pid files of earlier versions recorded
+        if start_time is None and _is_number(ticks) and isinstance(ticks, int):
+            start_time = processes.ticks_to_start_time(ticks)
+        if start_time is not None and not _is_number(start_time):
             return None
         if boot_id is not None and not isinstance(boot_id, str):
             return None
-        if not isinstance(started_at, int | float) or isinstance(started_at, bool):
+        if not _is_number(started_at):
             return None
-        return cls(pid, ticks, boot_id, float(started_at))
+        return cls(pid, start_time, boot_id, float(started_at))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass(slots=True)
@@ -162,22 +101,23 @@ class _Tracked:
 
     model: str
     pid: int
-    start_ticks: int | None
+    start_time: float | None
     process: asyncio.subprocess.Process | None = None
 
-    def leader_running(self) -> bool:
-        if self.process is not None and self.process.returncode is not None:
-            return False
-        return _running(self.pid, self.start_ticks)
+    async def leader_running(self) -> bool:
+        if self.process is not None:
+            # Our own child: the event loop collects it the moment it ends.
+            return self.process.returncode is None
+        return await asyncio.to_thread(processes.is_running, self.pid, self.start_time)
 
-    def owns_group(self) -> bool:
+    async def owns_group(self) -> bool:
         """False once the leader's pid belongs to another process. While any member of
         the group is left, the kernel does not reuse its id, so with the leader gone
         whatever still carries that group id is ours."""
-        if self.start_ticks is None:
+        if self.start_time is None:
             return True
-        stat = _stat(self.pid)
-        return stat is None or stat.start_ticks == self.start_ticks
+        now = await asyncio.to_thread(processes.start_time, self.pid)
+        return now is None or processes.same_start(now, self.start_time)
 
 
 # ---- the runtime -----------------------------------------------------------------
@@ -193,7 +133,7 @@ class ProcessRuntime:
         self.state_dir = state_dir
         self._pid_dir = state_dir / "pids"
         self._log_dir = state_dir / "logs"
-        self._boot_id = _boot_id()
+        self._boot_id = processes.boot_id()
         self._tracked: dict[int, _Tracked] = {}
 
     # -- Runtime protocol --
@@ -205,25 +145,21 @@ class ProcessRuntime:
                 f"{spec.name} has no 'process:' block, so the process runtime cannot start it"
             )
         pid_path, log_path = self._pid_path(spec.name), self._log_path(spec.name)
-        previous = self._read_pid_file(spec.name)
-        if previous is not None and self._is_current(previous):
+        previous = await asyncio.to_thread(self._read_pid_file, spec.name)
+        if previous is not None and await asyncio.to_thread(self._is_current, previous):
             raise RuntimeFailure(
                 f"{spec.name} is already running as pid {previous.pid}; stop it before "
                 "starting it again"
             )
         argv = [spec.expand(arg) for arg in launch.argv]
         cwd = Path(spec.expand(str(launch.cwd))) if launch.cwd is not None else None
-        if cwd is not None and not cwd.is_dir():
+        if cwd is not None and not await asyncio.to_thread(cwd.is_dir):
             raise RuntimeFailure(
                 f"cannot start {spec.name}: its working directory {cwd} does not exist "
                 "(process.cwd in the catalog)"
             )
         try:
-            self._pid_dir.mkdir(parents=True, exist_ok=True)
-            self._log_dir.mkdir(parents=True, exist_ok=True)
-            # O_APPEND: the server's children share this descriptor, and appends never
-            # overwrite each other.
-            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+            log_fd = await asyncio.to_thread(self._open_log, log_path)
         except OSError as exc:
             raise RuntimeFailure(
                 f"cannot start {spec.name}: cannot write its log under {self.state_dir} "
@@ -257,21 +193,23 @@ class ProcessRuntime:
             os.close(log_fd)
 
         pid = process.pid
-        stat = _stat(pid)
-        tracked = _Tracked(spec.name, pid, stat.start_ticks if stat else None, process)
+        started = await asyncio.to_thread(processes.start_time, pid)
+        tracked = _Tracked(spec.name, pid, started, process)
         self._forget(spec.name)
         self._tracked[pid] = tracked
         started_at = time.time()
         record = {
             "model": spec.name,
             "pid": pid,
-            "start_ticks": tracked.start_ticks,
+            "start_time": tracked.start_time,
             "boot_id": self._boot_id,
             "argv": argv,
             "started_at": started_at,
         }
         try:
-            self._write_atomically(pid_path, json.dumps(record, indent=2) + "\n")
+            await asyncio.to_thread(
+                self._write_atomically, pid_path, json.dumps(record, indent=2) + "\n"
+            )
         except OSError as exc:
             # Without a pid file a restarted agent would never find it again, and its
             # VRAM would be held by no one the agent knows: better not to run it.
@@ -291,17 +229,17 @@ class ProcessRuntime:
     async def stop(self, instance: Instance, timeout_s: float) -> None:
         if instance.pid is None:
             return
-        tracked = self._tracking(instance)
+        tracked = await self._tracking(instance)
         await self._terminate(tracked, timeout_s)
         # Still tracked, so that exit_status() can tell how it ended; start() forgets it.
-        self._remove_pid_file(instance.model, tracked.pid)
+        await asyncio.to_thread(self._remove_pid_file, instance.model, tracked.pid)
 
     async def exit_status(self, instance: Instance) -> ExitStatus | None:
         if instance.pid is None:
             return ExitStatus(None, "process ended (no pid was recorded)")
-        tracked = self._tracking(instance)
+        tracked = await self._tracking(instance)
         process = tracked.process
-        if tracked.leader_running():
+        if await tracked.leader_running():
             return None
         if process is None:
             return ExitStatus(
@@ -337,19 +275,14 @@ class ProcessRuntime:
         for model in sorted(specs):
             if not is_model_name(model):
                 continue
-            path = self._pid_path(model)
-            if not path.exists():
-                continue
-            record = self._read_pid_file(model)
-            if record is None or not self._is_current(record):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+            record = await asyncio.to_thread(self._current_pid_file, model)
+            if record is None:
                 continue
             known = self._tracked.get(record.pid)
             if known is None or known.model != model:
                 self._forget(model)
-                self._tracked[record.pid] = _Tracked(model, record.pid, record.start_ticks)
-            group = await asyncio.to_thread(_members, record.pid)
+                self._tracked[record.pid] = _Tracked(model, record.pid, record.start_time)
+            group = await asyncio.to_thread(processes.members, record.pid)
             adopted.append(
                 Instance(
                     model=model,
@@ -362,9 +295,9 @@ class ProcessRuntime:
         return adopted
 
     async def pids(self, instance: Instance) -> frozenset[int]:
-        if instance.pid is None or not self._tracking(instance).owns_group():
+        if instance.pid is None or not await (await self._tracking(instance)).owns_group():
             return frozenset()
-        return await asyncio.to_thread(_members, instance.pid)
+        return await asyncio.to_thread(processes.members, instance.pid)
 
     def _forget(self, model: str) -> None:
         """Drop earlier servers of ``model`` (ended: start() refuses a running one)."""
@@ -375,20 +308,20 @@ class ProcessRuntime:
 
     async def _terminate(self, tracked: _Tracked, timeout_s: float) -> None:
         """SIGTERM the group, give it ``timeout_s`` to go, then SIGKILL what is left."""
-        if not tracked.owns_group():
+        if not await tracked.owns_group():
             return
         self._signal_group(tracked, signal.SIGTERM)
         deadline = time.monotonic() + max(0.0, timeout_s)
         leader_gone = await self._wait_leader(tracked, deadline)
-        left = await asyncio.to_thread(_members, tracked.pid)
+        left = await asyncio.to_thread(processes.members, tracked.pid)
         # The leader went in time: give its workers the rest of the time to follow it.
         while leader_gone and left and time.monotonic() < deadline:
             await asyncio.sleep(GROUP_POLL_S)
-            left = await asyncio.to_thread(_members, tracked.pid)
+            left = await asyncio.to_thread(processes.members, tracked.pid)
         if leader_gone and not left:
             await self._reap(tracked)
             return
-        if not tracked.owns_group():
+        if not await tracked.owns_group():
             return
         self._signal_group(tracked, signal.SIGKILL)
         # Members that moved to a group of their own are still in the session.
@@ -397,10 +330,10 @@ class ProcessRuntime:
                 os.kill(pid, signal.SIGKILL)
         kill_deadline = time.monotonic() + KILL_WAIT_S
         leader_gone = await self._wait_leader(tracked, kill_deadline)
-        left = await asyncio.to_thread(_members, tracked.pid)
+        left = await asyncio.to_thread(processes.members, tracked.pid)
         while left and time.monotonic() < kill_deadline:
             await asyncio.sleep(GROUP_POLL_S)
-            left = await asyncio.to_thread(_members, tracked.pid)
+            left = await asyncio.to_thread(processes.members, tracked.pid)
         await self._reap(tracked)
         if not leader_gone or left:
             raise RuntimeFailure(
@@ -428,7 +361,7 @@ class ProcessRuntime:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     await asyncio.shield(process.wait())
-        while tracked.leader_running():
+        while await tracked.leader_running():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
@@ -453,6 +386,25 @@ class ProcessRuntime:
         if not is_model_name(model):
             raise RuntimeFailure(f"{model!r} is not a valid model name")
         return self._log_dir / f"{model}.log"
+
+    def _open_log(self, path: Path) -> int:
+        self._pid_dir.mkdir(parents=True, exist_ok=True)
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        # O_APPEND: the server's children share this descriptor, and appends never
+        # overwrite each other.
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+
+    def _current_pid_file(self, model: str) -> _PidRecord | None:
+        """The pid file of a server of ``model`` that runs now; a stale one is removed."""
+        path = self._pid_path(model)
+        if not path.exists():
+            return None
+        record = self._read_pid_file(model)
+        if record is None or not self._is_current(record):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            return None
+        return record
 
     def _read_pid_file(self, model: str) -> _PidRecord | None:
         try:
@@ -479,22 +431,26 @@ class ProcessRuntime:
 
     def _is_current(self, record: _PidRecord) -> bool:
         """Whether the pid file describes a process that is running now."""
-        if record.start_ticks is None:
+        if record.start_time is None:
             return False  # cannot tell it from whatever got the pid since
         if record.boot_id and self._boot_id and record.boot_id != self._boot_id:
             return False
-        return _running(record.pid, record.start_ticks)
+        return processes.is_running(record.pid, record.start_time)
 
-    def _tracking(self, instance: Instance) -> _Tracked:
+    async def _tracking(self, instance: Instance) -> _Tracked:
         assert instance.pid is not None
         known = self._tracked.get(instance.pid)
         if known is not None and known.model == instance.model:
             return known
         # Not started or adopted by this runtime object: the pid file still guards
         # against pid reuse when it names the same pid.
-        record = self._read_pid_file(instance.model) if is_model_name(instance.model) else None
-        ticks = record.start_ticks if record is not None and record.pid == instance.pid else None
-        return _Tracked(instance.model, instance.pid, ticks)
+        record = (
+            await asyncio.to_thread(self._read_pid_file, instance.model)
+            if is_model_name(instance.model)
+            else None
+        )
+        started = record.start_time if record is not None and record.pid == instance.pid else None
+        return _Tracked(instance.model, instance.pid, started)
 
     # -- environment --
 

@@ -413,3 +413,47 @@ async def test_the_agent_runs_adopts_and_watches_a_docker_model(
         for agent in agents:
             agent.terminate()
             agent.close()
+
+
+async def test_the_agent_talks_to_dockerd_off_the_event_loop(
+    dockerd: PrivateDockerd, broker: Any, prefix: str, tmp_path: Path
+) -> None:
+    """Every request the docker SDK sends while the agent loads, reports on, reads the
+    log of and stops a container is sent from a worker thread, never the loop's: a hung
+    dockerd then costs a command its answer, not the agent its keepalive and telemetry."""
+    import json
+
+    from shared.topics import HostTopics
+    from tests.support.agent_process import AgentProcess, write_agent_config
+    from tests.support.bus import watch
+    from tests.support.host import Host
+
+    spec = image_spec("boxed").model_dump(mode="json", exclude={"name"})
+    config = write_agent_config(
+        tmp_path / "agent.yaml",
+        broker_url=broker.url,
+        host_id="docker-host",
+        prefix=prefix,
+        models={"boxed": spec},
+    )
+    record = tmp_path / "loop-calls.json"
+    env = {"DOCKER_HOST": dockerd.base_url, "MODELBUS_TEST_LOOP_CALLS": str(record)}
+    topics = HostTopics(prefix, "docker-host")
+    agent = AgentProcess(config, module="tests.support.loop_watch_agent", env=env)
+    try:
+        async with watch(broker.port, topics.everything_filter) as bus:
+            host = Host(bus, topics, prefix)
+            await host.online()
+            for command, payload in [
+                ("load", {"model": "boxed", "wait": True}),
+                ("status", {}),
+                ("unload", {"model": "boxed", "wait": True}),
+            ]:
+                reply = await host.ask(command, payload)
+                assert reply.status == "ok", reply
+        assert agent.terminate() == 0, agent.output()
+    finally:
+        agent.close()
+    seen = json.loads(record.read_text())
+    assert seen["calls"].get("docker", 0) > 0, seen
+    assert seen["on_loop"] == []

@@ -59,6 +59,19 @@ server.serve_forever()
 """
 
 
+def plain_http_model(vram_mb: int) -> dict[str, Any]:
+    """A server that answers 200 on every path and draws no simulated memory: a model
+    for an agent on another GPU backend than the simulator (NVML, say)."""
+    return {
+        "runtime": "process",
+        "process": {"argv": [sys.executable, "-c", _STALE_SERVER, "${PORT}"]},
+        "port": free_port(),
+        "vram_mb": vram_mb,
+        "stop_timeout_s": 5,
+        "load_timeout_s": 20,
+    }
+
+
 @contextlib.contextmanager
 def stale_server(port: int) -> Iterator[subprocess.Popen[bytes]]:
     """A process that is not the agent's, holding ``port`` and answering health checks."""

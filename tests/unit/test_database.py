@@ -1,4 +1,4 @@
-"""The agent's SQLite state: facts, jobs and instances survive a restart; bad files refuse."""
+"""The agent's SQLite state: facts, loads and jobs survive a restart; bad files refuse."""
 
 from __future__ import annotations
 
@@ -49,6 +49,31 @@ def job(
     )
 
 
+def saved_jobs(db_path: Path) -> list[JobState]:
+    """The job rows as the file holds them, newest first, read past the product's API."""
+    connection = sqlite3.connect(db_path)
+    try:
+        rows = connection.execute("SELECT body FROM jobs ORDER BY created_at DESC, seq DESC")
+        return [JobState.model_validate_json(body) for (body,) in rows.fetchall()]
+    finally:
+        connection.close()
+
+
+def saved_job(db_path: Path, job_id: str) -> JobState | None:
+    return next((j for j in saved_jobs(db_path) if j.job_id == job_id), None)
+
+
+def kept_loads(db_path: Path, model: str) -> list[tuple[int | None, float, float]]:
+    connection = sqlite3.connect(db_path)
+    try:
+        rows = connection.execute(
+            "SELECT vram_mb, load_s, at FROM loads WHERE model = ? ORDER BY id", (model,)
+        )
+        return [(vram, load_s, at) for vram, load_s, at in rows.fetchall()]
+    finally:
+        connection.close()
+
+
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     # A nested directory proves open() creates it.
@@ -78,19 +103,19 @@ def test_open_creates_the_file_in_wal_mode_at_the_current_version(db_path: Path)
 
 
 def test_reopening_a_current_database_keeps_its_data(db_path: Path) -> None:
-    for _ in range(2):  # the second open must not re-run the migrations
+    for at in (5.0, 6.0):  # the second open must not re-run the migrations
         with Database.open(db_path) as store:
-            store.record_usage("whisperx", 5.0)
+            store.record_load("whisperx", 6000, 1.0, at=at)
     with Database.open(db_path) as store:
         facts = store.model_facts("whisperx")
-    assert facts is not None and facts.last_used_at == 5.0
+    assert facts is not None and (facts.load_count, facts.last_loaded_at) == (2, 6.0)
 
 
 def test_a_later_migration_is_applied_to_an_older_database(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with Database.open(db_path) as store:
-        store.record_usage("whisperx", 1.0)
+        store.record_load("whisperx", 6000, 1.0, at=1.0)
     extra = ("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT NOT NULL)",)
     monkeypatch.setattr(store_module, "MIGRATIONS", (*store_module.MIGRATIONS, extra))
     monkeypatch.setattr(store_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
@@ -162,13 +187,12 @@ def test_calls_after_close_say_so(store: Database) -> None:
 
 def test_unknown_model_has_no_facts(store: Database) -> None:
     assert store.model_facts("nope") is None
-    assert store.all_model_facts() == {}
 
 
 def test_load_time_is_an_exponentially_weighted_average(store: Database) -> None:
     store.record_load("whisperx", 6000, 10.0, at=100.0)
     assert store.model_facts("whisperx") == ModelFacts(
-        "whisperx", 6000, 10.0, 1, last_loaded_at=100.0, last_used_at=None
+        "whisperx", 6000, 10.0, 1, last_loaded_at=100.0
     )
     store.record_load("whisperx", 6100, 20.0, at=200.0)
     facts = store.model_facts("whisperx")
@@ -194,42 +218,33 @@ def test_a_nonsense_load_time_is_rejected(store: Database) -> None:
     assert store.model_facts("whisperx") is None
 
 
-def test_usage_and_loads_are_independent(store: Database) -> None:
-    store.record_usage("ovi-11b", 50.0)
-    assert store.model_facts("ovi-11b") == ModelFacts("ovi-11b", None, None, 0, None, 50.0)
-    store.record_load("ovi-11b", 22000, 30.0, at=60.0)
-    store.record_usage("ovi-11b", 70.0)
-    assert store.model_facts("ovi-11b") == ModelFacts("ovi-11b", 22000, 30.0, 1, 60.0, 70.0)
-
-
 def test_facts_survive_a_reopen(db_path: Path) -> None:
     with Database.open(db_path) as store:
         store.record_load("whisperx", 6000, 10.0, at=1.0)
         store.record_load("whisperx", 6000, 20.0, at=2.0)
         store.record_load("ovi-11b", 22000, 40.0, at=3.0)
-        store.record_usage("whisperx", 9.0)
     with Database.open(db_path) as store:
-        facts = store.all_model_facts()
+        facts = {name: store.model_facts(name) for name in ("ovi-11b", "whisperx")}
     assert facts == {
-        "ovi-11b": ModelFacts("ovi-11b", 22000, 40.0, 1, 3.0, None),
-        "whisperx": ModelFacts("whisperx", 6000, 13.0, 2, 2.0, 9.0),  # 0.3 * 20 + 0.7 * 10
+        "ovi-11b": ModelFacts("ovi-11b", 22000, 40.0, 1, 3.0),
+        "whisperx": ModelFacts("whisperx", 6000, 13.0, 2, 2.0),  # 0.3 * 20 + 0.7 * 10
     }
 
 
-def test_only_the_newest_loads_are_kept_per_model(store: Database) -> None:
+def test_only_the_newest_loads_are_kept_per_model(store: Database, db_path: Path) -> None:
     total = LOADS_KEPT_PER_MODEL + 20
     for index in range(total):
         store.record_load("whisperx", index, 1.0, at=float(index))
     store.record_load("ovi-11b", 1, 1.0, at=0.0)
-    history = store.load_history("whisperx")
+    history = kept_loads(db_path, "whisperx")
     assert len(history) == LOADS_KEPT_PER_MODEL
     assert history[0] == (20, 1.0, 20.0) and history[-1] == (total - 1, 1.0, total - 1.0)
-    assert store.load_history("ovi-11b") == [(1, 1.0, 0.0)]
+    assert kept_loads(db_path, "ovi-11b") == [(1, 1.0, 0.0)]
     facts = store.model_facts("whisperx")
     assert facts is not None and facts.load_count == total  # the summary counts all
 
 
-def test_concurrent_loads_from_many_threads_are_all_counted(store: Database) -> None:
+def test_concurrent_loads_from_many_threads_are_all_counted(store: Database, db_path: Path) -> None:
     threads, per_thread = 8, 50
     start = threading.Barrier(threads)
     errors: list[BaseException] = []
@@ -239,7 +254,6 @@ def test_concurrent_loads_from_many_threads_are_all_counted(store: Database) -> 
             start.wait()
             for index in range(per_thread):
                 store.record_load(f"model-{worker % 2}", worker, 10.0, at=float(index))
-                store.record_usage(f"model-{worker % 2}", float(index))
                 store.model_facts(f"model-{worker % 2}")
         except BaseException as exc:
             errors.append(exc)
@@ -250,23 +264,23 @@ def test_concurrent_loads_from_many_threads_are_all_counted(store: Database) -> 
     for thread in pool:
         thread.join()
     assert errors == []
-    facts = store.all_model_facts()
-    assert {name: f.load_count for name, f in facts.items()} == {
+    facts = {name: store.model_facts(name) for name in ("model-0", "model-1")}
+    assert {name: f.load_count for name, f in facts.items() if f} == {
         "model-0": threads // 2 * per_thread,
         "model-1": threads // 2 * per_thread,
     }
-    assert all(f.load_s == pytest.approx(10.0) for f in facts.values())
-    assert len(store.load_history("model-0")) == LOADS_KEPT_PER_MODEL
+    assert all(f is not None and f.load_s == pytest.approx(10.0) for f in facts.values())
+    assert len(kept_loads(db_path, "model-0")) == LOADS_KEPT_PER_MODEL
 
 
 # ---- jobs --------------------------------------------------------------------------------
 
 
-def test_job_round_trip_and_upsert(store: Database) -> None:
-    assert store.get_job("a") is None
+def test_job_round_trip_and_upsert(store: Database, db_path: Path) -> None:
+    assert saved_job(db_path, "a") is None
     queued = job("a", state=JobStatus.QUEUED, phase=JobPhase.QUEUED, queue_position=1)
     store.save_job(queued)
-    assert store.get_job("a") == queued
+    assert saved_job(db_path, "a") == queued
     done = job(
         "a",
         progress=1.0,
@@ -274,19 +288,7 @@ def test_job_round_trip_and_upsert(store: Database) -> None:
         result={"model": "whisperx", "freed_mb": 1024},
     )
     store.save_job(done)
-    assert store.get_job("a") == done
-    assert store.recent_jobs() == [done]
-
-
-def test_recent_jobs_are_newest_first_and_limited(store: Database) -> None:
-    # Saved out of order; same-instant jobs keep the order they were first saved in.
-    for job_id, minutes in [("b", 2), ("a", 1), ("d", 3), ("c", 3)]:
-        store.save_job(job(job_id, minutes=minutes))
-    assert [j.job_id for j in store.recent_jobs()] == ["c", "d", "b", "a"]
-    assert [j.job_id for j in store.recent_jobs(limit=2)] == ["c", "d"]
-    assert store.recent_jobs(limit=0) == []
-    with pytest.raises(ValueError):
-        store.recent_jobs(limit=-1)
+    assert saved_jobs(db_path) == [done]
 
 
 def test_interrupted_jobs_are_failed_and_stay_failed(db_path: Path) -> None:
@@ -301,7 +303,6 @@ def test_interrupted_jobs_are_failed_and_stay_failed(db_path: Path) -> None:
                 "queued", minutes=2, state=JobStatus.QUEUED, phase=JobPhase.QUEUED, queue_position=1
             )
         )
-        assert [j.job_id for j in store.unfinished_jobs()] == ["running", "queued"]
         failed = store.fail_interrupted_jobs(RESTART, at)
         assert [j.job_id for j in failed] == ["running", "queued"]
         for failed_job in failed:
@@ -310,35 +311,33 @@ def test_interrupted_jobs_are_failed_and_stay_failed(db_path: Path) -> None:
             assert failed_job.finished_at == at and failed_job.ts == at
             assert failed_job.error == ErrorInfo(code=ErrorCode.INTERNAL, message=RESTART)
             assert failed_job.eta_s is None and failed_job.queue_position is None
-        assert store.unfinished_jobs() == []
         assert store.fail_interrupted_jobs(RESTART, at) == []
     with Database.open(db_path) as store:
-        assert store.unfinished_jobs() == []
-        reread = store.get_job("running")
-        assert reread == failed[0]
-        assert reread is not None and reread.model == "whisperx"
-        done = store.get_job("done")
-        assert done is not None and done.state == JobStatus.SUCCEEDED and done.error is None
+        assert store.fail_interrupted_jobs(RESTART, at) == []
+    reread = saved_job(db_path, "running")
+    assert reread == failed[0]
+    assert reread is not None and reread.model == "whisperx"
+    done = saved_job(db_path, "done")
+    assert done is not None and done.state == JobStatus.SUCCEEDED and done.error is None
 
 
 def test_history_keeps_the_newest_jobs_but_never_an_unfinished_one(
-    store: Database, monkeypatch: pytest.MonkeyPatch
+    store: Database, db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(store_module, "JOBS_KEPT", 10)
     store.save_job(job("old-running", minutes=-1, state=JobStatus.RUNNING, phase=JobPhase.LOADING))
     for index in range(25):
         store.save_job(job(f"job-{index:02}", minutes=index))
-    kept = [j.job_id for j in store.recent_jobs(limit=100)]
+    kept = [j.job_id for j in saved_jobs(db_path)]
     assert kept == [f"job-{index:02}" for index in range(24, 14, -1)] + ["old-running"]
 
 
-def test_history_is_pruned_at_the_real_limit(store: Database) -> None:
+def test_history_is_pruned_at_the_real_limit(store: Database, db_path: Path) -> None:
     for index in range(JOBS_KEPT + 5):
         store.save_job(job(f"job-{index:04}", minutes=index))
-    kept = store.recent_jobs(limit=JOBS_KEPT + 100)
+    kept = saved_jobs(db_path)
     assert len(kept) == JOBS_KEPT
     assert kept[0].job_id == f"job-{JOBS_KEPT + 4:04}" and kept[-1].job_id == "job-0005"
-    assert store.get_job("job-0004") is None
 
 
 def test_a_job_row_that_no_longer_validates_is_skipped(store: Database, db_path: Path) -> None:
@@ -348,26 +347,34 @@ def test_a_job_row_that_no_longer_validates_is_skipped(store: Database, db_path:
     connection.execute("UPDATE jobs SET body = '{\"job_id\": \"bad\"}' WHERE job_id = 'bad'")
     connection.commit()
     connection.close()
-    assert store.get_job("bad") is None
-    assert [j.job_id for j in store.recent_jobs()] == ["good"]
+    # Unreadable: not failed again as interrupted (there is nothing to publish), but no
+    # longer counted as running either.
     assert store.fail_interrupted_jobs(RESTART, T0) == []
-    assert store.unfinished_jobs() == []
+    assert store.fail_interrupted_jobs(RESTART, T0) == []
+    connection = sqlite3.connect(db_path)
+    states = dict(connection.execute("SELECT job_id, state FROM jobs").fetchall())
+    connection.close()
+    assert states == {"good": "succeeded", "bad": "failed"}
 
 
-# ---- instances ---------------------------------------------------------------------------
-
-
-def test_instances_round_trip_and_survive_a_reopen(db_path: Path) -> None:
+def test_a_version_1_database_loses_only_what_nothing_read(db_path: Path) -> None:
+    """An agent of an earlier release left instances and last-use times: migration 2
+    drops them and keeps the facts and jobs."""
+    db_path.parent.mkdir(parents=True)
+    connection = sqlite3.connect(db_path)
+    for statement in store_module.MIGRATIONS[0]:
+        connection.execute(statement)
+    connection.execute(
+        "INSERT INTO models (model, last_vram_mb, load_s_avg, load_count, last_loaded_at,"
+        " last_used_at) VALUES ('whisperx', 6000, 4.0, 3, 10.0, 20.0)"
+    )
+    connection.execute("INSERT INTO instances (model, data) VALUES ('whisperx', '{}')")
+    connection.execute("PRAGMA user_version = 1")
+    connection.commit()
+    connection.close()
     with Database.open(db_path) as store:
-        assert store.instances() == {}
-        store.save_instance("whisperx", {"pid": 123, "port": 8001, "gpus": [0]})
-        store.save_instance("ovi-11b", {"container": "mb-ovi", "gpus": [0, 1]})
-        store.save_instance("whisperx", {"pid": 456, "port": 8001, "gpus": [1]})
-    with Database.open(db_path) as store:
-        assert store.instances() == {
-            "ovi-11b": {"container": "mb-ovi", "gpus": [0, 1]},
-            "whisperx": {"pid": 456, "port": 8001, "gpus": [1]},
-        }
-        store.remove_instance("ovi-11b")
-        store.remove_instance("never-saved")
-        assert list(store.instances()) == ["whisperx"]
+        assert store.model_facts("whisperx") == ModelFacts("whisperx", 6000, 4.0, 3, 10.0)
+    connection = sqlite3.connect(db_path)
+    tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master")}
+    connection.close()
+    assert "instances" not in tables and {"models", "loads", "jobs"} <= tables

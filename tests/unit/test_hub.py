@@ -24,6 +24,7 @@ from agent.hub import (
     remove_incomplete,
     resolve,
 )
+from agent.hub_child import filter_paths
 from shared.messages import ErrorCode
 from tests.support.fake_hub import FakeHub, safetensors_bytes
 
@@ -408,3 +409,22 @@ def test_remove_incomplete_deletes_only_the_orphans(tmp_path: Path) -> None:
         "a.metadata",
     ]
     assert remove_incomplete(tmp_path / "never-created") == 0
+
+
+@pytest.mark.parametrize(
+    ("include", "exclude", "kept"),
+    [
+        (None, None, ["README.md", "config.json", "onnx/model.onnx", "weights/a.safetensors"]),
+        (["*.json", "weights/"], None, ["config.json", "weights/a.safetensors"]),
+        (None, ["onnx/", "*.md"], ["config.json", "weights/a.safetensors"]),
+        (["*"], ["*.safetensors"], ["README.md", "config.json", "onnx/model.onnx"]),
+        (["nothing-matches"], None, []),
+    ],
+)
+def test_include_and_exclude_read_as_the_hubs_allow_and_ignore_patterns(
+    include: list[str] | None, exclude: list[str] | None, kept: list[str]
+) -> None:
+    """The hub's semantics, without its private helper: shell patterns over the whole
+    path ('*' crosses '/'), a trailing '/' for a folder, exclude after include."""
+    paths = ["README.md", "config.json", "onnx/model.onnx", "weights/a.safetensors"]
+    assert filter_paths(paths, include, exclude) == kept

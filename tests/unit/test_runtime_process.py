@@ -86,6 +86,16 @@ def start_ticks(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
 
 
+def start_time(pid: int) -> float:
+    """When ``pid`` started, in epoch seconds, read from /proc without psutil."""
+    boot = next(
+        int(line.split()[1])
+        for line in Path("/proc/stat").read_text().splitlines()
+        if line.startswith("btime ")
+    )
+    return boot + start_ticks(pid) / os.sysconf("SC_CLK_TCK")
+
+
 async def exited(runtime: ProcessRuntime, instance: Instance) -> ExitStatus:
     deadline = time.monotonic() + 10.0
     while (status := await runtime.exit_status(instance)) is None:
@@ -168,7 +178,7 @@ async def test_start_passes_environment_and_expands_macros(
     assert os.getpgid(instance.pid) == instance.pid == os.getsid(instance.pid)
     record = json.loads((state_dir / "pids" / "m1.json").read_text())
     assert record["pid"] == instance.pid
-    assert record["start_ticks"] == start_ticks(instance.pid)
+    assert abs(record["start_time"] - start_time(instance.pid)) < 1.5
     assert record["argv"][-5:] == report["argv"]
     assert record["started_at"] == instance.started_at
     assert await runtime.pids(instance) == {instance.pid}
@@ -339,11 +349,12 @@ async def test_adopt_removes_stale_pid_files(runtime: ProcessRuntime, state_dir:
     await dead.wait()
     me = os.getpid()
     files = {
-        "dead": {"pid": dead.pid, "start_ticks": 1, "started_at": 1.0},
+        "dead": {"pid": dead.pid, "start_time": 1.0, "started_at": 1.0},
         # A live pid that started at another time: the kernel gave it to someone else.
-        "reused": {"pid": me, "start_ticks": start_ticks(me) - 1, "started_at": 1.0},
-        "no-ticks": {"pid": me, "start_ticks": None, "started_at": 1.0},
-        "other-boot": {"pid": me, "start_ticks": start_ticks(me), "boot_id": "another boot"},
+        "reused": {"pid": me, "start_time": start_time(me) - 60, "started_at": 1.0},
+        "reused-ticks": {"pid": me, "start_ticks": start_ticks(me) - 6000, "started_at": 1.0},
+        "no-start-time": {"pid": me, "start_time": None, "started_at": 1.0},
+        "other-boot": {"pid": me, "start_time": start_time(me), "boot_id": "another boot"},
     }
     for name, record in files.items():
         (pid_dir / f"{name}.json").write_text(json.dumps(record))
@@ -355,6 +366,24 @@ async def test_adopt_removes_stale_pid_files(runtime: ProcessRuntime, state_dir:
 
     assert sorted(p.name for p in pid_dir.iterdir()) == ["not-in-catalog.json"]
     assert not gone(me)
+
+
+async def test_adopt_reads_the_pid_files_of_earlier_versions(
+    runtime: ProcessRuntime, state_dir: Path
+) -> None:
+    """Before psutil, pid files held the start as clock ticks since boot: a server an
+    older agent started is still adopted, and still told apart from a reused pid."""
+    server = await asyncio.create_subprocess_exec(sys.executable, "-c", SLEEPER)
+    try:
+        pid_dir = state_dir / "pids"
+        pid_dir.mkdir(parents=True)
+        record = {"pid": server.pid, "start_ticks": start_ticks(server.pid), "started_at": 5.0}
+        (pid_dir / "old.json").write_text(json.dumps(record))
+        adopted = await ProcessRuntime(state_dir).adopt({"old": make_spec(SLEEPER, name="old")})
+        assert [(i.model, i.pid, i.started_at) for i in adopted] == [("old", server.pid, 5.0)]
+    finally:
+        server.kill()
+        await server.wait()
 
 
 async def test_shell_metacharacters_are_passed_literally(

@@ -1,0 +1,88 @@
+"""Facts about local processes, through psutil (the one reader of ``/proc``): whether a
+pid is still the process it was, who belongs to a process group or session, a name.
+
+A process is known by its pid and its start time. psutil gives the start time as the
+ticks since boot plus the boot time; the boot time the kernel reports may move by up
+to a second when the clock is stepped, so two readings of one process are compared
+with that much slack. A pid handed to another process would need the pid space to wrap
+within that second to be mistaken for its predecessor.
+
+Blocking (each call reads ``/proc``): call these off the event loop.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import psutil
+
+# How far two readings of one process's start time may differ (see above).
+START_TIME_SLACK_S = 1.5
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+_GONE = frozenset({psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD})
+
+
+def start_time(pid: int) -> float | None:
+    """When ``pid`` started (epoch seconds), or None when it is gone or a zombie (which
+    holds no memory and runs no code: for us it has exited)."""
+    if pid <= 0:
+        return None
+    try:
+        process = psutil.Process(pid)
+        if process.status() in _GONE:
+            return None
+        started: float = process.create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+    return started
+
+
+def is_running(pid: int, started: float | None) -> bool:
+    """Whether ``pid`` is alive and still the process that started at ``started``
+    (any live process when ``started`` is None)."""
+    now = start_time(pid)
+    if now is None:
+        return False
+    return started is None or same_start(now, started)
+
+
+def same_start(a: float, b: float) -> bool:
+    return abs(a - b) <= START_TIME_SLACK_S
+
+
+def members(leader: int) -> frozenset[int]:
+    """Live pids in the process group or the session that ``leader`` started."""
+    found = set()
+    for pid in psutil.pids():
+        try:
+            if leader not in (os.getpgid(pid), os.getsid(pid)):
+                continue
+        except (ProcessLookupError, PermissionError):
+            continue
+        if start_time(pid) is not None:
+            found.add(pid)
+    return frozenset(found)
+
+
+def name(pid: int) -> str | None:
+    """The process's name (``comm``), None when it is gone."""
+    try:
+        found: str = psutil.Process(pid).name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    return found or None
+
+
+def boot_id() -> str | None:
+    """This boot's id: a pid recorded before a reboot is not the same process."""
+    try:
+        return _BOOT_ID.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def ticks_to_start_time(ticks: int) -> float:
+    """A start time recorded as clock ticks since boot (``/proc/<pid>/stat`` field 22,
+    as pid files of earlier versions did) in epoch seconds, as psutil counts it."""
+    return float(psutil.boot_time() + ticks / os.sysconf("SC_CLK_TCK"))
