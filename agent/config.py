@@ -15,12 +15,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.alerts import AlertsConfig
 from agent.catalog import Catalog, ModelSpec
-from bus.settings import BUS_ENV_OVERRIDES, BrokerConfig, ConfigError, layered
-from shared.commands import describe_validation_error
+from bus.settings import BUS_ENV_OVERRIDES, BrokerConfig, load_layered
 from shared.topics import DEFAULT_PREFIX, is_host_id, is_prefix, sanitize_host_id
 
 
@@ -276,9 +275,4 @@ def load_config(
 ) -> AgentConfig:
     """Build the configuration from the file, the environment and explicit overrides
     (dotted paths such as ``broker.url``; None values are ignored)."""
-    raw = layered(path, ENV_OVERRIDES, environ, overrides)
-    try:
-        return AgentConfig.model_validate(raw)
-    except ValidationError as exc:
-        where = str(path) if path is not None else "configuration"
-        raise ConfigError(f"{where}: {describe_validation_error(exc)}") from None
+    return load_layered(AgentConfig, path, ENV_OVERRIDES, environ, overrides)

@@ -15,7 +15,7 @@ from pathlib import Path
 from agent.background import Background, Debounced
 from agent.config import HomeAssistantConfig
 from agent.ha_discovery import Published, discovery_payload, with_removals
-from bus.mqtt import ReconnectingClient
+from bus.reconnecting import ReconnectingClient
 from shared.messages import HostInfo
 from shared.topics import HostTopics
 

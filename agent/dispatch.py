@@ -10,7 +10,8 @@ from typing import Any
 
 from agent.background import Background
 from agent.intake import Intake, command_level, read_command, refused_intake
-from bus.mqtt import MAX_PUBLISH_BYTES, Connection, Message, ReconnectingClient
+from bus.mqtt import MAX_PUBLISH_BYTES, Connection, Message
+from bus.reconnecting import ReconnectingClient
 from shared.commands import MAX_COMMAND_BYTES, CommandError
 from shared.messages import ErrorCode, Reply, encode
 from shared.topics import HostTopics

@@ -16,7 +16,7 @@ from agent.alerts import to_event as alert_event
 from agent.config import TelemetryConfig
 from agent.gpu.base import ChangeSignal, DriverInfo, GpuBackend, GpuSample, GpuUnavailableError
 from agent.telemetry import ChangeFilter, ProcessOwner, gpu_state
-from bus.mqtt import ReconnectingClient
+from bus.reconnecting import ReconnectingClient
 from shared.messages import Event, EventType, GpuState, HostState, Severity, encode, utc_now
 from shared.topics import HostTopics
 

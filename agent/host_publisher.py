@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from agent.alerts import AlertsConfig
 from agent.background import Background
-from bus.mqtt import ReconnectingClient
+from bus.reconnecting import ReconnectingClient
 from shared.messages import (
     Event,
     JobState,

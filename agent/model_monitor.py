@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from agent.health import probe
 from agent.jobs import SwapRequest
-from agent.model_registry import ModelRecord, Surroundings
+from agent.model_registry import LifecyclePart, ModelRecord, Surroundings
 from agent.runtimes.base import RuntimeFailure
 from agent.swap import LOG_LINES_IN_ERRORS, log_tail
 from shared.commands import CommandError
@@ -25,12 +25,9 @@ log = logging.getLogger("modelbus.lifecycle")
 Submit = Callable[[SwapRequest, str], object]
 
 
-class ModelMonitor:
+class ModelMonitor(LifecyclePart):
     def __init__(self, around: Surroundings, submit: Submit, swapping: Callable[[], bool]) -> None:
-        self.registry = around.registry
-        self.config = around.config
-        self.publisher = around.publisher
-        self.sample = around.sample
+        super().__init__(around)
         self.submit = submit
         # While a swap runs it may stop any model: the watch stands aside.
         self.swapping = swapping

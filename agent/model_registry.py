@@ -45,6 +45,16 @@ class Surroundings:
     sample: Sampler
 
 
+class LifecyclePart:
+    """A part of the lifecycle (the swap, the stops, the monitor): what it works with."""
+
+    def __init__(self, around: Surroundings) -> None:
+        self.registry = around.registry
+        self.config = around.config
+        self.publisher = around.publisher
+        self.sample = around.sample
+
+
 @dataclass
 class ModelRecord:
     spec: ModelSpec

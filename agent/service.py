@@ -30,11 +30,11 @@ from bus.mqtt import (
     Connection,
     ConnectionSettings,
     Message,
-    ReconnectingClient,
     Subscription,
     Will,
     settings_from_config,
 )
+from bus.reconnecting import ReconnectingClient
 from bus.settings import ConfigError
 from shared import PROTOCOL_VERSION
 from shared.messages import (

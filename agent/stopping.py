@@ -12,7 +12,7 @@ from typing import Any
 from agent.gpu.base import GpuSample
 from agent.job_worker import JobUpdate
 from agent.jobs import Job, JobFailure
-from agent.model_registry import ModelRecord, Surroundings
+from agent.model_registry import LifecyclePart, ModelRecord, Surroundings
 from agent.runtimes.base import RuntimeFailure
 from shared.messages import ErrorCode, Event, EventType, JobPhase, ModelLifecycle, Severity
 
@@ -20,12 +20,9 @@ from shared.messages import ErrorCode, Event, EventType, JobPhase, ModelLifecycl
 RETURNED_SHARE = 0.9
 
 
-class ServerStops:
+class ServerStops(LifecyclePart):
     def __init__(self, around: Surroundings, update_job: JobUpdate) -> None:
-        self.registry = around.registry
-        self.config = around.config
-        self.publisher = around.publisher
-        self.sample = around.sample
+        super().__init__(around)
         self.update_job = update_job
 
     async def stop(

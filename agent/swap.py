@@ -22,7 +22,7 @@ from agent.gpu.base import GpuSample
 from agent.health import probe
 from agent.job_worker import JobUpdate
 from agent.jobs import Job, JobFailure, SwapRequest
-from agent.model_registry import ModelRecord, Surroundings
+from agent.model_registry import LifecyclePart, ModelRecord, Surroundings
 from agent.planner import GpuMemory, Refusal, plan_load, plan_switch
 from agent.runtimes.base import Instance, Runtime, RuntimeFailure
 from agent.stopping import ServerStops
@@ -63,7 +63,7 @@ class Attempt:
     evicted: list[str] = field(default_factory=list)
 
 
-class Swap:
+class Swap(LifecyclePart):
     cancelled_message = "cancelled while running"
 
     def __init__(
@@ -75,10 +75,7 @@ class Swap:
         *,
         sim_state_file: str | None = None,
     ) -> None:
-        self.registry = around.registry
-        self.config = around.config
-        self.publisher = around.publisher
-        self.sample = around.sample
+        super().__init__(around)
         self.stops = stops
         self.update_job = update_job
         self.requeue = requeue

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import yaml
@@ -135,9 +135,24 @@ def load_bus_config(
     overrides: Mapping[str, Any] | None = None,
 ) -> BusConfig:
     """The prefix and broker settings from the file, the environment and flags."""
-    raw = layered(path, BUS_ENV_OVERRIDES, environ, overrides)
+    return load_layered(BusConfig, path, BUS_ENV_OVERRIDES, environ, overrides)
+
+
+Config = TypeVar("Config", bound=BaseModel)
+
+
+def load_layered(
+    model: type[Config],
+    path: Path | None,
+    env_overrides: Mapping[str, str],
+    environ: Mapping[str, str] | None,
+    overrides: Mapping[str, Any] | None,
+) -> Config:
+    """``model`` from the file, the environment and the flags (see ``layered``); a bad
+    value is a ConfigError naming the file and the field."""
+    raw = layered(path, env_overrides, environ, overrides)
     try:
-        return BusConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         where = str(path) if path is not None else "configuration"
         raise ConfigError(f"{where}: {describe_validation_error(exc)}") from None

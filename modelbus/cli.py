@@ -357,7 +357,8 @@ def run_client(args: argparse.Namespace) -> int:
 
     from bus.mqtt import settings_from_config
     from bus.settings import ConfigError, load_bus_config
-    from modelbus.bus_commands import Request, run_command, run_events
+    from modelbus.bus_commands import run_command, run_events
+    from modelbus.client_session import Request
     from shared.topics import CommandName
 
     overrides = {"broker.url": args.broker, "prefix": args.prefix}

@@ -89,8 +89,9 @@ class UnloadCommand(CommandBase):
         return self
 
 
-class SwitchCommand(CommandBase):
-    command_name = CommandName.SWITCH
+class _Placement(CommandBase):
+    """A model to place, and what it may evict: a switch, or the plan of one."""
+
     main_argument = "model"
     model: ModelName
     gpu: GpuIndex | None = None
@@ -99,19 +100,15 @@ class SwitchCommand(CommandBase):
         default=False,
         description="evict models of higher priority than the target too (never pinned ones)",
     )
+
+
+class SwitchCommand(_Placement):
+    command_name = CommandName.SWITCH
     wait: bool = False
 
 
-class PlanCommand(CommandBase):
+class PlanCommand(_Placement):
     command_name = CommandName.PLAN
-    main_argument = "model"
-    model: ModelName
-    gpu: GpuIndex | None = None
-    exclusive: bool = False
-    force: bool = Field(
-        default=False,
-        description="evict models of higher priority than the target too (never pinned ones)",
-    )
 
 
 class InstallCommand(CommandBase):

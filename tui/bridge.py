@@ -17,14 +17,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from bus.mqtt import (
-    BrokerRefusedError,
-    Connection,
-    ConnectionSettings,
-    Message,
-    ReconnectingClient,
-    Subscription,
-)
+from bus.mqtt import BrokerRefusedError, Connection, ConnectionSettings, Message, Subscription
+from bus.reconnecting import ReconnectingClient
 from bus.requests import Request, Requests
 from shared.messages import ErrorCode, ErrorInfo, Reply
 from shared.topics import CommandName, all_hosts_filter

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from devtools.brokers import MosquittoBroker, free_port
-from modelbus.bus_commands import JobProgress
+from modelbus.shell_output import JobProgress
 from shared.messages import JobPhase, JobState, JobStatus
 from tests.integration.conftest import HOST
 from tests.support.agent_process import REPO_ROOT, AgentProcess

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import random
 
-from bus.mqtt import Backoff
+from bus.reconnecting import Backoff
 
 
 def test_backoff_grows_and_is_capped() -> None:

@@ -7,8 +7,9 @@ import logging
 
 import pytest
 
-from bus.mqtt import ConnectionSettings, ReconnectingClient
+from bus.mqtt import ConnectionSettings
 from bus.outbox import Outbox, Outgoing
+from bus.reconnecting import ReconnectingClient
 
 
 def drain(outbox: Outbox) -> list[tuple[str, bytes]]:
