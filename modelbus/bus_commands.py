@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import sys
 from collections.abc import Awaitable, Callable, Mapping
@@ -329,6 +330,11 @@ def _run(
     """Connect, run ``body`` and map what ended it to an exit code. ``timeout_s`` bounds
     the whole command, connecting included: a broker that accepts the TCP connection and
     never answers would otherwise hold it for a connect timeout per MQTT version."""
+
+    if timeout_s is not None and timeout_s < settings.connect_timeout_s:
+        # The TCP connect runs in a worker thread that a cancel cannot stop, and the
+        # interpreter waits for it at exit: its own timeout must end with ours.
+        settings = dataclasses.replace(settings, connect_timeout_s=max(0.1, timeout_s))
 
     async def main() -> int:
         deadline = deadline_in(timeout_s)

@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,9 +21,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bus.mqtt import Message
 from devtools.brokers import MosquittoBroker, free_port
 from modelbus.shell_output import JobProgress
 from shared.messages import JobPhase, JobState, JobStatus
+from shared.topics import HostTopics
 from tests.integration.conftest import HOST
 from tests.support.agent_process import REPO_ROOT, AgentProcess
 from tests.support.host import Host
@@ -254,6 +257,29 @@ def silent_broker() -> Iterator[str]:
         yield f"mqtt://127.0.0.1:{listener.getsockname()[1]}"
 
 
+@pytest.fixture
+def black_hole() -> Iterator[str]:
+    """A port whose SYNs go unanswered, as behind a firewall that drops packets (the
+    reported mqtt://10.255.255.1): its accept queue is full, so the kernel drops every
+    new handshake and the client's TCP connect itself hangs."""
+    with socket.socket() as listener, socket.socket() as filler:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        filler.connect(listener.getsockname())  # takes the one place in the queue
+        yield f"mqtt://127.0.0.1:{listener.getsockname()[1]}"
+
+
+async def test_exit_4_timeout_bounds_a_tcp_connect_that_hangs(black_hole: str) -> None:
+    """paho's own connect timeout (10 s per MQTT version) must not outlast --timeout."""
+    started = time.monotonic()
+    result = await modelbus("status", "--host", HOST, "--broker", black_hole, "--timeout", "2")
+    took = time.monotonic() - started
+    assert result.returncode == 4, result.stderr
+    assert "cannot reach the broker" in result.stderr and "within 2 s" in result.stderr
+    # 2 s and the interpreter's start, far from the 10 s a library timeout would take.
+    assert took < 8, f"took {took:.1f} s"
+
+
 async def test_exit_0_a_plan_that_fits(agent: Host, bus_args: tuple[str, ...]) -> None:
     result = await modelbus("plan", "whisperx", "--host", HOST, *bus_args)
     assert result.returncode == 0, result.stderr
@@ -354,6 +380,43 @@ async def test_exit_3_a_waited_job_that_has_not_ended_within_the_timeout(
     result = await modelbus("load", "slow", "--wait", "--timeout", "3", "--host", HOST, *bus_args)
     assert result.returncode == 3, result.stderr
     assert "did not end within 3 s" in result.stderr and "modelbus cancel" in result.stderr
+
+
+async def test_exit_1_a_waited_job_that_was_cancelled(
+    start_host: Callable[..., AgentProcess], host: Host, bus_args: tuple[str, ...]
+) -> None:
+    start_host({"slow": sim_model(1024, load_s=30)})
+    await host.online()
+    mark = len(host.bus.messages)
+    async with spawned("load", "slow", "--wait", "--host", HOST, *bus_args) as process:
+
+        def running(message: Message) -> bool:
+            return (
+                message.topic.startswith(host.topics.job(""))
+                and bool(message.payload)
+                and json.loads(message.payload)["state"] == "running"
+            )
+
+        job_id = json.loads((await host.bus.wait_for(running, after=mark, timeout=20)).payload)[
+            "job_id"
+        ]
+        cancelled = await host.ask("cancel", {"job_id": job_id})
+        assert cancelled.status == "ok", cancelled
+        async with asyncio.timeout(20):
+            _, stderr = await process.communicate()
+    assert process.returncode == 1, stderr
+    assert f"job {job_id} cancelled" in stderr.decode()
+
+
+async def test_exit_2_several_hosts_online_and_no_host_flag(
+    host: Host, bus_args: tuple[str, ...]
+) -> None:
+    for name in ("gpu-a", "gpu-b"):
+        status = HostTopics(host.prefix, name).status
+        await host.bus.connection.publish(status, "online", qos=1, retain=True)
+    result = await modelbus("status", *bus_args)
+    assert result.returncode == 2, result.stderr
+    assert "2 hosts are online (gpu-a, gpu-b); pass --host HOST" in result.stderr
 
 
 async def test_exit_4_timeout_bounds_connecting_to_a_broker_that_never_answers(
