@@ -15,7 +15,7 @@ from bus.mqtt import MqttError, connect
 from devtools.brokers import MosquittoBroker
 from tests.support.agent_process import AgentProcess
 from tests.support.bus import client_settings, watch
-from tests.support.fuzz import HostileCommands
+from tests.support.fuzz import VERBS, HostileCommands
 from tests.support.host import Host
 from tests.support.models import sim_model
 
@@ -88,7 +88,11 @@ async def test_5000_hostile_commands_are_each_answered_once(
             raise AssertionError(f"{CASES - len(replies)} unanswered, e.g. {missing}") from None
 
     kinds = Counter(case.kind for case in cases)
+    verbs = Counter(case.level for case in cases)
     print(f"fuzz: {CASES} cases {dict(kinds)}; outcomes {dict(outcomes)}")
+    # Every verb of the contract got its share of the rubbish, and unknown verbs too.
+    assert all(verbs[verb] >= 200 for verb in VERBS), verbs
+    assert sum(n for level, n in verbs.items() if level not in VERBS) >= 200, verbs
     assert len(replies) == CASES
     assert [n for n, count in replies.items() if count != 1] == []
     assert set(outcomes) <= EXPECTED, outcomes

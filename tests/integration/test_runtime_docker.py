@@ -457,3 +457,40 @@ async def test_the_agent_talks_to_dockerd_off_the_event_loop(
     seen = json.loads(record.read_text())
     assert seen["calls"].get("docker", 0) > 0, seen
     assert seen["on_loop"] == []
+
+
+async def test_a_docker_model_whose_port_is_taken_fails_port_in_use_before_starting(
+    dockerd: PrivateDockerd, client: Any, broker: Any, prefix: str, tmp_path: Path
+) -> None:
+    """A stale server on the port would answer the container's health check: the load
+    fails at once, naming the port and the process, and no container is created."""
+    from shared.topics import HostTopics
+    from tests.support.agent_process import AgentProcess, write_agent_config
+    from tests.support.bus import watch
+    from tests.support.host import Host
+    from tests.support.models import stale_server
+
+    spec = image_spec("boxed")
+    config = write_agent_config(
+        tmp_path / "agent.yaml",
+        broker_url=broker.url,
+        host_id="docker-host",
+        prefix=prefix,
+        models={"boxed": spec.model_dump(mode="json", exclude={"name"})},
+    )
+    topics = HostTopics(prefix, "docker-host")
+    agent = AgentProcess(config, env={"DOCKER_HOST": dockerd.base_url})
+    try:
+        with stale_server(spec.port) as stale:
+            async with watch(broker.port, topics.everything_filter) as bus:
+                host = Host(bus, topics, prefix)
+                await host.online()
+                reply = await host.ask("load", {"model": "boxed", "wait": True})
+        assert reply.status == "error" and reply.error is not None, reply
+        assert reply.error.code == "port_in_use"
+        assert f"port {spec.port}" in reply.error.message
+        assert f"pid {stale.pid}" in reply.error.message
+        assert not exists(client, container_name("docker-host", "boxed"))
+    finally:
+        agent.terminate()
+        agent.close()
