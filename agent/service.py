@@ -269,6 +269,10 @@ class AgentService:
             )
         )
 
+    def request_reload(self, config_path: Path | None, overrides: Mapping[str, Any]) -> None:
+        """Reload the catalog soon (a SIGHUP), in the service's TaskGroup."""
+        self.background.spawn(self.reload(config_path, overrides), name="reload")
+
     async def reload(self, config_path: Path | None, overrides: Mapping[str, Any]) -> None:
         """Re-read the catalog (SIGHUP); a broken file changes nothing."""
         try:

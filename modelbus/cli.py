@@ -308,15 +308,8 @@ async def _serve(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, shut_down)
-    reloads: set[asyncio.Task[None]] = set()
-
-    def reload() -> None:
-        task = loop.create_task(service.reload(config_path, overrides))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
     # SIGHUP re-reads the catalog, as daemons do; running models are left alone.
-    loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGHUP, service.request_reload, config_path, overrides)
     await service.start()
     try:
         await service.run(stop)
