@@ -13,6 +13,7 @@ Blocking (each call reads ``/proc``): call these off the event loop.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import psutil
@@ -80,6 +81,16 @@ def boot_id() -> str | None:
         return _BOOT_ID.read_text().strip() or None
     except OSError:
         return None
+
+
+def age_s(pid: int) -> float | None:
+    """How long ago ``pid`` started, to the clock tick. Its start time is psutil's boot
+    time (whole seconds) plus the ticks since boot: the ticks are exact, the sum is not."""
+    started = start_time(pid)
+    if started is None:
+        return None
+    since_boot = started - psutil.boot_time()
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - since_boot
 
 
 def ticks_to_start_time(ticks: int) -> float:

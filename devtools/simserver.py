@@ -287,7 +287,8 @@ ENV_TIMINGS = "MODELBUS_SIM_TIMINGS"
 def _process_started_at() -> float:
     """When this process was created (epoch seconds, clock-tick resolution), so the
     interpreter's start-up counts as the server's time, not the agent's."""
-    return processes.start_time(os.getpid()) or time.time()
+    age = processes.age_s(os.getpid())
+    return time.time() - age if age is not None else time.time()
 
 
 def _record_timing(model: str, event: str, at: float | None = None) -> None:
