@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -86,3 +88,42 @@ async def _logged(work: Coroutine[Any, Any, None], name: str) -> None:
         await work
     except Exception:
         log.exception("background task %s failed", name)
+
+
+class Throttled:
+    """``action`` at most once per ``interval_s``: at once when the last run is that long
+    ago, else once at the end of the interval for all the triggers until then. Traffic
+    (a request starting or ending) then costs the bus one message a second per model."""
+
+    def __init__(
+        self,
+        background: Background,
+        action: Callable[[], Awaitable[None]],
+        *,
+        interval_s: float,
+        name: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._background = background
+        self._action = action
+        self._interval_s = interval_s
+        self._name = name
+        self._clock = clock
+        self._last = -math.inf
+        self._pending = False
+
+    def trigger(self) -> None:
+        if self._pending:
+            return
+        self._pending = True
+        wait_s = max(0.0, self._last + self._interval_s - self._clock())
+        self._background.spawn(self._run(wait_s), name=self._name)
+
+    async def _run(self, wait_s: float) -> None:
+        try:
+            if wait_s:
+                await asyncio.sleep(wait_s)
+        finally:
+            self._pending = False
+        self._last = self._clock()
+        await self._action()

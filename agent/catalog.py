@@ -8,6 +8,7 @@ model and the field (``models.qwen3-vl-30b.vram_mb: ...``).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -75,6 +76,40 @@ class ModelSpec(_Strict):
         default=None, description="the name of installed weights this model serves"
     )
     description: str | None = None
+    # The gateway (docs/gateway.md).
+    aliases: list[str] = Field(
+        default_factory=list, description="other names a request's 'model' may use for it"
+    )
+    upstream_model: str | None = Field(
+        default=None, description="the 'model' sent to the server (default: as requested)"
+    )
+    request_timeout_s: float = Field(
+        default=600.0, gt=0, description="how long one forwarded request may take"
+    )
+    max_concurrent: int | None = Field(
+        default=None, ge=1, description="requests forwarded at once; null: no limit"
+    )
+    max_queued: int = Field(
+        default=64, ge=0, description="requests waiting for it (to load, or for a slot)"
+    )
+    exclusive: bool = Field(
+        default=False, description="keeps its GPUs to itself: nothing loads beside it"
+    )
+    drain_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="how long a switch that must evict it waits for its requests to end",
+    )
+
+    @field_validator("aliases")
+    @classmethod
+    def _plain_aliases(cls, value: list[str]) -> list[str]:
+        for alias in value:
+            if not 0 < len(alias) <= 256 or any(ord(c) < 32 for c in alias):
+                raise ValueError("aliases are 1-256 printable characters")
+        if len(set(value)) != len(value):
+            raise ValueError("aliases must be distinct")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -137,3 +172,25 @@ class Catalog(_Strict):
 
     def names(self) -> list[str]:
         return sorted(self.models)
+
+    @model_validator(mode="after")
+    def _one_model_per_name(self) -> Catalog:
+        check_names(self.models)
+        return self
+
+    def resolve(self, requested: str) -> ModelSpec | None:
+        """The model a request names, by its name or one of its aliases."""
+        spec = self.models.get(requested)
+        if spec is not None:
+            return spec
+        return next((s for s in self.models.values() if requested in s.aliases), None)
+
+
+def check_names(models: Mapping[str, ModelSpec]) -> None:
+    """Every name a request may use (model names and aliases) names one model only."""
+    owners: dict[str, str] = {name: name for name in models}
+    for name, spec in models.items():
+        for alias in spec.aliases:
+            other = owners.setdefault(alias, name)
+            if other != name:
+                raise ValueError(f"models.{name}.aliases: {alias!r} already names model {other!r}")

@@ -18,7 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.alerts import AlertsConfig
-from agent.catalog import Catalog, ModelSpec
+from agent.catalog import Catalog, ModelSpec, check_names
+from agent.gateway.keys import ApiKey, parse_env_keys
 from bus.settings import BUS_ENV_OVERRIDES, BrokerConfig, load_layered
 from shared.topics import DEFAULT_PREFIX, is_host_id, is_prefix, sanitize_host_id
 
@@ -181,6 +182,73 @@ class HomeAssistantConfig(Strict):
         return value
 
 
+# A port model servers do not take by default (vLLM 8000, llama.cpp 8080, Ollama 11434).
+DEFAULT_HTTP_PORT = 9470
+_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+class HttpConfig(Strict):
+    listen: str | None = Field(
+        default=f"127.0.0.1:{DEFAULT_HTTP_PORT}",
+        description="host:port of the gateway ([::1]:port for IPv6); null (or 'off') turns "
+        "HTTP off; beyond loopback it needs api_keys",
+    )
+    api_keys: list[ApiKey] = Field(
+        default_factory=list,
+        description="name, role and key of each tool (or MODELBUS_HTTP_API_KEYS "
+        "'name:role:key,...'); none: loopback callers may do what an operator may",
+    )
+    max_body_mb: int = Field(default=64, ge=1, le=4096, description="largest request body")
+    connect_timeout_s: float = Field(default=10.0, gt=0, description="connecting to a model server")
+    queue_timeout_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="how long a request may wait for its model to load or for a free slot",
+    )
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _off(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in ("", "off", "none", "null"):
+            return None
+        return value
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            listen_address(value)
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _from_environment(cls, value: Any) -> Any:
+        return parse_env_keys(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _keys_beyond_loopback(self) -> HttpConfig:
+        if self.listen is not None and not self.api_keys:
+            host, _ = listen_address(self.listen)
+            if host not in _LOOPBACK:
+                raise ValueError(
+                    f"http.listen {self.listen!r} reaches beyond this machine: set "
+                    "http.api_keys (or MODELBUS_HTTP_API_KEYS), or listen on 127.0.0.1"
+                )
+        names = [key.name for key in self.api_keys]
+        if len(set(names)) != len(names):
+            raise ValueError("http.api_keys: each key needs a name of its own")
+        return self
+
+
+def listen_address(value: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``) as (host, port); ValueError naming what is wrong."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"listen must be host:port, such as 127.0.0.1:{DEFAULT_HTTP_PORT}")
+    return host, int(port)
+
+
 class AgentConfig(Strict):
     host_id: str = Field(default_factory=lambda: sanitize_host_id(socket.gethostname()))
     prefix: str = DEFAULT_PREFIX
@@ -193,6 +261,7 @@ class AgentConfig(Strict):
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
     homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     models: dict[str, ModelSpec] = Field(default_factory=dict)
 
     @field_validator("models", mode="before")
@@ -214,6 +283,7 @@ class AgentConfig(Strict):
         for name, spec in self.models.items():
             if spec.name != name:
                 raise ValueError(f"models.{name}: name {spec.name!r} differs from its key")
+        check_names(self.models)
         return self
 
     @property
@@ -261,6 +331,8 @@ ENV_OVERRIDES: Mapping[str, str] = {
     "MODELBUS_GPU_BACKEND": "gpu.backend",
     "MODELBUS_TELEMETRY_INTERVAL": "telemetry.interval_s",
     "MODELBUS_WEIGHTS_DIR": "weights.dir",
+    "MODELBUS_HTTP_LISTEN": "http.listen",
+    "MODELBUS_HTTP_API_KEYS": "http.api_keys",
     # The names huggingface_hub itself reads.
     "HF_TOKEN": "weights.token",
     "HF_ENDPOINT": "weights.endpoint",

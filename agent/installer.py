@@ -24,7 +24,7 @@ from agent.job_worker import JobPublisher, JobWorker
 from agent.jobs import InstallRequest, Job
 from agent.weights import MIB, WeightsDir, default_name
 from shared.commands import CommandError, InstallCommand
-from shared.messages import ErrorCode, Event, EventType, Severity, WeightsState
+from shared.messages import ErrorCode, Event, EventType, JobOrigin, Severity, WeightsState
 from shared.replies import Uninstalled
 
 log = logging.getLogger("modelbus.installer")
@@ -116,7 +116,7 @@ class Installer:
                     f"job {active.job_id} is already installing {name!r} with other "
                     "options; wait for it or cancel it",
                 )
-        return self.worker.submit(Job(request, request_id=request_id))
+        return self.worker.submit(Job(request, request_id=request_id, origin=JobOrigin.BUS))
 
     async def cancel(self, job_id: str) -> Job[InstallRequest] | None:
         """Cancel a queued or running install; None when ``job_id`` is not an install."""

@@ -146,6 +146,10 @@ class JobWorker(Generic[Request]):
         # The running job and its cancel scope.
         self._running: tuple[Job[Request], asyncio.Task[None]] | None = None
         self._cancel_requested: set[str] = set()
+        # Set when a job's final state is published: what ``finished`` waits on, and
+        # what is handed the job at that moment, before the next job can start.
+        self._finished: dict[str, asyncio.Event] = {}
+        self._hand_offs: dict[str, list[Callable[[Job[Request]], None]]] = {}
         self._stopping = False
 
     @property
@@ -163,6 +167,7 @@ class JobWorker(Generic[Request]):
         except QueueFullError as exc:
             raise CommandError(ErrorCode.QUEUE_FULL, str(exc)) from None
         if not joined:
+            self._finished[queued.job_id] = asyncio.Event()
             self._wakeup.set()
             # A job of higher priority moves the ones behind it.
             self._positions.moved()
@@ -192,6 +197,30 @@ class JobWorker(Generic[Request]):
 
     async def update(self, job: Job[Request], *, final: bool = False) -> None:
         self._positions.published(await publish_job(job, self.store, self.publisher, final=final))
+        if final:
+            for hand_off in self._hand_offs.pop(job.job_id, []):
+                try:
+                    hand_off(job)
+                except Exception:  # one waiter's mistake must not stop the worker
+                    log.exception("handing off %s job %s failed", self.queue.name, job.job_id)
+            finished = self._finished.pop(job.job_id, None)
+            if finished is not None:
+                finished.set()
+
+    async def finished(
+        self, job: Job[Request], hand_off: Callable[[Job[Request]], None] | None = None
+    ) -> None:
+        """Until ``job``'s final state has been published (at once if it has been).
+        ``hand_off`` is called with the ended job as it is published, before the worker
+        takes the next one: what a waiter claims there, no later job can take first."""
+        event = self._finished.get(job.job_id)
+        if event is None:
+            if hand_off is not None:
+                hand_off(job)
+            return
+        if hand_off is not None:
+            self._hand_offs.setdefault(job.job_id, []).append(hand_off)
+        await event.wait()
 
     async def run(self) -> None:
         while not self._stopping:

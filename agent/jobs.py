@@ -18,6 +18,7 @@ from shared.messages import (
     ErrorCode,
     ErrorInfo,
     JobCommand,
+    JobOrigin,
     JobPhase,
     JobResult,
     JobState,
@@ -79,6 +80,7 @@ class Job(Generic[Request]):
     request: Request
     request_id: str | None = None
     priority: int = 0
+    origin: JobOrigin = JobOrigin.AGENT
     job_id: str = field(default_factory=new_job_id)
     state: JobStatus = JobStatus.QUEUED
     phase: JobPhase = JobPhase.QUEUED
@@ -148,6 +150,7 @@ class Job(Generic[Request]):
         return JobState(
             job_id=self.job_id,
             command=self.request.command,
+            origin=self.origin,
             # For an install, the weights' name (the job's subject), as the contract says.
             model=self.request.subject,
             repo=self.request.repo if isinstance(self.request, InstallRequest) else None,

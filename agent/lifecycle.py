@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Collection
 
 from agent.background import Background
-from agent.catalog import Catalog
+from agent.catalog import Catalog, ModelSpec
 from agent.config import LifecycleConfig
 from agent.database import Database
 from agent.health import probe
@@ -36,6 +36,7 @@ from shared.messages import (
     Event,
     EventType,
     JobCommand,
+    JobOrigin,
     LoadedModel,
     ModelLifecycle,
     Severity,
@@ -111,7 +112,12 @@ class Lifecycle:
         return len(self.worker.queue)
 
     def submit(
-        self, request: SwapRequest, *, request_id: str | None, priority: int = 0
+        self,
+        request: SwapRequest,
+        *,
+        request_id: str | None,
+        priority: int = 0,
+        origin: JobOrigin = JobOrigin.AGENT,
     ) -> tuple[Job[SwapRequest], bool]:
         """Queue a GPU-changing job; an equal request joins the existing job."""
         record = self.registry.records.get(request.model)
@@ -122,7 +128,34 @@ class Lifecycle:
         ):
             raise self.registry.unknown_model(request.model)
         check_gpu_override(spec, request.gpu, self.gpu_indices())
-        return self.worker.submit(Job(request, request_id=request_id, priority=priority))
+        job = Job(request, request_id=request_id, priority=priority, origin=origin)
+        return self.worker.submit(job)
+
+    def loading_job(self, name: str) -> Job[SwapRequest] | None:
+        """The queued or running job that loads ``name`` (a load or a switch), if any."""
+        return next(
+            (
+                job
+                for job in self.worker.active()
+                if job.request.model == name and job.request.command != JobCommand.UNLOAD
+            ),
+            None,
+        )
+
+    def switch_for_request(self, spec: ModelSpec) -> Job[SwapRequest]:
+        """The job that loads ``spec`` for a gateway request: one already loading it, or
+        a new switch (``exclusive`` as its catalog entry says); raises CommandError."""
+        job = self.loading_job(spec.name)
+        if job is None:
+            request = SwapRequest(JobCommand.SWITCH, spec.name, exclusive=spec.exclusive)
+            job, _ = self.submit(request, request_id="gateway", origin=JobOrigin.GATEWAY)
+        return job
+
+    async def finished(
+        self, job: Job[SwapRequest], hand_off: Callable[[Job[SwapRequest]], None] | None = None
+    ) -> None:
+        """Until ``job`` ended; ``hand_off`` sees it end before the next job starts."""
+        await self.worker.finished(job, hand_off)
 
     async def cancel(self, job_id: str) -> Job[SwapRequest] | None:
         """Cancel a queued or running swap job; None when ``job_id`` is not one."""

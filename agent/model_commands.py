@@ -24,7 +24,7 @@ from shared.commands import (
     UninstallCommand,
     UnloadCommand,
 )
-from shared.messages import ErrorCode, JobCommand, JobRef, JobState, JobStatus, Reply
+from shared.messages import ErrorCode, JobCommand, JobOrigin, JobRef, JobState, JobStatus, Reply
 from shared.replies import JobAccepted, JobOutcome, JobsQueued, PlanFits, PlanRefused
 from shared.topics import CommandName
 
@@ -75,7 +75,9 @@ class ModelCommands:
             request = SwapRequest(JobCommand.UNLOAD, command.model, force=command.force)
         else:  # pragma: no cover - the handler table only routes the four job commands
             raise CommandError(ErrorCode.INTERNAL, "not a job command")
-        return self.lifecycle.submit(request, request_id=intake.request_id, priority=priority)
+        return self.lifecycle.submit(
+            request, request_id=intake.request_id, priority=priority, origin=JobOrigin.BUS
+        )
 
     async def _job_command(self, intake: Intake) -> Reply[Any] | None:
         command = intake.command
@@ -100,6 +102,7 @@ class ModelCommands:
             job, _ = self.lifecycle.submit(
                 SwapRequest(JobCommand.UNLOAD, name, force=command.force),
                 request_id=intake.request_id,
+                origin=JobOrigin.BUS,
             )
             jobs.append(JobRef(model=name, job_id=job.job_id))
         return intake.reply_ok(data=JobsQueued(jobs=jobs))

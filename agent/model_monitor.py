@@ -98,7 +98,7 @@ class ModelMonitor(LifecyclePart):
             return
         idle_since = record.last_used_at or record.loaded_at
         idle_s = time.time() - idle_since if idle_since is not None else 0.0
-        if spec.ttl_s is not None and idle_s >= spec.ttl_s:
+        if spec.ttl_s is not None and idle_s >= spec.ttl_s and not record.in_flight:
             log.info("%s idle for %.0f s (ttl %.0f s): unloading", spec.name, idle_s, spec.ttl_s)
             # The operator asked for this unload by setting ttl_s: pinned or not.
             try:

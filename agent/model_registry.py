@@ -68,6 +68,12 @@ class ModelRecord:
     health: str | None = None
     error: str | None = None
     health_failures: int = 0
+    # Gateway traffic: requests being answered, all forwarded, and when the last came.
+    in_flight: int = 0
+    requests_total: int = 0
+    last_request_at: float | None = None
+    # Chosen for eviction by a swap that waits for its requests to end: it admits no more.
+    draining: bool = False
 
     @property
     def resident(self) -> bool:
@@ -94,6 +100,10 @@ class ModelRecord:
             pinned=self.spec.pinned,
             description=self.spec.description,
             error=self.error,
+            in_flight=self.in_flight,
+            requests_total=self.requests_total,
+            last_request_at=timestamp(self.last_request_at),
+            aliases=list(self.spec.aliases),
             ts=utc_now(),
         )
 
@@ -119,6 +129,8 @@ class ModelRegistry:
         # Catalog changes that wait for a running model to stop.
         self._pending_specs: dict[str, ModelSpec] = {}
         self._leaving: set[str] = set()
+        # Replaced each time a request ends or a drain ends: what drains wait on.
+        self._traffic_changed = asyncio.Event()
 
     def runtime(self, record: ModelRecord) -> Runtime:
         return self.runtimes[record.spec.runtime]
@@ -142,6 +154,36 @@ class ModelRegistry:
             if record.resident
         }
 
+    # ---- gateway traffic -------------------------------------------------
+
+    def request_started(self, name: str) -> None:
+        """A request is being forwarded to ``name``: it is in use (LRU, ttl) and busy."""
+        record = self.records[name]
+        record.in_flight += 1
+        record.requests_total += 1
+        record.last_request_at = record.last_used_at = time.time()
+
+    def request_ended(self, name: str) -> None:
+        record = self.records.get(name)
+        if record is not None:
+            record.in_flight = max(0, record.in_flight - 1)
+            record.last_used_at = time.time()
+        self.traffic_changed()
+
+    def traffic_changed(self) -> None:
+        """Wake whoever waits for requests to end or a drain to be over."""
+        changed, self._traffic_changed = self._traffic_changed, asyncio.Event()
+        changed.set()
+
+    async def next_traffic_change(self) -> None:
+        await self._traffic_changed.wait()
+
+    async def drained(self, names: Sequence[str], timeout_s: float) -> None:
+        """Until none of ``names`` has a request in flight; TimeoutError after ``timeout_s``."""
+        async with asyncio.timeout(timeout_s):
+            while any(self.records[name].in_flight for name in names if name in self.records):
+                await self.next_traffic_change()
+
     # ---- placement -------------------------------------------------------
 
     async def target(self, spec: ModelSpec, gpu: int | None) -> Target:
@@ -160,6 +202,8 @@ class ModelRegistry:
                 priority=record.spec.priority,
                 pinned=record.spec.pinned,
                 last_used=record.last_used_at or record.loaded_at or 0.0,
+                busy=record.in_flight > 0,
+                exclusive=record.spec.exclusive,
             )
             for name, record in self.records.items()
             if record.resident and name != exclude

@@ -18,6 +18,8 @@ Choices, in order:
   unnecessary are handed back. Evictable means, in this precedence: never a pinned
   model, never a busy one, and only one whose priority is at most the target's
   unless ``force`` (which overrides priority, never pinned or busy).
+- A resident that keeps its GPUs to itself (``exclusive``) must go from any placement
+  it shares; one that may not be evicted rules that placement out.
 - Among placements that fit: fewest evictions, then the least VRAM thrown away,
   then the caller's preference order.
 """
@@ -48,7 +50,8 @@ class Resident:
     priority: int = 0  # higher = more important = evicted later
     pinned: bool = False  # never evicted
     last_used: float = 0.0  # time.time() of last use; older = evicted first among equals
-    busy: bool = False  # a job is running on it right now: treat as not evictable
+    busy: bool = False  # requests in flight or a job on it right now: not evictable
+    exclusive: bool = False  # keeps its GPUs to itself: nothing loads beside it
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +183,13 @@ def _plan(
             continue
         required = required_per_gpu_mb(target.vram_mb, placement)
         candidates = [r for r in evictable if _touches(r, placement)]
-        evict = _choose_evictions(free_mb, placement, candidates, required, headroom_mb, mode)
+        # Residents that keep their GPUs to themselves must make way, or nothing fits.
+        must = [r for r in residents if r.exclusive and _touches(r, placement)]
+        evict: tuple[Resident, ...] | None = None
+        if all(r in candidates for r in must) and not (must and mode == _Mode.NO_EVICTION):
+            evict = _choose_evictions(
+                free_mb, placement, candidates, required, headroom_mb, mode, must=must
+            )
         if evict is None:
             shortfalls.append(
                 _shortfall(free_mb, residents, target, placement, candidates, mode, force=force)
@@ -253,21 +262,26 @@ def _choose_evictions(
     required_mb: int,
     headroom_mb: int,
     mode: _Mode,
+    *,
+    must: Sequence[Resident] = (),
 ) -> tuple[Resident, ...] | None:
-    """The residents to stop so ``placement`` fits, in stopping order, or None."""
+    """The residents to stop so ``placement`` fits, in stopping order, or None; those in
+    ``must`` (all among ``candidates``) are stopped whatever the memory says."""
 
     def fits(evict: Iterable[Resident]) -> bool:
         return _fits(free_mb, placement, evict, required_mb, headroom_mb)
 
     if mode == _Mode.EXCLUSIVE:
         return tuple(candidates) if fits(candidates) else None
-    if fits(()):
-        return ()
+    chosen: list[Resident] = list(must)
+    if fits(chosen):
+        return tuple(chosen)
     if mode == _Mode.NO_EVICTION:
         return None
 
-    chosen: list[Resident] = []
     for candidate in candidates:
+        if candidate in must:
+            continue
         chosen.append(candidate)
         if fits(chosen):
             break
@@ -277,6 +291,8 @@ def _choose_evictions(
     # unnecessary; give back any whose absence still fits. Fit only improves with
     # more evictions, so each model kept here stays necessary in the final set.
     for candidate in reversed(chosen[:-1]):
+        if candidate in must:
+            continue
         without = [r for r in chosen if r is not candidate]
         if fits(without):
             chosen = without

@@ -17,6 +17,8 @@ from agent.config import AgentConfig, load_config
 from agent.database import Database
 from agent.discovery_publisher import DiscoveryPublisher
 from agent.dispatch import CommandDispatcher
+from agent.gateway.admission import Admission
+from agent.gateway.server import GatewayServer
 from agent.gpu.base import DriverInfo, GpuBackend
 from agent.gpu_telemetry import STATE_COALESCE_S, GpuTelemetry
 from agent.host_publisher import HostPublisher
@@ -146,6 +148,15 @@ class AgentService:
             # after it left the catalog (Home Assistant refuses a state not in options).
             models=lambda: sorted(set(self.lifecycle.catalog.names()) | set(self.lifecycle.models)),
         )
+        self.gateway: GatewayServer | None = None
+        if config.http.listen is not None:
+            admission = Admission(
+                self.lifecycle,
+                self.publisher,
+                self.background,
+                queue_timeout_s=config.http.queue_timeout_s,
+            )
+            self.gateway = GatewayServer(config.http, self.lifecycle, admission)
         self.telemetry = GpuTelemetry(
             config.telemetry,
             config.alerts,
@@ -172,13 +183,23 @@ class AgentService:
             await self.lifecycle.start()
             await self.installer.start()
             await self.discovery.start()
+            if self.gateway is not None:
+                await self.gateway.start()
             async with asyncio.TaskGroup() as group:
                 background_task = group.create_task(self.background.run(), name="background")
                 client_task = group.create_task(self.client.run(), name="mqtt")
                 telemetry_task = group.create_task(self.telemetry.run(), name="telemetry")
                 lifecycle_task = group.create_task(self.lifecycle.run(), name="lifecycle")
                 installer_task = group.create_task(self.installer.run(), name="installer")
+                gateway_task = (
+                    group.create_task(self.gateway.serve(), name="gateway")
+                    if self.gateway is not None
+                    else None
+                )
                 await stop.wait()
+                if gateway_task is not None:
+                    # Requests in flight end here; their callers see the connection close.
+                    gateway_task.cancel()
                 # Model servers keep running: the next agent adopts them. A download stops
                 # (its child process with it); installing again resumes from the files done.
                 self.lifecycle.stop()
@@ -190,6 +211,8 @@ class AgentService:
                 client_task.cancel()
                 background_task.cancel()
         finally:
+            if self.gateway is not None:
+                await self.gateway.close()
             self.background.close()
             await asyncio.to_thread(self.backend.close)
             await asyncio.to_thread(self.store.close)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -23,7 +25,7 @@ from agent.health import probe
 from agent.job_worker import JobUpdate
 from agent.jobs import Job, JobFailure, SwapRequest
 from agent.model_registry import LifecyclePart, ModelRecord, Surroundings
-from agent.planner import GpuMemory, Refusal, plan_load, plan_switch
+from agent.planner import GpuMemory, Plan, Refusal, plan_load, plan_switch
 from agent.runtimes.base import Instance, Runtime, RuntimeFailure
 from agent.stopping import ServerStops
 from shared.commands import CommandError
@@ -81,6 +83,8 @@ class Swap(LifecyclePart):
         self.requeue = requeue
         self.sim_state_file = sim_state_file
         self._attempt: Attempt | None = None
+        # Models this job is draining (they admit no new request until it ends).
+        self._draining: set[str] = set()
 
     # ---- the runner's side of the worker ---------------------------------
 
@@ -98,6 +102,7 @@ class Swap(LifecyclePart):
             await self._roll_back(job, attempt, failure)
 
     async def settled(self, job: Job[SwapRequest]) -> None:
+        self._end_drains()
         await self.publisher.state_changed()
 
     def describe(self, job: Job[SwapRequest]) -> str:
@@ -114,16 +119,7 @@ class Swap(LifecyclePart):
         if record.resident:
             # Crashed or unhealthy: stop what is left before starting it again.
             await self.stops.stop(record, job, reason="restart")
-        samples = await self.sample()
-        target = await self.registry.target(spec, job.request.gpu)
-        planner = plan_switch if evict else plan_load
-        kwargs: dict[str, Any] = {"headroom_mb": self.config.headroom_mb}
-        if evict:
-            kwargs["exclusive"] = job.request.exclusive
-            kwargs["force"] = job.request.force
-        plan = planner(
-            gpu_memory(samples), self.registry.residents(exclude=spec.name), target, **kwargs
-        )
+        plan = await self._plan(job, spec, evict=evict)
         if isinstance(plan, Refusal):
             raise JobFailure(
                 ErrorCode.INSUFFICIENT_VRAM,
@@ -162,6 +158,69 @@ class Swap(LifecyclePart):
                 )
             )
         job.succeed(self._result(record, attempt.evicted, job), f"{spec.name} is ready")
+
+    async def _plan(self, job: Job[SwapRequest], spec: ModelSpec, *, evict: bool) -> Plan | Refusal:
+        """The plan on the memory measured now. A switch that would fit but for models
+        answering requests (busy: never evicted) drains them first: they admit no new
+        request, and once their last one ended the plan is made again."""
+        deadline: float | None = None
+        while True:
+            samples = await self.sample()
+            target = await self.registry.target(spec, job.request.gpu)
+            residents = self.registry.residents(exclude=spec.name)
+            plan = self._planner(job, evict)(gpu_memory(samples), residents, target)
+            if not isinstance(plan, Refusal) or not evict:
+                return plan
+            idle = [dataclasses.replace(r, busy=False) for r in residents]
+            if_idle = self._planner(job, evict)(gpu_memory(samples), idle, target)
+            if isinstance(if_idle, Refusal):
+                return plan
+            busy = [name for name in if_idle.evict if self.registry.records[name].in_flight]
+            if not busy:
+                return plan
+            if deadline is None:
+                limit = max(self.registry.records[name].spec.drain_timeout_s for name in busy)
+                deadline = time.monotonic() + limit
+            await self._drain(job, busy, deadline)
+
+    def _planner(self, job: Job[SwapRequest], evict: bool) -> Callable[..., Plan | Refusal]:
+        options: dict[str, Any] = {"headroom_mb": self.config.headroom_mb}
+        if not evict:
+            return functools.partial(plan_load, **options)
+        options.update(exclusive=job.request.exclusive, force=job.request.force)
+        return functools.partial(plan_switch, **options)
+
+    async def _drain(self, job: Job[SwapRequest], names: list[str], deadline: float) -> None:
+        for name in names:
+            self.registry.records[name].draining = True
+            self._draining.add(name)
+        waiting = sum(self.registry.records[name].in_flight for name in names)
+        job.advance(
+            JobPhase.EVICTING,
+            0.05,
+            f"waiting for {', '.join(names)} to finish {waiting} request(s) before evicting",
+        )
+        await self.update_job(job)
+        try:
+            await self.registry.drained(names, max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            left = sum(self.registry.records[name].in_flight for name in names)
+            raise JobFailure(
+                ErrorCode.BUSY,
+                f"{', '.join(names)} still had {left} request(s) in flight when the drain "
+                f"timeout ran out; {job.request.model} was not loaded",
+                {"models": names, "in_flight": left},
+            ) from None
+
+    def _end_drains(self) -> None:
+        """Models drained for a swap admit requests again (the evicted ones are stopped:
+        their requests wait for a load of their own)."""
+        for name in self._draining:
+            record = self.registry.records.get(name)
+            if record is not None:
+                record.draining = False
+        self._draining.clear()
+        self.registry.traffic_changed()
 
     def _result(self, record: ModelRecord, evicted: Sequence[str], job: Job[SwapRequest]) -> Loaded:
         return Loaded(
@@ -357,6 +416,10 @@ class Swap(LifecyclePart):
             raise JobFailure(
                 ErrorCode.BUSY, f"{name} is pinned; unload it with force: true if you mean it"
             )
+        if record.in_flight and not job.request.force:
+            # Its callers get their answers first; force cuts them off.
+            deadline = time.monotonic() + record.spec.drain_timeout_s
+            await self._drain(job, [name], deadline)
         job.advance(JobPhase.EVICTING, 0.1, f"stopping {name}")
         await self.update_job(job)
         freed = record.vram_used_mb or 0

@@ -247,6 +247,7 @@ async def measure_agent(
             "endpoint": fake.endpoint,
             "disk_reserve_mb": 0,
         },
+        "http": {"listen": None},
     }
     topics = HostTopics(prefix, "bench")
     figures: dict[str, tuple[float, float]] = {}

@@ -105,6 +105,7 @@ def agent_config(workdir: Path, broker: MosquittoBroker, prefix: str, *, baselin
         },
         "models": models,
         "lifecycle": {"job_retention_s": 3600},
+        "http": {"listen": None},  # two agents at once: no gateway fights for the port
     }
     if baseline:
         config["lifecycle"].update(

@@ -86,6 +86,7 @@ async def measure(
             "backend": "sim",
             "sim": {"gpus": [{"name": f"Sim {i}", "memory_total_mb": 81920} for i in range(8)]},
         },
+        "http": {"listen": None},
     }
     config_file = workdir / f"{prefix}.yaml"
     config_file.write_text(yaml.safe_dump(config))

@@ -38,16 +38,19 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
 from typing import Any
-from urllib.parse import urlsplit
 
 from agent import processes
 from devtools.gpu_sim import SimGpuClient, SimGpuError, SimStoreError
+from devtools.sim_api import (
+    DEFAULT_ANSWER_TOKENS,
+    DEFAULT_TOKENS_PER_S,
+    Phase,
+    SimHttpServer,
+    Status,
+)
 
 ENV_MODEL = "MODELBUS_MODEL"
 ENV_PORT = "MODELBUS_PORT"
@@ -62,6 +65,8 @@ ENV_HANG = "MODELBUS_SIM_HANG"
 ENV_EXIT_AT_ONCE = "MODELBUS_SIM_EXIT_AT_ONCE"
 ENV_OVERUSE_MB = "MODELBUS_SIM_OVERUSE_MB"
 ENV_FAIL_HEALTH_AFTER = "MODELBUS_SIM_FAIL_HEALTH_AFTER"
+ENV_TOKENS_PER_S = "MODELBUS_SIM_TOKENS_PER_S"
+ENV_ANSWER_TOKENS = "MODELBUS_SIM_ANSWER_TOKENS"
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_MODEL = "sim-model"
@@ -77,7 +82,6 @@ HANG_FRACTION = 0.5
 CRASH_EXIT_CODE = 3
 # How quickly serve_forever() notices shutdown(): bounds the time SIGTERM takes.
 SERVE_POLL_S = 0.05
-MAX_BODY_BYTES = 1 << 20
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"", "0", "false", "no", "off"})
@@ -101,6 +105,8 @@ class SimServerOptions:
     exit_at_once: bool = False
     overuse_mb: int = 0
     fail_health_after_s: float | None = None
+    tokens_per_s: float = DEFAULT_TOKENS_PER_S
+    answer_tokens: int | None = DEFAULT_ANSWER_TOKENS
 
     def allocation_mb(self) -> dict[int, int]:
         """MiB to hold on each GPU once loaded: the total split evenly, the remainder going
@@ -214,6 +220,17 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help=f"answer /health with 500 once ready for S seconds (env {ENV_FAIL_HEALTH_AFTER})",
     )
+    add(
+        "--tokens-per-s",
+        metavar="N",
+        help=f"how fast a streamed answer comes, 0 as fast as it can (env {ENV_TOKENS_PER_S}; "
+        f"default {DEFAULT_TOKENS_PER_S:g})",
+    )
+    add(
+        "--answer-tokens",
+        metavar="N",
+        help=f"tokens in every answer (env {ENV_ANSWER_TOKENS}; default: one sentence)",
+    )
     return parser
 
 
@@ -273,6 +290,20 @@ def parse_options(
             ENV_FAIL_HEALTH_AFTER,
             _non_negative_seconds,
         ),
+        tokens_per_s=pick(
+            "--tokens-per-s",
+            args.tokens_per_s,
+            ENV_TOKENS_PER_S,
+            _non_negative_seconds,
+            DEFAULT_TOKENS_PER_S,
+        ),
+        answer_tokens=pick(
+            "--answer-tokens",
+            args.answer_tokens,
+            ENV_ANSWER_TOKENS,
+            _non_negative_int,
+            DEFAULT_ANSWER_TOKENS,
+        ),
     )
 
 
@@ -306,206 +337,6 @@ def _say(message: str) -> None:
 
 def _complain(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-# ---- HTTP ------------------------------------------------------------------------------------
-
-
-class Phase(StrEnum):
-    LOADING = "loading"
-    READY = "ready"
-    UNHEALTHY = "unhealthy"
-
-
-@dataclass(frozen=True, slots=True)
-class _Status:
-    phase: Phase
-    progress: float
-
-
-class _SimHttpServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], model: str) -> None:
-        self.model = model
-        self.created = int(time.time())
-        # Replaced whole, never mutated, so handler threads read it without a lock.
-        self.status = _Status(Phase.LOADING, 0.0)
-        self._completions = 0
-        self._completions_lock = threading.Lock()
-        super().__init__(address, _Handler)
-
-    def next_completion_id(self) -> str:
-        with self._completions_lock:
-            self._completions += 1
-            return f"chatcmpl-sim-{os.getpid()}-{self._completions}"
-
-
-def _error_body(message: str, kind: str, code: int) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "code": code}}
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def version_string(self) -> str:
-        return "modelbus-simserver/1"
-
-    @property
-    def sim(self) -> _SimHttpServer:
-        server = self.server
-        assert isinstance(server, _SimHttpServer)
-        return server
-
-    def do_GET(self) -> None:
-        path = urlsplit(self.path).path
-        if path == "/health":
-            self._health()
-        elif path == "/v1/models":
-            model = {
-                "id": self.sim.model,
-                "object": "model",
-                "created": self.sim.created,
-                "owned_by": "modelbus-sim",
-            }
-            self._send_json(HTTPStatus.OK, {"object": "list", "data": [model]})
-        else:
-            self._not_found()
-
-    def do_POST(self) -> None:
-        if urlsplit(self.path).path == "/v1/chat/completions":
-            self._chat_completion()
-        else:
-            self._drain_body()
-            self._not_found()
-
-    def _health(self) -> None:
-        status = self.sim.status
-        if status.phase is Phase.LOADING:
-            body = {"status": "loading", "progress": round(status.progress, 2)}
-            self._send_json(HTTPStatus.SERVICE_UNAVAILABLE, body)
-        elif status.phase is Phase.READY:
-            self._send_json(HTTPStatus.OK, {"status": "ok"})
-        else:
-            body = {"status": "error", "error": "simulated health failure"}
-            self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, body)
-
-    def _chat_completion(self) -> None:
-        request = self._read_json()
-        if request is None:
-            return
-        status = self.sim.status
-        if status.phase is Phase.LOADING:
-            body = _error_body("Loading model", "unavailable_error", 503)
-            self._send_json(HTTPStatus.SERVICE_UNAVAILABLE, body)
-            return
-        if status.phase is Phase.UNHEALTHY:
-            body = _error_body("simulated server failure", "server_error", 500)
-            self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, body)
-            return
-        messages = request.get("messages") if isinstance(request, dict) else None
-        if not isinstance(messages, list) or not messages:
-            body = _error_body(
-                "send a JSON object with a non-empty 'messages' list",
-                "invalid_request_error",
-                400,
-            )
-            self._send_json(HTTPStatus.BAD_REQUEST, body)
-            return
-        if request.get("stream"):
-            body = _error_body(
-                "the simulated server does not stream; send 'stream': false",
-                "invalid_request_error",
-                400,
-            )
-            self._send_json(HTTPStatus.BAD_REQUEST, body)
-            return
-        model = self.sim.model
-        content = f"Simulated answer from {model}."
-        prompt_tokens = sum(
-            len(str(m.get("content", "")).split()) for m in messages if isinstance(m, dict)
-        )
-        completion_tokens = len(content.split())
-        answer = {
-            "id": self.sim.next_completion_id(),
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-        }
-        self._send_json(HTTPStatus.OK, answer)
-
-    def _body_length(self) -> int | None:
-        """The request body's length, or None after answering a request we cannot read."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            body = _error_body("send the body with a Content-Length", "invalid_request_error", 411)
-            self._send_json(HTTPStatus.LENGTH_REQUIRED, body)
-            return None
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            length = -1
-        if not 0 <= length <= MAX_BODY_BYTES:
-            self.close_connection = True
-            body = _error_body(
-                f"the body must be 0 to {MAX_BODY_BYTES} bytes with a valid Content-Length",
-                "invalid_request_error",
-                413,
-            )
-            self._send_json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, body)
-            return None
-        return length
-
-    def _drain_body(self) -> None:
-        # Keep-alive: an unread body would be taken for the next request.
-        length = self._body_length()
-        if length:
-            self.rfile.read(length)
-
-    def _read_json(self) -> Any:
-        length = self._body_length()
-        if length is None:
-            return None
-        try:
-            request = json.loads(self.rfile.read(length) or b"null")
-        except (ValueError, UnicodeDecodeError):
-            body = _error_body("the body is not valid JSON", "invalid_request_error", 400)
-            self._send_json(HTTPStatus.BAD_REQUEST, body)
-            return None
-        return request if request is not None else {}
-
-    def _not_found(self) -> None:
-        body = _error_body(f"no route for {self.command} {self.path}", "not_found_error", 404)
-        self._send_json(HTTPStatus.NOT_FOUND, body)
-
-    def _send_json(self, status: HTTPStatus, body: object) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        # The agent polls /health several times a second: logging it would drown the log.
-        if urlsplit(self.path).path != "/health":
-            shown = int(code) if isinstance(code, int) else code
-            _complain(f"{self.command} {self.path} {shown}")
-
-    def log_error(self, format: str, *args: Any) -> None:
-        _complain(f"http error: {format % args}")
 
 
 # ---- lifecycle -------------------------------------------------------------------------------
@@ -569,7 +400,7 @@ class _SimServer:
     def __init__(
         self,
         options: SimServerOptions,
-        http: _SimHttpServer,
+        http: SimHttpServer,
         client: SimGpuClient,
         signals: _StopSignals,
         started: float,
@@ -586,7 +417,7 @@ class _SimServer:
         try:
             self._load()
             ready_at = time.monotonic()
-            self.http.status = _Status(Phase.READY, 1.0)
+            self.http.status = Status(Phase.READY, 1.0)
             gpus = ",".join(map(str, self.options.gpus))
             total = sum(self.options.allocation_mb().values())
             _say(
@@ -596,7 +427,7 @@ class _SimServer:
             _record_timing(self.options.model, "ready")
             if self.options.fail_health_after_s is not None:
                 self._pause_until(ready_at + self.options.fail_health_after_s)
-                self.http.status = _Status(Phase.UNHEALTHY, 1.0)
+                self.http.status = Status(Phase.UNHEALTHY, 1.0)
                 _complain("simulated health failure: /health answers 500 from now on")
             self._pause_until(math.inf)
             raise AssertionError("unreachable: only a signal or a crash ends the wait")
@@ -634,7 +465,7 @@ class _SimServer:
             self._pause_until(load_started + options.load_s * step / steps)
             fraction = min(step / steps, HANG_FRACTION) if options.hang else step / steps
             self._hold(target, fraction, LOADING_UTILIZATION)
-            self.http.status = _Status(Phase.LOADING, fraction)
+            self.http.status = Status(Phase.LOADING, fraction)
         if options.hang:
             _complain(f"simulated hang: loading stopped at {HANG_FRACTION:.0%}")
             self._pause_until(math.inf)
@@ -687,7 +518,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     signals.install()
     try:
         try:
-            http = _SimHttpServer((options.host, options.port), options.model)
+            http = SimHttpServer(
+                (options.host, options.port),
+                options.model,
+                tokens_per_s=options.tokens_per_s,
+                answer_tokens=options.answer_tokens,
+            )
         except OSError as exc:
             reason = exc.strerror or str(exc)
             _complain(

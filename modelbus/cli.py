@@ -47,6 +47,11 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     agent.add_argument("--host-id", help="this host's id in topics ([a-z0-9_-]{1,64})")
     agent.add_argument("--prefix", help="topic prefix (default modelbus)")
     agent.add_argument("--sim", action="store_true", help="use simulated GPUs instead of NVML")
+    agent.add_argument(
+        "--http-listen",
+        metavar="HOST:PORT",
+        help="the gateway's address (http.listen); 'off' turns HTTP off",
+    )
     agent.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
     demo = sub.add_parser("demo", help="broker + simulated GPU agent, for trying modelbus")
@@ -261,6 +266,7 @@ def run_agent(args: argparse.Namespace) -> int:
         "host_id": args.host_id,
         "prefix": args.prefix,
         "gpu.backend": "sim" if args.sim else None,
+        "http.listen": args.http_listen,
         "log_level": args.log_level,
     }
     try:
@@ -269,6 +275,7 @@ def run_agent(args: argparse.Namespace) -> int:
         print(f"modelbus agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
     _setup_logging(config.log_level)
+    from agent.gateway.server import GatewayListenError
     from agent.gpu.base import GpuUnavailableError
     from agent.service import AgentService
     from bus.mqtt import BrokerRefusedError
@@ -277,7 +284,7 @@ def run_agent(args: argparse.Namespace) -> int:
         backend = open_backend(config)
         service = AgentService(config, backend)
         asyncio.run(_serve(service, args.config, overrides))
-    except GpuUnavailableError as exc:
+    except (GpuUnavailableError, GatewayListenError) as exc:
         print(f"modelbus agent: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except BrokerRefusedError as exc:

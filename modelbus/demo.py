@@ -68,7 +68,11 @@ def demo_catalog(
 
 
 def demo_config(
-    broker_url: str, state_dir: Path, catalog: dict[str, object] | None = None
+    broker_url: str,
+    state_dir: Path,
+    catalog: dict[str, object] | None = None,
+    *,
+    gateway_port: int | None = None,
 ) -> dict[str, object]:
     return {
         "host_id": DEMO_HOST,
@@ -91,6 +95,8 @@ def demo_config(
             },
         },
         "models": catalog if catalog is not None else demo_catalog(),
+        # On a free port of its own, so two demos (or a real agent) can run side by side.
+        "http": {"listen": f"127.0.0.1:{gateway_port}" if gateway_port else None},
     }
 
 
@@ -147,7 +153,8 @@ def run_demo(*, headless: bool, port: int | None, prefer_embedded: bool = False)
             print(f"modelbus demo: {exc}", file=sys.stderr)
             return 1
         config_file = workdir / "agent.yaml"
-        config = demo_config(broker.url, workdir / "state", catalog)
+        gateway_port = free_port()
+        config = demo_config(broker.url, workdir / "state", catalog, gateway_port=gateway_port)
         config_file.write_text(yaml.safe_dump(config))
         # Under the TUI the agent's log would tear the screen: it goes to a file.
         agent_log = workdir / "agent.log"
@@ -167,7 +174,7 @@ def run_demo(*, headless: bool, port: int | None, prefer_embedded: bool = False)
         elif not headless:
             failure = _run_tui(broker.port, children, stop)
         else:
-            print(_instructions(broker.url, broker.port, broker_name), flush=True)
+            print(_instructions(broker.url, broker.port, broker_name, gateway_port), flush=True)
             while failure is None and not stop.wait(DEMO_POLL_S):
                 failure = children.what_died()
         if failure is not None and not headless:
@@ -243,7 +250,7 @@ def _run_tui(port: int, children: _Children, stop: threading.Event) -> str | Non
     return died[0] if died else children.what_died()
 
 
-def _instructions(url: str, port: int, broker_name: str) -> str:
+def _instructions(url: str, port: int, broker_name: str, gateway_port: int) -> str:
     """What to paste: ``modelbus`` lines (with --prefix too, so that an exported
     MODELBUS_PREFIX cannot send them elsewhere), then the same over bare MQTT."""
     where = ["--broker", url, "--prefix", DEMO_PREFIX, "--host", DEMO_HOST]
@@ -259,6 +266,7 @@ def _instructions(url: str, port: int, broker_name: str) -> str:
         _line("status", shlex.join(["modelbus", "status", *where])),
         _line("switch", shlex.join(["modelbus", "switch", first_model, "--wait", *where])),
         _line("TUI", shlex.join(["modelbus", "tui", *where])),
+        _line("gateway", _curl(gateway_port, first_model)),
         _line("watch it", watch),
     ]
     if broker_name == MOSQUITTO_DESCRIPTION:
@@ -355,3 +363,14 @@ def _stop_model_servers(state_dir: Path, catalog: dict[str, object]) -> None:
 
     with contextlib.suppress(Exception):
         asyncio.run(stop_all())
+
+
+def _curl(port: int, model: str) -> str:
+    """An OpenAI-style request for a model not loaded yet: the gateway switches to it."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+    return shlex.join(
+        [
+            "curl", f"http://127.0.0.1:{port}/v1/chat/completions",
+            "-H", "Content-Type: application/json", "-d", body,
+        ]
+    )  # fmt: skip

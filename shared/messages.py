@@ -145,6 +145,11 @@ class ModelState(Published):
     pinned: bool = False
     description: str | None = None
     error: str | None = None
+    # Gateway traffic (published at most once a second per model).
+    in_flight: int = Field(default=0, description="requests being answered by it now")
+    requests_total: int = Field(default=0, description="requests forwarded since the agent started")
+    last_request_at: datetime | None = None
+    aliases: list[str] = Field(default_factory=list, description="other names requests may use")
     ts: datetime
 
 
@@ -154,6 +159,15 @@ class JobStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+class JobOrigin(StrEnum):
+    """Who asked for a job: a command on the bus, a gateway request, or the agent itself
+    (a restore after a failed swap, a preload, an idle ttl, a restart after a crash)."""
+
+    BUS = "bus"
+    GATEWAY = "gateway"
+    AGENT = "agent"
 
 
 class JobCommand(StrEnum):
@@ -279,6 +293,7 @@ class JobState(Published):
 
     job_id: str
     command: JobCommand
+    origin: JobOrigin | None = None
     model: str | None = None
     repo: str | None = None
     request_id: str | None = None

@@ -38,6 +38,7 @@ def nvml_service(broker: MosquittoBroker, prefix: str, devices: list[FakeDevice]
             "prefix": prefix,
             "telemetry.interval_s": 600.0,  # only change detection can publish promptly
             "telemetry.watch_interval_s": 0.05,
+            "http.listen": "off",
         },
     )
     return AgentService(config, NvmlBackend(make_fake_nvml(devices)))

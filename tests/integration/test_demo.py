@@ -277,6 +277,20 @@ def test_headless_prints_modelbus_lines_that_work_when_pasted(
     assert re.search(r"qwen3-vl-30b\s+ready", after.stdout), after.stdout
 
 
+def test_the_printed_curl_line_loads_a_model_through_the_gateway(
+    start_demo: Callable[..., Demo],
+) -> None:
+    demo = start_demo()
+    line = demo.instructions()["gateway"]
+    assert line.startswith("curl http://127.0.0.1:") and "qwen3-vl-30b" in line
+    answered = demo.run_line(line)
+    assert answered.returncode == 0, answered.stderr
+    answer = json.loads(answered.stdout)
+    assert answer["choices"][0]["message"]["content"] == "Simulated answer from qwen3-vl-30b."
+    status = demo.run_line(demo.instructions()["status"])
+    assert re.search(r"qwen3-vl-30b\s+ready", status.stdout), status.stdout
+
+
 def test_demo_ignores_the_users_modelbus_environment(
     start_demo: Callable[..., Demo], tmp_path: Path
 ) -> None:

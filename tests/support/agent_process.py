@@ -27,6 +27,7 @@ def write_agent_config(
     interval_s: float = 1.0,
     models: dict[str, Any] | None = None,
     lifecycle: dict[str, Any] | None = None,
+    http: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
     config: dict[str, Any] = {
@@ -53,6 +54,9 @@ def write_agent_config(
         "monitor_interval_s": 0.2,
         **(lifecycle or {}),
     }
+    # Off unless a test asks for the gateway: agents of tests running side by side would
+    # otherwise all want the default port.
+    config["http"] = http or {"listen": None}
     for key, value in (extra or {}).items():
         config[key] = value
     path.write_text(yaml.safe_dump(config))

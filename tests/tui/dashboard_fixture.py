@@ -126,6 +126,9 @@ def _gpu1_messages(t: HostTopics) -> list[tuple[str, bytes]]:
             last_load_s=61.5,
             priority=10,
             pinned=True,
+            in_flight=3,
+            requests_total=1287,
+            last_request_at=ago(seconds=1),
             ts=FIXED_NOW,
         ),
         ModelState(

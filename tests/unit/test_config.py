@@ -137,3 +137,50 @@ def test_clients_read_only_the_prefix_and_the_broker(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="prefix"):
         load_bus_config(path, environ={}, overrides={"prefix": "a/#"})
+
+
+# ---- the gateway's http section -------------------------------------------------------
+
+
+def test_http_is_on_loopback_by_default_and_off_on_request() -> None:
+    assert load_config(environ={}).http.listen == "127.0.0.1:9470"
+    assert load_config(environ={"MODELBUS_HTTP_LISTEN": "off"}).http.listen is None
+    assert load_config(environ={}, overrides={"http.listen": "[::1]:8123"}).http.listen
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9470", "192.168.1.10:9470", "[::]:9470"])
+def test_a_listen_beyond_loopback_needs_keys(listen: str) -> None:
+    with pytest.raises(ConfigError, match=r"reaches beyond this machine: set http\.api_keys"):
+        load_config(environ={"MODELBUS_HTTP_LISTEN": listen})
+    keyed = load_config(
+        environ={"MODELBUS_HTTP_LISTEN": listen, "MODELBUS_HTTP_API_KEYS": "n8n:user:" + "k" * 20}
+    )
+    assert [(k.name, k.role) for k in keyed.http.api_keys] == [("n8n", "user")]
+
+
+@pytest.mark.parametrize(
+    ("keys", "fragment"),
+    [
+        ("n8n:user", "name:role:key"),
+        ("n8n:boss:" + "k" * 20, "role 'boss' is not one of viewer, user, operator, admin"),
+        ("n8n:user:short", "at least 16 characters"),
+        (f"a:user:{'k' * 20},a:viewer:{'j' * 20}", "each key needs a name of its own"),
+    ],
+)
+def test_bad_keys_are_refused_naming_what_is_wrong(keys: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(environ={"MODELBUS_HTTP_API_KEYS": keys})
+
+
+def test_an_alias_names_one_model_only(tmp_path: Path) -> None:
+    def model(**extra: Any) -> dict[str, Any]:
+        return {"runtime": "process", "process": {"argv": ["x"]}, "port": 1, "vram_mb": 1, **extra}
+
+    clash = {"a": model(aliases=["shared"]), "b": model(aliases=["shared"])}
+    with pytest.raises(ConfigError, match="'shared' already names model 'a'"):
+        load_config(environ={}, overrides={"models": clash})
+    with pytest.raises(ConfigError, match="'a' already names model 'a'"):
+        load_config(environ={}, overrides={"models": {"a": model(), "b": model(aliases=["a"])}})
+    config = load_config(environ={}, overrides={"models": {"a": model(aliases=["org/a-7b"])}})
+    resolved = config.catalog.resolve("org/a-7b")
+    assert resolved is not None and resolved.name == "a"

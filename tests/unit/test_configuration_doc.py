@@ -41,6 +41,7 @@ def test_the_example_states_the_real_defaults() -> None:
         "gpu",
         "lifecycle",
         "weights",
+        "http",
         "models",
         "prefix",
         "log_level",

@@ -47,8 +47,10 @@ class Runner:
         self.recovered: list[tuple[str, str, int]] = []
         self.settled_jobs: list[str] = []
         self.fail: BaseException | None = None
+        self.started_jobs: list[str] = []
 
     async def run(self, job: Job[SwapRequest]) -> None:
+        self.started_jobs.append(job.job_id)
         self.started.set()
         if self.fail is not None:
             raise self.fail
@@ -189,6 +191,34 @@ async def test_a_failure_while_undoing_does_not_stop_the_worker(
         (first.job_id, JobStatus.FAILED),
         (second.job_id, JobStatus.SUCCEEDED),
     ]
+    worker.stop()
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+
+
+async def test_a_hand_off_sees_its_job_end_before_the_next_job_starts(
+    store: Database, background: Background
+) -> None:
+    """What a waiter claims when its job ends (the gateway: a slot on the model just
+    loaded), no job queued behind it can take first; a job already ended hands off at once."""
+    runner, recorder = Runner(), Recorder()
+    worker = JobWorker(runner, store, recorder, background, name="swap", limit=4)
+    running = asyncio.create_task(worker.run())
+    first, _ = worker.submit(load("a"))
+    second, _ = worker.submit(load("b"))
+    seen: list[tuple[str, JobStatus, bool]] = []
+
+    def hand_off(job: Job[SwapRequest]) -> None:
+        seen.append((job.job_id, job.state, runner.started_jobs.count(second.job_id) > 0))
+
+    await runner.started.wait()
+    runner.release.set()
+    await worker.finished(first, hand_off)
+    assert seen == [(first.job_id, JobStatus.SUCCEEDED, False)]
+    await worker.finished(second)
+    await worker.finished(first, hand_off)
+    assert seen[-1] == (first.job_id, JobStatus.SUCCEEDED, True)
     worker.stop()
     running.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -622,3 +622,42 @@ def test_a_target_evicts_only_models_of_its_priority_or_lower() -> None:
     # exclusive empties what it may, no more.
     exclusive = plan_switch(gpu, residents, Target("small", 1000, ((0,),)), exclusive=True)
     assert isinstance(exclusive, Plan) and exclusive.evict == ("asr",)
+
+
+# ---- residents that keep their GPUs to themselves -------------------------
+
+
+def test_an_exclusive_resident_makes_way_even_when_memory_would_fit() -> None:
+    residents = [loaded("whisperx", 1.0, exclusive=True)]
+    plan = switch(residents, "infinitetalk")
+    assert isinstance(plan, Plan) and plan.evict == ("whisperx",)
+
+
+def test_an_exclusive_resident_stops_first_and_the_rest_only_as_needed() -> None:
+    residents = [loaded("infinitetalk", 1.0), loaded("whisperx", 2.0, exclusive=True)]
+    # whisperx must go; with its memory back, qwen fits beside infinitetalk.
+    plan = switch(residents, "qwen3-vl-30b")
+    assert isinstance(plan, Plan) and plan.evict == ("whisperx",)
+
+
+def test_a_load_never_evicts_an_exclusive_resident() -> None:
+    residents = [loaded("whisperx", 1.0, exclusive=True)]
+    refused = plan_load([gpu_with(residents)], residents, target("infinitetalk"))
+    assert isinstance(refused, Refusal)
+
+
+@pytest.mark.parametrize("protection", [{"pinned": True}, {"busy": True}])
+def test_an_exclusive_resident_that_may_not_go_rules_its_gpus_out(
+    protection: dict[str, bool],
+) -> None:
+    residents = [loaded("whisperx", 1.0, exclusive=True, **protection)]
+    refused = switch(residents, "infinitetalk")
+    assert isinstance(refused, Refusal)
+    assert "whisperx is " + ("pinned" if "pinned" in protection else "busy") in refused.message
+
+
+def test_an_exclusive_resident_elsewhere_is_left_alone() -> None:
+    residents = [loaded("whisperx", 1.0, exclusive=True, gpus=(1,))]
+    gpus = [GpuMemory(0, TOTAL_MB, TOTAL_MB), GpuMemory(1, TOTAL_MB, TOTAL_MB - 6144)]
+    plan = plan_switch(gpus, residents, target("infinitetalk"))
+    assert isinstance(plan, Plan) and plan.evict == () and plan.gpus == (0,)

@@ -21,7 +21,8 @@ STATE_LOOK: dict[ModelLifecycle, tuple[str, str]] = {
     ModelLifecycle.CRASHED: ("✖", "bold reverse red"),
 }
 # Narrow headers, ages last: at 80 columns what matters most must be on screen.
-COLUMNS = ("Model", "State", "GPU", "VRAM/est", "Prio", "Up", "Idle")
+# Req: gateway requests being answered now.
+COLUMNS = ("Model", "State", "GPU", "VRAM/est", "Req", "Prio", "Up", "Idle")
 
 
 def state_text(model: ModelState) -> Text:
@@ -38,6 +39,7 @@ def model_row(model: ModelState, now: datetime) -> list[str | Text]:
         state_text(model),
         ",".join(str(g) for g in model.gpus) or "-",
         vram,
+        Text(str(model.in_flight), style="bold cyan") if model.in_flight else Text("-", "dim"),
         Text.assemble(str(model.priority), (" pin", "bold") if model.pinned else ""),
         loaded,
         ago(model.last_used_at, now),

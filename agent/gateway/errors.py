@@ -1,0 +1,102 @@
+"""The gateway's errors, in OpenAI's shape (``{"error": {"message", "type", "code"}}``)
+so that the official clients raise the exception a caller expects (``NotFoundError``,
+``RateLimitError``...). Pure: the server turns a GatewayError into its response."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+
+@dataclass(eq=False)
+class GatewayError(Exception):
+    status: HTTPStatus
+    message: str
+    code: str
+    kind: str = "invalid_request_error"
+    headers: dict[str, str] = field(default_factory=dict)
+    param: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def sse_event(self) -> bytes:
+        """The error as a server-sent event, for a stream that already began."""
+        return b"data: " + json.dumps(self.body()).encode() + b"\n\n"
+
+
+def bad_request(message: str, *, param: str | None = None) -> GatewayError:
+    return GatewayError(HTTPStatus.BAD_REQUEST, message, "invalid_request", param=param)
+
+
+def unknown_model(requested: str, names: list[str]) -> GatewayError:
+    catalog = ", ".join(names) or "no models"
+    return GatewayError(
+        HTTPStatus.NOT_FOUND,
+        f"the model {requested!r} does not exist here; the catalog has: {catalog}",
+        "model_not_found",
+        param="model",
+    )
+
+
+def queue_full(model: str, waiting: int, retry_after_s: float) -> GatewayError:
+    seconds = max(1, round(retry_after_s))
+    return GatewayError(
+        HTTPStatus.TOO_MANY_REQUESTS,
+        f"{waiting} requests already wait for {model} (its max_queued); retry in {seconds} s",
+        "queue_full",
+        kind="rate_limit_error",
+        headers={"Retry-After": str(seconds)},
+    )
+
+
+def load_failed(model: str, job_id: str, reason: str) -> GatewayError:
+    return GatewayError(
+        HTTPStatus.SERVICE_UNAVAILABLE,
+        f"{model} could not be loaded (job {job_id}): {reason}",
+        "model_load_failed",
+        kind="server_error",
+    )
+
+
+def upstream_failed(model: str, reason: str) -> GatewayError:
+    return GatewayError(
+        HTTPStatus.BAD_GATEWAY,
+        f"{model}'s server failed to answer: {reason}",
+        "upstream_error",
+        kind="server_error",
+    )
+
+
+def timed_out(model: str, what: str, seconds: float) -> GatewayError:
+    return GatewayError(
+        HTTPStatus.GATEWAY_TIMEOUT,
+        f"{model}: {what} took longer than {seconds:g} s",
+        "timeout",
+        kind="server_error",
+    )
+
+
+def unauthorized(message: str) -> GatewayError:
+    return GatewayError(HTTPStatus.UNAUTHORIZED, message, "invalid_api_key")
+
+
+def forbidden(caller: str, role: str, needed: str) -> GatewayError:
+    return GatewayError(
+        HTTPStatus.FORBIDDEN,
+        f"the key {caller!r} has the role {role}; this needs {needed}",
+        "insufficient_role",
+        kind="permission_error",
+    )

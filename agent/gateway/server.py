@@ -1,0 +1,204 @@
+"""The agent's HTTP server (aiohttp): the OpenAI-compatible gateway. A request names a
+catalog model (or an alias) in its JSON body; the gateway has it loaded through the
+swap queue, waits its turn (``admission``) and forwards it (``proxy``). Every error is
+an OpenAI-shaped body; every route needs a key with a role (``keys``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+
+from agent.catalog import ModelSpec
+from agent.config import HttpConfig, listen_address
+from agent.gateway import errors
+from agent.gateway.admission import Admission
+from agent.gateway.keys import Caller, Keys, Role
+from agent.gateway.proxy import Upstreams
+from agent.lifecycle import Lifecycle
+
+log = logging.getLogger("modelbus.gateway")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Where the authenticated caller is kept on a request.
+CALLER = "modelbus.caller"
+# The routes that forward a JSON body naming its model.
+INFERENCE_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+
+
+class GatewayListenError(Exception):
+    """The gateway's address cannot be had; the message says what to do."""
+
+
+class GatewayServer:
+    def __init__(self, config: HttpConfig, lifecycle: Lifecycle, admission: Admission) -> None:
+        self.config = config
+        self._lifecycle = lifecycle
+        self._admission = admission
+        self._keys = Keys(config.api_keys)
+        self._upstreams = Upstreams(connect_timeout_s=config.connect_timeout_s)
+        self.port: int | None = None  # bound, once running (a port 0 in listen picks one)
+        self._runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(
+            client_max_size=self.config.max_body_mb * 1024 * 1024,
+            middlewares=[self._errors, self._auth],
+        )
+        for path in INFERENCE_ROUTES:
+            app.router.add_post(path, self._inference)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/v1/models/{model:.+}", self._model)
+        return app
+
+    async def start(self) -> None:
+        """Listen; raises GatewayListenError with a sentence when the address is taken."""
+        assert self.config.listen is not None
+        host, port = listen_address(self.config.listen)
+        await self._upstreams.start()
+        # handler_cancellation: a client that disconnects cancels its handler, and so
+        # its upstream request or its place in a queue.
+        # A short shutdown: requests still running when the agent stops see their
+        # connection close (the agent's own shutdown must not wait on a long stream).
+        self._runner = web.AppRunner(
+            self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+        )
+        await self._runner.setup()
+        try:
+            await web.TCPSite(self._runner, host, port, reuse_address=True).start()
+        except OSError as exc:
+            await self.close()
+            raise GatewayListenError(
+                f"the gateway cannot listen on {self.config.listen} ({exc.strerror or exc}): "
+                "set http.listen (or --http-listen) to a free address, or 'off'"
+            ) from None
+        self.port = self._runner.addresses[0][1] if self._runner.addresses else port
+        log.info("gateway listening on http://%s:%d", host, self.port)
+
+    async def serve(self) -> None:
+        """Serve until cancelled, then close every connection."""
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self._upstreams.close()
+
+    # ---- middleware ------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except errors.GatewayError as error:
+            return _error_response(error)
+        except web.HTTPRequestEntityTooLarge:
+            return _error_response(
+                errors.GatewayError(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    f"the body is larger than http.max_body_mb ({self.config.max_body_mb} MB)",
+                    "payload_too_large",
+                )
+            )
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return _error_response(
+                errors.GatewayError(HTTPStatus(exc.status), exc.reason, "http_error")
+            )
+        except Exception:  # one request must never take the gateway down
+            log.exception("%s %s failed", request.method, request.path)
+            return _error_response(
+                errors.GatewayError(
+                    HTTPStatus.INTERNAL_SERVER_ERROR,
+                    "the gateway failed on this request; see the agent's log",
+                    "internal",
+                    kind="server_error",
+                )
+            )
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        caller = self._keys.caller(request.headers)
+        if caller is None:
+            raise errors.unauthorized(
+                "a valid API key is needed: Authorization: Bearer <key> or X-API-Key: <key>"
+            )
+        request[CALLER] = caller
+        return await handler(request)
+
+    # ---- routes ----------------------------------------------------------
+
+    async def _inference(self, request: web.Request) -> web.StreamResponse:
+        _require(request, Role.USER)
+        body = await request.read()
+        requested, fields = _model_of(body)
+        spec = self._resolve(requested)
+        if spec.upstream_model is not None and spec.upstream_model != requested:
+            body = json.dumps({**fields, "model": spec.upstream_model}).encode()
+        async with self._admission.admit(spec):
+            return await self._upstreams.forward(request, spec, body)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        _require(request, Role.VIEWER)
+        catalog = self._lifecycle.catalog
+        data = [self._describe(catalog.models[name]) for name in catalog.names()]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _model(self, request: web.Request) -> web.Response:
+        _require(request, Role.VIEWER)
+        return web.json_response(self._describe(self._resolve(request.match_info["model"])))
+
+    def _resolve(self, requested: str) -> ModelSpec:
+        spec = self._lifecycle.catalog.resolve(requested)
+        if spec is None:
+            raise errors.unknown_model(requested, self._lifecycle.catalog.names())
+        return spec
+
+    def _describe(self, spec: ModelSpec) -> dict[str, Any]:
+        record = self._lifecycle.models.get(spec.name)
+        loaded_at = record.loaded_at if record is not None else None
+        return {
+            "id": spec.name,
+            "object": "model",
+            "created": int(loaded_at or 0),
+            "owned_by": "modelbus",
+            "aliases": list(spec.aliases),
+            "state": record.state.value if record is not None else "stopped",
+            "in_flight": record.in_flight if record is not None else 0,
+            "waiting": self._admission.waiting(spec.name),
+            "description": spec.description,
+        }
+
+
+def _require(request: web.Request, role: Role) -> None:
+    caller: Caller = request[CALLER]
+    if caller.role < role:
+        raise errors.forbidden(caller.name, caller.role.label, role.label)
+
+
+def _model_of(body: bytes) -> tuple[str, dict[str, Any]]:
+    """The ``model`` a JSON body names, and the body's fields."""
+    try:
+        fields = json.loads(body)
+    except (ValueError, RecursionError):
+        raise errors.bad_request("the body is not JSON") from None
+    if not isinstance(fields, dict):
+        raise errors.bad_request("the body must be a JSON object")
+    model = fields.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise errors.bad_request("the body names no 'model'", param="model")
+    return model, fields
+
+
+def _error_response(error: errors.GatewayError) -> web.Response:
+    return web.json_response(error.body(), status=int(error.status), headers=error.headers)

@@ -1,0 +1,52 @@
+"""An agent with its gateway on, for the tests that call it as OpenAI clients do."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from bus.mqtt import Message
+from devtools.brokers import free_port
+from tests.support.agent_process import AgentProcess
+from tests.support.host import Host
+
+
+@dataclass
+class Gateway:
+    host: Host
+    port: int
+    agent: AgentProcess | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def jobs(self, model: str, *, after: int = 0) -> dict[str, dict[str, Any]]:
+        """The jobs seen on the bus for ``model`` (each job's last state), by id."""
+        seen: dict[str, dict[str, Any]] = {}
+        for message in self.host.bus.messages[after:]:
+            job = _job(self.host, message)
+            if job is not None and job.get("model") == model:
+                seen[job["job_id"]] = job
+        return seen
+
+    async def model_state(self, model: str, check: Any, *, after: int = 0) -> dict[str, Any]:
+        message = await self.host.bus.wait_topic(
+            self.host.topics.model(model), lambda v: bool(v) and check(v), after=after, timeout=30
+        )
+        state: dict[str, Any] = json.loads(message.payload)
+        return state
+
+
+def gateway_settings(**extra: Any) -> tuple[int, dict[str, Any]]:
+    """A free port and the agent's ``http:`` section listening on it."""
+    port = free_port()
+    return port, {"listen": f"127.0.0.1:{port}", **extra}
+
+
+def _job(host: Host, message: Message) -> dict[str, Any] | None:
+    if not message.topic.startswith(host.topics.job("")) or not message.payload:
+        return None
+    job: dict[str, Any] = json.loads(message.payload)
+    return job
