@@ -240,6 +240,24 @@ class HttpConfig(Strict):
         return self
 
 
+class GatewayConfig(Strict):
+    """How the gateway orders the switches its requests ask for (docs/gateway.md)."""
+
+    max_wait_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=3600,
+        description="longest a request waits before its switch evicts a model in use; "
+        "0 queues every switch at once (arrival order)",
+    )
+    idle_after_s: float = Field(
+        default=2.0,
+        ge=0,
+        le=3600,
+        description="a loaded model with no request for this long may be evicted at once",
+    )
+
+
 def listen_address(value: str) -> tuple[str, int]:
     """``host:port`` (``[v6]:port``) as (host, port); ValueError naming what is wrong."""
     host, sep, port = value.rpartition(":")
@@ -262,6 +280,7 @@ class AgentConfig(Strict):
     homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     models: dict[str, ModelSpec] = Field(default_factory=dict)
 
     @field_validator("models", mode="before")

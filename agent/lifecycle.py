@@ -9,6 +9,7 @@ time (the swap lock): ``job_worker.JobWorker`` runs ``swap.Swap``'s jobs. Beside
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable, Collection
 
@@ -177,6 +178,22 @@ class Lifecycle:
             force=force,
             headroom_mb=self.config.headroom_mb,
         )
+
+    async def evictions(self, spec: ModelSpec) -> frozenset[str] | None:
+        """What a gateway switch to ``spec`` would evict were no model busy (a switch
+        drains busy ones); None when it cannot fit even so."""
+        residents = [
+            dataclasses.replace(resident, busy=False)
+            for resident in self.registry.residents(exclude=spec.name)
+        ]
+        plan = plan_switch(
+            gpu_memory(await self.sample()),
+            residents,
+            await self.registry.target(spec, None),
+            exclusive=spec.exclusive,
+            headroom_mb=self.config.headroom_mb,
+        )
+        return None if isinstance(plan, Refusal) else frozenset(plan.evict)
 
     async def reload(self, catalog: Catalog) -> list[str]:
         """Take a new catalog; returns what changed (see ModelRegistry.reload)."""

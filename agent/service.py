@@ -155,6 +155,7 @@ class AgentService:
                 self.publisher,
                 self.background,
                 queue_timeout_s=config.http.queue_timeout_s,
+                batching=config.gateway,
             )
             self.gateway = GatewayServer(config.http, self.lifecycle, admission)
         self.telemetry = GpuTelemetry(

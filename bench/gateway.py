@@ -11,7 +11,14 @@ measured in the same run (the same request sent straight to the model's server):
   direct, the agent's CPU per 1,000 chunks, and meanwhile the bus: ``status`` round trips
   and the seconds between two telemetry publishes (one process serves both);
 - time to first token of a request whose model must be switched in, against the switch
-  job's own duration.
+  job's own duration;
+- batching: a seeded trace of 200 requests interleaved over three models that do not fit
+  together, through an agent with the shipped batching policy (``gateway:``) and one that queues
+  every switch in arrival order (``max_wait_s: 0``), the same trace: the swaps each made,
+  and the longest wait against ``max_wait_s`` plus one swap;
+- 2,000 mixed requests (chat, streamed chat, embeddings) from 50 clients over those three
+  models: every one answered (200, or a documented 429), none lost, the agent's memory
+  before, half-way and after.
 
     .venv/bin/python bench/gateway.py            # 1,000 pairs x 3, 64 streams x 60 chunks
     .venv/bin/python bench/gateway.py --quick
@@ -23,12 +30,14 @@ import argparse
 import asyncio
 import itertools
 import json
+import random
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -40,20 +49,31 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from agent.config import GatewayConfig
 from bus.mqtt import Connection, ConnectionSettings, Subscription, connect
 from devtools.brokers import DEMO_CONFIG, MosquittoBroker, free_port
 from shared.topics import HostTopics
 
 TARGETS = {"added_p50": 1.0, "added_p99": 5.0, "stream_share": 95.0, "rtt_p99": 10.0}
 TTFT_SLACK_MS = 50.0
+SWAP_SHARE_TARGET = 50.0  # batched swaps, % of arrival order's
+TRACE_MODELS = ("red", "green", "blue")  # 20 GB each on a 32 GB GPU: one at a time
+TRACE_REQUESTS = 200
+TRACE_RATE = 8.0  # requests a second, spread over the three models
+# The shipped policy.
+TRACE_MAX_WAIT_S = GatewayConfig().max_wait_s
+TRACE_IDLE_AFTER_S = GatewayConfig().idle_after_s
+TRACE_LOAD_S = 0.3
+MIXED_CLIENTS = 50
+MIXED_REQUESTS = 2000
 CHAT = [{"role": "user", "content": "hello"}]
 STREAM_RATE = 20.0  # chunks per second per stream
 _ids = itertools.count()
 
 
-def sim(vram_mb: int, *extra: str) -> dict[str, Any]:
+def sim(vram_mb: int, *extra: str, load_s: float = 0.5) -> dict[str, Any]:
     argv = [sys.executable, "-m", "devtools.simserver", "--port", "${PORT}", "--model"]
-    argv += ["${MODEL}", "--gpus", "${GPUS}", "--vram-mb", str(vram_mb), "--load-s", "0.5"]
+    argv += ["${MODEL}", "--gpus", "${GPUS}", "--vram-mb", str(vram_mb), "--load-s", str(load_s)]
     return {
         "runtime": "process",
         "process": {"argv": [*argv, *extra]},
@@ -76,6 +96,8 @@ def agent_config(workdir: Path, broker: MosquittoBroker, gateway_port: int, chun
             "sim": {"release_delay_s": 0.0, "gpus": [{"memory_total_mb": 32768}]},
         },
         "http": {"listen": f"127.0.0.1:{gateway_port}"},
+        # The swap's time to first token is the switch's own: not held back for batching.
+        "gateway": {"max_wait_s": 0},
         "models": {
             "alpha": sim(4096, "--tokens-per-s", "0"),  # answers at once: the overhead shows
             "streamer": sim(4096, *stream),
@@ -260,16 +282,7 @@ async def measure(
         )
         bus = Bus(connection, topics)
         pump = asyncio.create_task(bus.pump())
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                async with web.get(f"{gateway}/v1/models") as probe:
-                    if probe.status == 200:
-                        break
-            except aiohttp.ClientError:
-                pass
-            assert time.monotonic() < deadline, "the agent's gateway did not come up"
-            await asyncio.sleep(0.1)
+        await gateway_up(web, gateway)
         # Both small models side by side; big is left for the swap.
         await chat(web, gateway, "alpha")
         await chat(web, gateway, "streamer")
@@ -326,6 +339,211 @@ async def measure(
     row("swap: time to first token (ms, job beside)", ttft, job_ms, job_ms + TTFT_SLACK_MS)
 
 
+# ---- batching: a seeded interleaved trace, and a mixed load -------------------------
+
+
+def trace_config(workdir: Path, broker: MosquittoBroker, port: int, max_wait_s: float) -> Path:
+    prefix = f"bench-trace-{int(max_wait_s * 1000)}"
+    config: dict[str, Any] = {
+        "host_id": "bench",
+        "prefix": prefix,
+        "state_dir": str(workdir / prefix),
+        "log_level": "warning",
+        "broker": {"url": broker.url},
+        "gpu": {
+            "backend": "sim",
+            "sim": {"release_delay_s": 0.0, "gpus": [{"memory_total_mb": 32768}]},
+        },
+        "http": {"listen": f"127.0.0.1:{port}"},
+        "gateway": {"max_wait_s": max_wait_s, "idle_after_s": TRACE_IDLE_AFTER_S},
+        "models": {
+            name: sim(20000, "--tokens-per-s", "0", load_s=TRACE_LOAD_S) for name in TRACE_MODELS
+        },
+        "lifecycle": {"job_retention_s": 3600},
+    }
+    path = workdir / f"{prefix}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def seeded_trace(seed: int = 612) -> list[tuple[float, str]]:
+    """(seconds from the start, model) of each request: Poisson arrivals, models at random."""
+    rng = random.Random(seed)
+    at, trace = 0.0, []
+    for _ in range(TRACE_REQUESTS):
+        at += rng.expovariate(TRACE_RATE)
+        trace.append((at, rng.choice(TRACE_MODELS)))
+    return trace
+
+
+async def gateway_up(web: aiohttp.ClientSession, gateway: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            async with web.get(f"{gateway}/v1/models") as probe:
+                if probe.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        assert time.monotonic() < deadline, "the agent's gateway did not come up"
+        await asyncio.sleep(0.1)
+
+
+@dataclass
+class TraceRun:
+    waits_ms: list[float]
+    switches: list[dict[str, Any]]
+
+
+async def replay(broker: MosquittoBroker, workdir: Path, max_wait_s: float) -> TraceRun:
+    """The seeded trace through an agent with ``max_wait_s``: each request's wait (the
+    server answers at once, so its latency is its wait) and the switch jobs it caused."""
+    port = free_port()
+    config = trace_config(workdir, broker, port, max_wait_s)
+    prefix = yaml.safe_load(config.read_text())["prefix"]
+    topics = HostTopics(prefix, "bench")
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "modelbus", "agent", "--config", str(config)], cwd=REPO
+    )
+    gateway = f"http://127.0.0.1:{port}"
+    settings = ConnectionSettings("127.0.0.1", broker.port, prefix, persistent_session=False)
+    jobs: dict[str, dict[str, Any]] = {}
+    try:
+        async with (
+            connect(settings) as watcher,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as web,
+        ):
+            await watcher.subscribe([Subscription(topics.job("+"))])
+
+            async def collect() -> None:
+                async for message in watcher.messages():
+                    if message.payload:
+                        job = json.loads(message.payload)
+                        jobs[job["job_id"]] = job
+
+            collector = asyncio.create_task(collect())
+            await gateway_up(web, gateway)
+            start = time.perf_counter()
+
+            async def one(at: float, model: str) -> float:
+                await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+                return await chat(web, gateway, model)
+
+            waits = await asyncio.gather(*(one(at, model) for at, model in seeded_trace()))
+            await asyncio.sleep(0.5)  # the last job's final state
+            collector.cancel()
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(30)
+    switches = [job for job in jobs.values() if job["state"] == "succeeded"]
+    return TraceRun(list(waits), switches)
+
+
+async def mixed_load(broker: MosquittoBroker, workdir: Path) -> tuple[dict[str, int], list[int]]:
+    """MIXED_REQUESTS requests from MIXED_CLIENTS clients over the trace's models, each
+    client one request at a time: the answers by status, and the agent's RSS (bytes) at
+    the start, half-way and at the end."""
+    port = free_port()
+    config = trace_config(workdir, broker, port, TRACE_MAX_WAIT_S)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "modelbus", "agent", "--config", str(config)], cwd=REPO
+    )
+    gateway = f"http://127.0.0.1:{port}"
+    statuses: dict[str, int] = {}
+    rss: list[int] = []
+    rng = random.Random(50)
+    per_client = MIXED_REQUESTS // MIXED_CLIENTS
+    try:
+        process = psutil.Process(agent.pid)
+        connector = aiohttp.TCPConnector(limit=0)
+        timeout = aiohttp.ClientTimeout(total=600)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as web:
+            await gateway_up(web, gateway)
+            rss.append(process.memory_info().rss)
+            done = 0
+
+            async def client(plan: list[tuple[str, str]]) -> None:
+                nonlocal done
+                for kind, model in plan:
+                    key = await mixed_request(web, gateway, kind, model)
+                    statuses[key] = statuses.get(key, 0) + 1
+                    done += 1
+                    if done == MIXED_REQUESTS // 2:
+                        rss.append(process.memory_info().rss)
+
+            plans = [
+                [
+                    (rng.choice(("chat", "stream", "embeddings")), rng.choice(TRACE_MODELS))
+                    for _ in range(per_client)
+                ]
+                for _ in range(MIXED_CLIENTS)
+            ]
+            await asyncio.gather(*(client(plan) for plan in plans))
+            rss.append(process.memory_info().rss)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(30)
+    return statuses, rss
+
+
+async def mixed_request(web: aiohttp.ClientSession, gateway: str, kind: str, model: str) -> str:
+    """One request; what it got: its status, "ok" for a whole answer, "lost" otherwise."""
+    if kind == "embeddings":
+        url, body = f"{gateway}/v1/embeddings", {"model": model, "input": "hello"}
+    else:
+        url = f"{gateway}/v1/chat/completions"
+        body = {"model": model, "messages": CHAT, "stream": kind == "stream"}
+    try:
+        async with web.post(url, json=body) as response:
+            payload = await response.read()
+    except (aiohttp.ClientError, TimeoutError):
+        return "lost"
+    if response.status != 200:
+        return str(response.status)
+    if kind == "stream":
+        return "ok" if payload.rstrip().endswith(b"data: [DONE]") else "lost"
+    answer = json.loads(payload)
+    return "ok" if answer.get("choices") or answer.get("data") else "lost"
+
+
+async def batching(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="modelbus-bench-batching-") as tmp:
+        workdir = Path(tmp)
+        with MosquittoBroker(DEMO_CONFIG, workdir=workdir / "broker") as broker:
+            arrival = await replay(broker, workdir, 0.0)
+            batched = await replay(broker, workdir, TRACE_MAX_WAIT_S)
+            statuses, rss = await mixed_load(broker, workdir) if not args.quick else ({}, [])
+    swap_ms = max(job_seconds(job) for job in batched.switches) * 1000
+    bound = TRACE_MAX_WAIT_S * 1000 + swap_ms
+    print(
+        f"\nbatching: {TRACE_REQUESTS} requests at {TRACE_RATE:g}/s over {len(TRACE_MODELS)} "
+        f"models of 20 GB on 32 GB ({TRACE_LOAD_S:g} s loads), max_wait_s {TRACE_MAX_WAIT_S:g}, "
+        f"idle_after_s {TRACE_IDLE_AFTER_S:g}; baseline: max_wait_s 0 (arrival order)"
+    )
+    print(f"{'figure':44} {'modelbus':>10} {'baseline':>10} {'target':>10}")
+    share = len(batched.switches) / len(arrival.switches) * 100
+    row("swaps", len(batched.switches), len(arrival.switches), None)
+    row("  swaps, % of arrival order", share, 100.0, SWAP_SHARE_TARGET)
+    row("longest wait (ms; max_wait_s + one swap)", max(batched.waits_ms), max(arrival.waits_ms),
+        bound)  # fmt: skip
+    row("median wait (ms)", statistics.median(batched.waits_ms),
+        statistics.median(arrival.waits_ms), None)  # fmt: skip
+    if statuses:
+        answered = sum(n for key, n in statuses.items() if key in ("ok", "429"))
+        print(
+            f"mixed: {MIXED_REQUESTS} requests (chat, streamed chat, embeddings) from "
+            f"{MIXED_CLIENTS} clients over the same models: {statuses}; answered "
+            f"{answered}/{MIXED_REQUESTS}, lost {statuses.get('lost', 0)} (target 0)  "
+            + ("meets" if answered == MIXED_REQUESTS else "MISSES")
+        )
+        mib = [value / 2**20 for value in rss]
+        print(
+            "  agent RSS MiB at start, half-way, end: "
+            + ", ".join(f"{value:.1f}" for value in mib)
+            + f" (growth over the second half {mib[2] - mib[1]:+.1f} MiB)"
+        )
+
+
 def row(
     name: str, ours: float, base: float | None, target: float | None, *, higher: bool = False
 ) -> None:
@@ -342,10 +560,16 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--chunks", type=int, default=60, help="chunks per stream")
     parser.add_argument("--quick", action="store_true", help="200 pairs, 16 streams x 40")
+    parser.add_argument(
+        "--only", choices=("gateway", "batching"), help="one part of the bench only"
+    )
     args = parser.parse_args()
     if args.quick:
         args.pairs, args.streams, args.chunks = 200, 16, 40
-    asyncio.run(run(args))
+    if args.only != "batching":
+        asyncio.run(run(args))
+    if args.only != "gateway":
+        asyncio.run(batching(args))
 
 
 if __name__ == "__main__":

@@ -2,16 +2,25 @@
 ``http.server``. ``/health`` follows the load; ``/v1/chat/completions`` and
 ``/v1/completions`` answer once ``answer_tokens`` tokens took their time at
 ``tokens_per_s``, or stream them (SSE, chunked) at that rate; ``/v1/embeddings`` returns a
-small vector per input, the same for the same text. Every connection has TCP_NODELAY set,
+small vector per input, the same for the same text. The other OpenAI routes answer in
+their shapes: ``/v1/responses``, ``/v1/audio/speech`` (WAV bytes),
+``/v1/audio/transcriptions`` and ``/translations`` (a multipart form, which may name its
+model after the file), ``/v1/images/generations``, ``/v1/rerank``, and Anthropic's
+``/v1/messages``. ``/sim/echo`` (any method) is the server's "own API": it says what it
+received, for the gateway's ``/upstream/`` route. Every connection has TCP_NODELAY set,
 as real servers (uvicorn, llama.cpp) do: a header and a body leaving in two writes would
 otherwise wait on delayed ACKs."""
 
 from __future__ import annotations
 
+import base64
+import email.parser
+import email.policy
 import hashlib
 import json
 import os
 import socket
+import struct
 import sys
 import threading
 import time
@@ -23,6 +32,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 MAX_BODY_BYTES = 1 << 20
+# An audio upload may be far larger than a JSON request.
+MAX_FORM_BYTES = 64 << 20
 EMBEDDING_DIMENSIONS = 8
 DEFAULT_TOKENS_PER_S = 200.0
 # None: the answer is one sentence naming the model (its words are the tokens).
@@ -122,19 +133,40 @@ class _Handler(BaseHTTPRequestHandler):
                 "owned_by": "modelbus-sim",
             }
             self._send_json(HTTPStatus.OK, {"object": "list", "data": [model]})
+        elif path == "/sim/echo":
+            self._echo()
         else:
             self._not_found()
 
+    def do_PUT(self) -> None:
+        if urlsplit(self.path).path == "/sim/echo":
+            self._echo()
+        else:
+            self._not_found_after_body()
+
+    def do_DELETE(self) -> None:
+        self.do_PUT()
+
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
+        if path == "/sim/echo":
+            self._echo()
+            return
+        if path in ("/v1/audio/transcriptions", "/v1/audio/translations"):
+            self._transcription(translate=path.endswith("translations"))
+            return
         answer = {
             "/v1/chat/completions": self._chat_completion,
             "/v1/completions": self._completion,
             "/v1/embeddings": self._embeddings,
+            "/v1/responses": self._response,
+            "/v1/messages": self._anthropic_message,
+            "/v1/audio/speech": self._speech,
+            "/v1/images/generations": self._images,
+            "/v1/rerank": self._rerank,
         }.get(path)
         if answer is None:
-            self._drain_body()
-            self._not_found()
+            self._not_found_after_body()
             return
         request = self._read_json()
         if request is None or not self._serving():
@@ -283,10 +315,164 @@ class _Handler(BaseHTTPRequestHandler):
             },
         )
 
+    def _response(self, request: dict[str, Any]) -> None:
+        if not self._serving_text(request.get("input")):
+            return
+        text = " ".join(self.sim.answer_words())
+        message = {
+            "type": "message",
+            "id": self.sim.next_completion_id("msg"),
+            "role": "assistant",
+            "status": "completed",
+            "content": [{"type": "output_text", "text": text, "annotations": []}],
+        }
+        words = len(text.split())
+        body = {
+            "id": self.sim.next_completion_id("resp"),
+            "object": "response",
+            "created_at": int(time.time()),
+            "model": self.sim.model,
+            "status": "completed",
+            "output": [message],
+            "usage": {"input_tokens": 1, "output_tokens": words, "total_tokens": words + 1},
+        }
+        self._send_json(HTTPStatus.OK, body)
+
+    def _anthropic_message(self, request: dict[str, Any]) -> None:
+        if not isinstance(request.get("messages"), list) or not request["messages"]:
+            self._bad_request("send a JSON object with a non-empty 'messages' list")
+            return
+        text = " ".join(self.sim.answer_words())
+        body = {
+            "id": self.sim.next_completion_id("msg"),
+            "type": "message",
+            "role": "assistant",
+            "model": self.sim.model,
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 1, "output_tokens": len(text.split())},
+        }
+        self._send_json(HTTPStatus.OK, body)
+
+    def _speech(self, request: dict[str, Any]) -> None:
+        if not self._serving_text(request.get("input")):
+            return
+        # A silent 8 kHz mono WAV, a tenth of a second per word.
+        samples = b"\0\0" * (800 * max(1, len(request["input"].split())))
+        header = b"RIFF" + struct.pack("<I", 36 + len(samples)) + b"WAVEfmt "
+        header += struct.pack("<IHHIIHH", 16, 1, 1, 8000, 16000, 2, 16)
+        audio = header + b"data" + struct.pack("<I", len(samples)) + samples
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "audio/wav")
+        self.send_header("Content-Length", str(len(audio)))
+        self.end_headers()
+        self.wfile.write(audio)
+
+    def _images(self, request: dict[str, Any]) -> None:
+        if not self._serving_text(request.get("prompt")):
+            return
+        count = request.get("n", 1)
+        if not isinstance(count, int) or not 1 <= count <= 10:
+            self._bad_request("'n' must be 1 to 10")
+            return
+        image = base64.b64encode(f"simulated image of {request['prompt']}".encode()).decode()
+        body = {"created": int(time.time()), "data": [{"b64_json": image}] * count}
+        self._send_json(HTTPStatus.OK, body)
+
+    def _rerank(self, request: dict[str, Any]) -> None:
+        query, documents = request.get("query"), request.get("documents")
+        if not isinstance(query, str) or not isinstance(documents, list):
+            self._bad_request("send a 'query' string and a 'documents' list")
+            return
+        words = set(query.lower().split())
+        scores = [
+            len(words & set(str(document).lower().split())) / max(1, len(words))
+            for document in documents
+        ]
+        results = sorted(
+            ({"index": i, "relevance_score": score} for i, score in enumerate(scores)),
+            key=lambda result: -result["relevance_score"],
+        )
+        self._send_json(HTTPStatus.OK, {"model": self.sim.model, "results": results})
+
+    def _transcription(self, *, translate: bool) -> None:
+        """A multipart form: ``file`` and ``model`` (in either order), ``language``."""
+        fields = self._read_form()
+        if fields is None or not self._serving():
+            return
+        upload = fields.get("file")
+        if not isinstance(upload, tuple):
+            self._bad_request("send the audio as the form's 'file'")
+            return
+        filename, data = upload
+        verb = "translation" if translate else "transcription"
+        text = (
+            f"Simulated {verb} by {self.sim.model} of {filename} ({len(data)} bytes, "
+            f"sha256 {hashlib.sha256(data).hexdigest()[:16]}, model field {fields.get('model')!r})"
+        )
+        if fields.get("response_format") == "text":
+            body = text.encode()
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self._send_json(HTTPStatus.OK, {"text": text})
+
+    def _read_form(self) -> dict[str, str | tuple[str, bytes]] | None:
+        """The form's fields (files as name and bytes); None after answering an error."""
+        length = self._body_length(MAX_FORM_BYTES)
+        if length is None:
+            return None
+        content_type = self.headers.get("Content-Type", "")
+        if not content_type.startswith("multipart/form-data"):
+            self.rfile.read(length)
+            self._bad_request("send a multipart/form-data body")
+            return None
+        raw = f"Content-Type: {content_type}\r\n\r\n".encode() + self.rfile.read(length)
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(raw)
+        fields: dict[str, str | tuple[str, bytes]] = {}
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            payload = part.get_payload(decode=True)
+            if not isinstance(name, str) or not isinstance(payload, bytes):
+                continue
+            filename = part.get_filename()
+            fields[name] = (filename, payload) if filename else payload.decode()
+        return fields
+
+    def _serving_text(self, text: object) -> bool:
+        if not isinstance(text, str) or not text:
+            self._bad_request("send the text to work on ('input' or 'prompt') as a string")
+            return False
+        return True
+
+    def _echo(self) -> None:
+        """What this request was: the gateway's /upstream/ route must pass it verbatim."""
+        length = self._body_length()
+        if length is None:
+            return
+        body = self.rfile.read(length) if length else b""
+        received = {
+            "model": self.sim.model,
+            "method": self.command,
+            "path": self.path,
+            "headers": {k.lower(): v for k, v in self.headers.items()},
+            "body_bytes": len(body),
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+        }
+        self._send_json(HTTPStatus.OK, received)
+
+    def _not_found_after_body(self) -> None:
+        self._drain_body()
+        self._not_found()
+
     def _bad_request(self, message: str) -> None:
         self._send_json(HTTPStatus.BAD_REQUEST, error_body(message, "invalid_request_error", 400))
 
-    def _body_length(self) -> int | None:
+    def _body_length(self, limit: int = MAX_BODY_BYTES) -> int | None:
         """The request body's length, or None after answering a request we cannot read."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self.close_connection = True
@@ -297,10 +483,10 @@ class _Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length", "0"))
         except ValueError:
             length = -1
-        if not 0 <= length <= MAX_BODY_BYTES:
+        if not 0 <= length <= limit:
             self.close_connection = True
             body = error_body(
-                f"the body must be 0 to {MAX_BODY_BYTES} bytes with a valid Content-Length",
+                f"the body must be 0 to {limit} bytes with a valid Content-Length",
                 "invalid_request_error",
                 413,
             )

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
 from agent.background import Background, Throttled
 from agent.catalog import ModelSpec
+from agent.config import GatewayConfig
 from agent.gateway import errors
+from agent.gateway.switches import Switches
 from agent.jobs import Job, SwapRequest
 from agent.lifecycle import Lifecycle
 from agent.model_registry import ModelPublisher, ModelRecord
@@ -36,6 +39,7 @@ class Admission:
         background: Background,
         *,
         queue_timeout_s: float,
+        batching: GatewayConfig,
     ) -> None:
         self._lifecycle = lifecycle
         self._registry = lifecycle.registry
@@ -44,6 +48,7 @@ class Admission:
         self._queue_timeout_s = queue_timeout_s
         self._waiting: Counter[str] = Counter()
         self._published: dict[str, Throttled] = {}
+        self.switches = Switches(batching, lifecycle, self.waiting)
 
     def waiting(self, name: str) -> int:
         return self._waiting[name]
@@ -56,9 +61,10 @@ class Admission:
         if not self._admissible(spec) and self._waiting[name] >= spec.max_queued:
             raise errors.queue_full(name, self._waiting[name], self._retry_after_s(name))
         self._waiting[name] += 1
+        arrived = time.time()
         try:
             async with asyncio.timeout(self._queue_timeout_s):
-                record = await self._turn(spec)
+                record = await self._turn(spec, arrived)
         except TimeoutError:
             raise errors.timed_out(name, "waiting to be served", self._queue_timeout_s) from None
         finally:
@@ -71,7 +77,7 @@ class Admission:
             self._registry.request_ended(name)
             self._traffic(name)
 
-    async def _turn(self, spec: ModelSpec) -> ModelRecord:
+    async def _turn(self, spec: ModelSpec, arrived: float) -> ModelRecord:
         """Until the request is admitted, counted as started on its model."""
         name = spec.name
         while True:
@@ -87,7 +93,7 @@ class Admission:
                     async with asyncio.timeout(RECHECK_S):
                         await self._registry.next_traffic_change()
                 continue
-            if await self._loaded(spec):
+            if await self._loaded(spec, arrived):
                 return record
 
     def _try_start(self, spec: ModelSpec) -> bool:
@@ -103,18 +109,23 @@ class Admission:
             return False
         return spec.max_concurrent is None or record.in_flight < spec.max_concurrent
 
-    async def _loaded(self, spec: ModelSpec) -> bool:
-        """Wait for the job that loads ``spec`` (a new switch when none is loading it).
-        True when the request was admitted as the job ended: a switch queued behind
-        it cannot evict the model before the requests that waited for it got there."""
+    async def _loaded(self, spec: ModelSpec, arrived: float) -> bool:
+        """Wait for the job that loads ``spec`` (a switch, once the batching policy lets
+        one be queued, when none is loading it). True when the request was admitted as
+        the job ended: a switch queued behind it cannot evict the model before the
+        requests that waited for it got there."""
         try:
-            job = self._lifecycle.switch_for_request(spec)
+            job = self._lifecycle.loading_job(spec.name) or await self.switches.job_for(
+                spec, arrived
+            )
         except CommandError as exc:
             if exc.code == ErrorCode.QUEUE_FULL:
                 raise errors.queue_full(
                     spec.name, self._waiting[spec.name], self._retry_after_s(spec.name)
                 ) from None
             raise errors.load_failed(spec.name, "-", exc.message) from None
+        if job is None:
+            return False  # the model got loaded (or left the catalog) meanwhile
         claim = _Claim(
             lambda: self._try_start(spec), lambda: self._registry.request_ended(spec.name)
         )

@@ -41,6 +41,14 @@ def bad_request(message: str, *, param: str | None = None) -> GatewayError:
     return GatewayError(HTTPStatus.BAD_REQUEST, message, "invalid_request", param=param)
 
 
+def payload_too_large(limit_bytes: int) -> GatewayError:
+    return GatewayError(
+        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        f"the body is larger than http.max_body_mb ({limit_bytes // (1024 * 1024)} MB)",
+        "payload_too_large",
+    )
+
+
 def unknown_model(requested: str, names: list[str]) -> GatewayError:
     catalog = ", ".join(names) or "no models"
     return GatewayError(

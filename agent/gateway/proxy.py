@@ -45,6 +45,8 @@ _NOT_RETURNED = frozenset(
     }
 )
 EVENT_STREAM = "text/event-stream"
+# Answers read whole before they are sent (JSON documents, short texts).
+WHOLE_ANSWERS = frozenset({"application/json", "text/plain", ""})
 
 
 class Upstreams:
@@ -68,11 +70,23 @@ class Upstreams:
             await self._session.close()
 
     async def forward(
-        self, request: web.Request, spec: ModelSpec, body: bytes
+        self,
+        request: web.Request,
+        spec: ModelSpec,
+        body: bytes | aiohttp.FormData | aiohttp.StreamReader,
+        *,
+        path: str | None = None,
     ) -> web.StreamResponse:
+        """Send ``body`` to ``spec``'s server at ``path`` (the request's own path and
+        query by default) and relay its answer. A form gets its own Content-Type (a new
+        boundary); a body streamed through keeps the caller's Content-Length."""
         assert self._session is not None, "Upstreams.start was not called"
-        url = f"http://127.0.0.1:{spec.port}{request.rel_url}"
+        url = f"http://127.0.0.1:{spec.port}{path or request.rel_url}"
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
+        if isinstance(body, aiohttp.FormData):
+            headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+        elif isinstance(body, aiohttp.StreamReader) and request.content_length is not None:
+            headers["Content-Length"] = str(request.content_length)
         timeout = aiohttp.ClientTimeout(
             total=spec.request_timeout_s, sock_connect=self._connect_timeout_s
         )
@@ -94,9 +108,10 @@ async def _relay(
     request: web.Request, spec: ModelSpec, upstream: aiohttp.ClientResponse
 ) -> web.StreamResponse:
     headers = [(k, v) for k, v in upstream.headers.items() if k.lower() not in _NOT_RETURNED]
-    if upstream.content_type != EVENT_STREAM:
+    if upstream.content_type in WHOLE_ANSWERS:
         # A whole answer (a completion, embeddings): read it, then send it, so that a
-        # server dying half-way is a clean 502, not half a JSON document.
+        # server dying half-way is a clean 502, not half a JSON document. Anything
+        # else (a stream of events, audio, an image, a file) flows through as it comes.
         try:
             body = await upstream.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -115,6 +130,11 @@ async def _relay(
     except (TimeoutError, aiohttp.ClientError) as exc:
         failure = _broke_off(spec, exc)
         log.warning("%s: the stream broke off: %s", spec.name, failure.message)
+        if upstream.content_type != EVENT_STREAM:
+            # A file cut short can only be told by its connection closing early.
+            if request.transport is not None:
+                request.transport.close()
+            return response
         await response.write(failure.sse_event())
     await response.write_eof()
     return response

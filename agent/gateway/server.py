@@ -5,7 +5,6 @@ an OpenAI-shaped body; every route needs a key with a role (``keys``)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -18,6 +17,7 @@ from agent.catalog import ModelSpec
 from agent.config import HttpConfig, listen_address
 from agent.gateway import errors
 from agent.gateway.admission import Admission
+from agent.gateway.forms import read_form
 from agent.gateway.keys import Caller, Keys, Role
 from agent.gateway.proxy import Upstreams
 from agent.lifecycle import Lifecycle
@@ -27,8 +27,22 @@ log = logging.getLogger("modelbus.gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Where the authenticated caller is kept on a request.
 CALLER = "modelbus.caller"
-# The routes that forward a JSON body naming its model.
-INFERENCE_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# The routes that forward a JSON body naming its model. /v1/messages is Anthropic's,
+# passed through as it is to servers that speak it (llama.cpp, vLLM): no translation.
+INFERENCE_ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/audio/speech",
+    "/v1/images/generations",
+    "/v1/rerank",
+    "/v1/messages",
+)
+# The routes that forward a multipart form naming its model (an audio file and fields).
+FORM_ROUTES = ("/v1/audio/transcriptions", "/v1/audio/translations")
+# Any request to a model's own API: /upstream/<model>/<path>, forwarded verbatim.
+UPSTREAM_ROUTE = "/upstream/{model}/{path:.*}"
 
 
 class GatewayListenError(Exception):
@@ -52,6 +66,9 @@ class GatewayServer:
         )
         for path in INFERENCE_ROUTES:
             app.router.add_post(path, self._inference)
+        for path in FORM_ROUTES:
+            app.router.add_post(path, self._form)
+        app.router.add_route("*", UPSTREAM_ROUTE, self._upstream)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model:.+}", self._model)
         return app
@@ -81,9 +98,10 @@ class GatewayServer:
         log.info("gateway listening on http://%s:%d", host, self.port)
 
     async def serve(self) -> None:
-        """Serve until cancelled, then close every connection."""
+        """Serve (and queue the switches requests ask for) until cancelled, then close
+        every connection."""
         try:
-            await asyncio.Event().wait()
+            await self._admission.switches.run()
         finally:
             await self.close()
 
@@ -102,13 +120,7 @@ class GatewayServer:
         except errors.GatewayError as error:
             return _error_response(error)
         except web.HTTPRequestEntityTooLarge:
-            return _error_response(
-                errors.GatewayError(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                    f"the body is larger than http.max_body_mb ({self.config.max_body_mb} MB)",
-                    "payload_too_large",
-                )
-            )
+            return _error_response(errors.payload_too_large(self.config.max_body_mb << 20))
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -147,6 +159,27 @@ class GatewayServer:
             body = json.dumps({**fields, "model": spec.upstream_model}).encode()
         async with self._admission.admit(spec):
             return await self._upstreams.forward(request, spec, body)
+
+    async def _form(self, request: web.Request) -> web.StreamResponse:
+        _require(request, Role.USER)
+        with await read_form(request, self.config.max_body_mb << 20) as form:
+            spec = self._resolve(form.model)
+            async with self._admission.admit(spec):
+                return await self._upstreams.forward(
+                    request, spec, form.upstream(spec.upstream_model)
+                )
+
+    async def _upstream(self, request: web.Request) -> web.StreamResponse:
+        """The model's own API (WhisperX's REST, a video model's), loaded first: method,
+        path, query, headers and body as they came."""
+        _require(request, Role.USER)
+        spec = self._resolve(request.match_info["model"])
+        path = "/" + request.match_info["path"]
+        if request.query_string:
+            path += "?" + request.query_string
+        async with self._admission.admit(spec):
+            body = request.content if request.body_exists else b""
+            return await self._upstreams.forward(request, spec, body, path=path)
 
     async def _models(self, request: web.Request) -> web.Response:
         _require(request, Role.VIEWER)

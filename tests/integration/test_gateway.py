@@ -17,35 +17,19 @@ import openai
 import pytest
 
 from tests.support.agent_process import AgentProcess
-from tests.support.gateway import Gateway, gateway_settings
+from tests.support.gateway import (
+    CHAT,
+    Gateway,
+    async_client,
+    client,
+    eventually,
+    gateway_settings,
+    start_gateway,
+)
 from tests.support.host import Host
 from tests.support.models import sim_model
 
 pytestmark = pytest.mark.broker
-
-CHAT = [{"role": "user", "content": "hello"}]
-
-
-async def start_gateway(
-    start_host: Callable[..., AgentProcess],
-    host: Host,
-    models: dict[str, Any],
-    *,
-    memory_total_mb: int = 32768,
-    **http: Any,
-) -> Gateway:
-    port, settings = gateway_settings(**http)
-    agent = start_host(models, http=settings, memory_total_mb=memory_total_mb)
-    await host.online()
-    return Gateway(host, port, agent)
-
-
-def client(gateway: Gateway, **options: Any) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.base_url, api_key="none", max_retries=0, **options)
-
-
-def async_client(gateway: Gateway, **options: Any) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=gateway.base_url, api_key="none", max_retries=0, **options)
 
 
 async def test_a_request_for_a_model_not_loaded_is_answered_after_its_switch(
@@ -356,16 +340,6 @@ async def test_keys_carry_roles(start_host: Callable[..., AgentProcess], host: H
 async def listed(gateway: Gateway) -> dict[str, dict[str, Any]]:
     async with aiohttp.ClientSession() as raw, raw.get(f"{gateway.base_url}/models") as response:
         return {m["id"]: m for m in (await response.json())["data"]}
-
-
-async def eventually(probe: Callable[[], Any], check: Callable[[Any], bool]) -> Any:
-    deadline = time.monotonic() + 20
-    while True:
-        value = await probe()
-        if check(value):
-            return value
-        assert time.monotonic() < deadline, f"still {value!r}"
-        await asyncio.sleep(0.05)
 
 
 async def test_a_taken_port_stops_the_agent_at_start_with_one_sentence(

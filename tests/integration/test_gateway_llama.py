@@ -15,7 +15,7 @@ import pytest
 
 from agent import processes
 from tests.support.agent_process import AgentProcess
-from tests.support.gateway import Gateway, gateway_settings
+from tests.support.gateway import ARRIVAL_ORDER, Gateway, gateway_settings
 from tests.support.host import Host
 from tests.support.llama import llama_model, llama_server_binary, tiny_models
 
@@ -41,7 +41,7 @@ async def llama_gateway(
         "big": llama_model(binary, big, vram_mb=20000, aliases=["tiny/big"]),
     }
     port, settings = gateway_settings()
-    agent = start_host(models, http=settings)
+    agent = start_host(models, http=settings, extra={"gateway": ARRIVAL_ORDER})
     await host.online()
     return Gateway(host, port, agent)
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import openai
 
 from bus.mqtt import Message
 from devtools.brokers import free_port
@@ -37,6 +42,51 @@ class Gateway:
         )
         state: dict[str, Any] = json.loads(message.payload)
         return state
+
+
+# Unless a test is about batching, its switches are queued as its requests ask for
+# them (the default policy would hold one that evicts a model in use).
+ARRIVAL_ORDER = {"max_wait_s": 0}
+
+CHAT = [{"role": "user", "content": "hello"}]
+
+
+async def start_gateway(
+    start_host: Callable[..., AgentProcess],
+    host: Host,
+    models: dict[str, Any],
+    *,
+    memory_total_mb: int = 32768,
+    batching: dict[str, Any] | None = None,
+    **http: Any,
+) -> Gateway:
+    port, settings = gateway_settings(**http)
+    agent = start_host(
+        models,
+        http=settings,
+        memory_total_mb=memory_total_mb,
+        extra={"gateway": batching or ARRIVAL_ORDER},
+    )
+    await host.online()
+    return Gateway(host, port, agent)
+
+
+def client(gateway: Gateway, **options: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.base_url, api_key="none", max_retries=0, **options)
+
+
+def async_client(gateway: Gateway, **options: Any) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=gateway.base_url, api_key="none", max_retries=0, **options)
+
+
+async def eventually(probe: Callable[[], Any], check: Callable[[Any], bool]) -> Any:
+    deadline = time.monotonic() + 20
+    while True:
+        value = await probe()
+        if check(value):
+            return value
+        assert time.monotonic() < deadline, f"still {value!r}"
+        await asyncio.sleep(0.05)
 
 
 def gateway_settings(**extra: Any) -> tuple[int, dict[str, Any]]:

@@ -42,6 +42,7 @@ def test_the_example_states_the_real_defaults() -> None:
         "lifecycle",
         "weights",
         "http",
+        "gateway",
         "models",
         "prefix",
         "log_level",
