@@ -45,6 +45,7 @@ import logging
 import math
 import mmap
 import os
+import select
 import signal
 import socket
 import struct
@@ -155,6 +156,49 @@ def _holds_slot(slot: _Slot) -> bool:
     """Whether the process that took ``slot`` is still alive (not a newer one with its pid)."""
     started = processes.start_time(slot.pid)
     return started is not None and processes.same_start(started, slot.start_time / 100)
+
+
+class _Holders:
+    """Whether the processes holding slots still live, cheaply: each is checked once
+    through psutil (pid and start time), then watched through a pidfd, which turns
+    readable when that very process exits (zombie or not, whatever reuses its pid).
+    One poll per slot instead of /proc reads on every sample."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watched: dict[tuple[int, int], int] = {}  # (pid, start time) -> pidfd
+
+    def alive(self, slot: _Slot) -> bool:
+        key = (slot.pid, slot.start_time)
+        with self._lock:
+            fd = self._watched.get(key)
+            if fd is not None:
+                if not select.select([fd], [], [], 0)[0]:
+                    return True
+                del self._watched[key]
+                os.close(fd)
+                return False
+            if not _holds_slot(slot):
+                return False
+            try:
+                fd = os.pidfd_open(slot.pid)
+            except (OSError, AttributeError):  # no pidfds here: psutil every time
+                return True
+            if not _holds_slot(slot):  # its pid was reused between the two looks
+                os.close(fd)
+                return False
+            self._watched[key] = fd
+            return True
+
+    def forget_others(self, slots: Sequence[_Slot]) -> None:
+        """Close the pidfds of processes that hold no slot any more."""
+        held = {(slot.pid, slot.start_time) for slot in slots if slot.state == _ACTIVE}
+        with self._lock:
+            for key in [key for key in self._watched if key not in held]:
+                os.close(self._watched.pop(key))
+
+    def close(self) -> None:
+        self.forget_others(())
 
 
 def _process_name(pid: int) -> str:
@@ -288,6 +332,7 @@ class _Store:
         self.mm = mmap.mmap(fd, _file_size(*layout))
         stat = os.fstat(fd)
         self._identity = (stat.st_dev, stat.st_ino)
+        self._holders = _Holders()
         self._gpu_offset = _HEADER_SIZE
         self._slot_offset = _HEADER_SIZE + self.gpu_count * _GPU_SIZE
         # flock excludes other open files, not other threads sharing this descriptor.
@@ -465,10 +510,11 @@ class _Store:
         self.write_slot(slot)
 
     def needs_upkeep(self, slots: Sequence[_Slot], now: float) -> bool:
+        self._holders.forget_others(slots)
         for slot in slots:
             if slot.state == _RELEASING and slot.release_at <= now:
                 return True
-            if slot.state == _ACTIVE and not _holds_slot(slot):
+            if slot.state == _ACTIVE and not self._holders.alive(slot):
                 return True
         return False
 
@@ -481,7 +527,7 @@ class _Store:
                 slot.clear()
                 self.write_slot(slot)
                 changed = True
-            elif slot.state == _ACTIVE and not _holds_slot(slot):
+            elif slot.state == _ACTIVE and not self._holders.alive(slot):
                 self.start_release(slot, now)
                 changed = True
         return changed
@@ -537,6 +583,7 @@ class _Store:
             if not self.mm.closed:
                 self.mm.close()
                 os.close(self.fd)
+        self._holders.close()
 
 
 # ---- change notification ---------------------------------------------------------------------
