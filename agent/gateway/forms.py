@@ -12,6 +12,7 @@ from typing import IO
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from agent.gateway import errors
 
@@ -98,7 +99,8 @@ async def read_form(request: web.Request, limit_bytes: int) -> Form:
     except errors.GatewayError:
         form.__exit__(None, None, None)
         raise
-    except (ValueError, UnicodeDecodeError, aiohttp.ClientError) as exc:
+    except (ValueError, UnicodeDecodeError, aiohttp.ClientError, HttpProcessingError) as exc:
+        # A hostile or truncated body: the caller's fault, answered 400.
         form.__exit__(None, None, None)
         raise errors.bad_request(f"the multipart form cannot be read: {exc}") from None
     return form

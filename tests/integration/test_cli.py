@@ -53,10 +53,10 @@ def test_bad_flag_value_exits_2(tmp_path: Path) -> None:
 def test_without_nvml_the_agent_says_so_and_suggests_the_simulator(tmp_path: Path) -> None:
     # This machine has no NVIDIA driver, so the real NVML library is missing.
     result = modelbus("agent", "--broker", "mqtt://127.0.0.1:9", "--host-id", "x")
-    assert result.returncode == 1
-    assert "--sim" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.returncode == 1, result.stderr
+    assert "--sim" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_unknown_subcommand_is_a_usage_error() -> None:

@@ -41,7 +41,7 @@ async def test_a_request_for_a_model_not_loaded_is_answered_after_its_switch(
         client(gateway).chat.completions.create, model="alpha", messages=CHAT
     )
     assert answer.choices[0].message.content == "Simulated answer from alpha."
-    jobs = gateway.jobs("alpha", after=mark)
+    jobs = await gateway.ended_jobs("alpha", after=mark)
     assert [(j["command"], j["origin"], j["state"]) for j in jobs.values()] == [
         ("switch", "gateway", "succeeded")
     ]
@@ -62,7 +62,7 @@ async def test_concurrent_requests_for_a_loading_model_share_one_job(
         )
     assert all(a.choices[0].message.content for a in answers[:8])  # type: ignore[union-attr]
     assert len(answers[8].data) == 2  # type: ignore[union-attr]
-    assert len(gateway.jobs("alpha", after=mark)) == 1
+    assert len(await gateway.ended_jobs("alpha", after=mark)) == 1
 
 
 async def test_a_stream_reaches_the_client_chunk_by_chunk(
@@ -243,7 +243,7 @@ async def test_a_request_for_a_model_being_drained_waits_for_its_return(
         answers = await asyncio.gather(beta, late)
     assert "from beta" in answers[0] and "from alpha" in answers[1]
     assert answered["beta"] < answered["late alpha"]
-    jobs = {**gateway.jobs("alpha", after=mark), **gateway.jobs("beta", after=mark)}
+    jobs = await gateway.ended_jobs("alpha", "beta", after=mark, count=3)
     assert sorted((job["model"], job["state"]) for job in jobs.values()) == [
         ("alpha", "succeeded"),  # the stream's
         ("alpha", "succeeded"),  # the late request's, after beta's
@@ -378,3 +378,4 @@ async def test_a_body_over_the_limit_is_413_and_a_slow_answer_times_out(
             async for _ in stream:
                 pass
         assert "took longer than 1.5 s" in cut.value.message
+

@@ -48,11 +48,8 @@ async def test_a_seeded_interleaved_trace_is_served_in_batches_by_model(
         start = time.monotonic()
         answers = await asyncio.gather(*(ask(api, model, at, start) for model, at in trace))
     assert answers == [f"Simulated answer from {model}." for model, _ in trace]
-    switches = [
-        job
-        for model in ("alpha", "beta", "gamma")
-        for job in gateway.jobs(model, after=mark).values()
-    ]
+    ended = await gateway.ended_jobs("alpha", "beta", "gamma", after=mark, count=3)
+    switches = list(ended.values())
     assert all(job["state"] == "succeeded" and job["origin"] == "gateway" for job in switches)
     by_start = sorted(switches, key=lambda job: job["created_at"])
     others = sorted(("beta", "gamma"), key=lambda model: first_wait[model])
@@ -102,7 +99,7 @@ async def test_loaded_models_keep_answering_while_a_switch_drains_and_a_long_dra
     message = refused.value.body["message"]  # type: ignore[index]
     assert "alpha still had 1 request(s) in flight when the drain timeout ran out" in message
     assert len(chunks) == 16 and chunks[-1].choices[0].finish_reason == "length"
-    (job,) = gateway.jobs("beta", after=mark).values()
+    (job,) = (await gateway.ended_jobs("beta", after=mark)).values()
     assert job["state"] == "failed" and job["error"]["code"] == "busy"
     assert job["error"]["details"] == {"models": ["alpha"], "in_flight": 1}
     async with async_client(gateway) as api:

@@ -65,7 +65,7 @@ async def test_a_request_loads_llama_server_and_streams_its_tokens(
     # llama-server's own stream: a role delta first, the tokens, a finish reason.
     assert len(pieces) >= 3
     assert pieces[-1].choices[0].finish_reason in ("length", "stop")
-    jobs = llama_gateway.jobs("small", after=mark)
+    jobs = await llama_gateway.ended_jobs("small", after=mark)
     assert [(j["origin"], j["state"]) for j in jobs.values()] == [("gateway", "succeeded")]
 
 
@@ -79,7 +79,7 @@ async def test_a_request_for_the_other_model_swaps_llama_servers(
         mark = len(llama_gateway.host.bus.messages)
         answer = await client.chat.completions.create(model="tiny/big", messages=CHAT, max_tokens=4)
     assert answer.choices[0].message.content is not None
-    jobs = list(llama_gateway.jobs("big", after=mark).values())
+    jobs = list((await llama_gateway.ended_jobs("big", after=mark)).values())
     assert len(jobs) == 1 and jobs[0]["result"]["evicted"] == ["small"]
     await llama_gateway.model_state("small", lambda v: v["state"] == "stopped", after=mark)
     # The evicted llama-server is gone, not just unreachable.

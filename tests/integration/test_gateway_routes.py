@@ -72,7 +72,7 @@ async def test_responses_audio_and_images_through_the_openai_client(
         images = await api.images.generate(model="painter", prompt="a red fox", n=2)
     assert images.data is not None and len(images.data) == 2
     assert base64.b64decode(images.data[0].b64_json or "") == b"simulated image of a red fox"
-    jobs = {**gateway.jobs("voice", after=mark), **gateway.jobs("painter", after=mark)}
+    jobs = await gateway.ended_jobs("voice", "painter", after=mark, count=2)
     # One load each: every later request found its model ready.
     assert sorted(job["model"] for job in jobs.values()) == ["painter", "voice"]
     assert all(job["origin"] == "gateway" for job in jobs.values())
@@ -146,6 +146,31 @@ async def test_a_25_mb_upload_naming_its_model_last_is_spooled_not_held(
     assert status == 400 and refused["error"]["param"] == "model"
 
 
+async def test_a_transcription_that_is_no_form_or_too_big_is_refused_and_the_agent_serves_on(
+    start_host: Callable[..., AgentProcess], host: Host, tmp_path: Path
+) -> None:
+    models = {"voice": sim_model(4096, load_s=0.1)}
+    gateway = await start_gateway(start_host, host, models, max_body_mb=1)
+    url = f"{gateway.base_url}/audio/transcriptions"
+    status, not_a_form = await curl(
+        url, "-H", "Content-Type: application/json", "-d", '{"model": "voice"}'
+    )
+    assert status == 400 and "multipart/form-data" in not_a_form["error"]["message"]
+    status, broken = await curl(
+        url, "-H", "Content-Type: multipart/form-data; boundary=xyz", "-d", "--xyz\r\nno end"
+    )
+    assert status == 400 and broken["error"]["code"] == "invalid_request"
+    big = tmp_path / "big.wav"
+    big.write_bytes(b"\0" * (2 << 20))
+    status, too_big = await curl(url, "-F", f"file=@{big}", "-F", "model=voice")
+    assert status == 413 and too_big["error"]["code"] == "payload_too_large"
+    # Nothing was loaded for the refused requests, and the gateway still answers.
+    assert gateway.jobs_seen("voice") == {}
+    assert gateway.agent is not None and gateway.agent.process.poll() is None
+    status, heard = await curl(url, "-F", "file=@-;filename=a.wav", "-F", "model=voice")
+    assert status == 200 and heard["text"].startswith("Simulated transcription by voice")
+
+
 async def test_upstream_forwards_any_request_to_the_models_own_api_verbatim(
     start_host: Callable[..., AgentProcess], host: Host
 ) -> None:
@@ -164,7 +189,7 @@ async def test_upstream_forwards_any_request_to_the_models_own_api_verbatim(
     assert echoed["headers"]["x-trace"] == "abc"
     assert echoed["headers"]["content-type"] == "application/octet-stream"
     assert echoed["body_sha256"] == hashlib.sha256(b"raw body bytes").hexdigest()
-    (job,) = gateway.jobs("voice", after=mark).values()
+    (job,) = (await gateway.ended_jobs("voice", after=mark)).values()
     assert job["state"] == "succeeded" and job["origin"] == "gateway"
     status, fetched = await curl(f"{base}/sim/echo")
     assert status == 200 and fetched["method"] == "GET" and fetched["body_bytes"] == 0

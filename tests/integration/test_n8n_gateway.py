@@ -102,7 +102,7 @@ async def test_the_http_node_gets_its_answer_from_a_model_not_loaded(
     model = json.loads(parameters["jsonBody"])["model"]
     # "The answer" node's expression, evaluated on the node's output.
     assert answer["choices"][0]["message"]["content"] == f"Simulated answer from {model}."
-    (job,) = gateway.jobs(model, after=mark).values()
+    (job,) = (await gateway.ended_jobs(model, after=mark)).values()
     assert job["state"] == "succeeded" and job["origin"] == "gateway"
     status, refused = await asyncio.to_thread(
         n8n_request, url, parameters["jsonBody"], "Bearer not-the-key"

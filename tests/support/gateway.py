@@ -27,14 +27,29 @@ class Gateway:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def jobs(self, model: str, *, after: int = 0) -> dict[str, dict[str, Any]]:
-        """The jobs seen on the bus for ``model`` (each job's last state), by id."""
+    def jobs_seen(self, *models: str, after: int = 0) -> dict[str, dict[str, Any]]:
+        """The jobs seen on the bus so far for ``models`` (each job's last state), by id."""
         seen: dict[str, dict[str, Any]] = {}
         for message in self.host.bus.messages[after:]:
             job = _job(self.host, message)
-            if job is not None and job.get("model") == model:
+            if job is not None and job.get("model") in models:
                 seen[job["job_id"]] = job
         return seen
+
+    async def ended_jobs(
+        self, *models: str, after: int = 0, count: int = 1
+    ) -> dict[str, dict[str, Any]]:
+        """The jobs for ``models`` once ``count`` of them are seen and every one has ended.
+        An HTTP answer can reach the test before its job's final state does: both leave
+        the agent at the same moment, by different sockets."""
+
+        def settled(jobs: dict[str, dict[str, Any]]) -> bool:
+            return len(jobs) >= count and all(job["state"] in ENDED for job in jobs.values())
+
+        jobs: dict[str, dict[str, Any]] = await eventually(
+            lambda: asyncio.sleep(0, self.jobs_seen(*models, after=after)), settled
+        )
+        return jobs
 
     async def model_state(self, model: str, check: Any, *, after: int = 0) -> dict[str, Any]:
         message = await self.host.bus.wait_topic(
@@ -47,6 +62,8 @@ class Gateway:
 # Unless a test is about batching, its switches are queued as its requests ask for
 # them (the default policy would hold one that evicts a model in use).
 ARRIVAL_ORDER = {"max_wait_s": 0}
+
+ENDED = {"succeeded", "failed", "cancelled"}
 
 CHAT = [{"role": "user", "content": "hello"}]
 

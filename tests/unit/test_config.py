@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from agent.config import load_config
 from bus.settings import ConfigError, load_bus_config
@@ -184,3 +185,11 @@ def test_an_alias_names_one_model_only(tmp_path: Path) -> None:
     config = load_config(environ={}, overrides={"models": {"a": model(aliases=["org/a-7b"])}})
     resolved = config.catalog.resolve("org/a-7b")
     assert resolved is not None and resolved.name == "a"
+
+
+@pytest.mark.parametrize("gateway", [{"max_wait_s": -1}, {"idle_after_s": "soon"}, {"max_wait": 5}])
+def test_a_bad_batching_policy_names_its_field(tmp_path: Path, gateway: dict[str, object]) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump({"gateway": gateway}))
+    with pytest.raises(ConfigError, match=r"gateway\."):
+        load_config(path, environ={})
