@@ -9,7 +9,7 @@ import logging
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.background import Background, Debounced
@@ -17,8 +17,6 @@ from agent.config import AgentConfig, load_config
 from agent.database import Database
 from agent.discovery_publisher import DiscoveryPublisher
 from agent.dispatch import CommandDispatcher
-from agent.gateway.admission import Admission
-from agent.gateway.server import GatewayServer
 from agent.gpu.base import DriverInfo, GpuBackend
 from agent.gpu_telemetry import STATE_COALESCE_S, GpuTelemetry
 from agent.host_publisher import HostPublisher
@@ -50,6 +48,9 @@ from shared.messages import (
 )
 from shared.replies import HostStatus
 from shared.topics import CommandName, HostTopics
+
+if TYPE_CHECKING:
+    from agent.gateway.server import GatewayServer
 
 log = logging.getLogger("modelbus.agent")
 
@@ -150,6 +151,10 @@ class AgentService:
         )
         self.gateway: GatewayServer | None = None
         if config.http.listen is not None:
+            # Imported only when serving HTTP: aiohttp alone costs 12 MiB of memory.
+            from agent.gateway.admission import Admission
+            from agent.gateway.server import GatewayServer
+
             admission = Admission(
                 self.lifecycle,
                 self.publisher,

@@ -275,7 +275,7 @@ def run_agent(args: argparse.Namespace) -> int:
         print(f"modelbus agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
     _setup_logging(config.log_level)
-    from agent.gateway.server import GatewayListenError
+    from agent.gateway.errors import GatewayListenError
     from agent.gpu.base import GpuUnavailableError
     from agent.service import AgentService
     from bus.mqtt import BrokerRefusedError

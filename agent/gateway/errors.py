@@ -10,6 +10,11 @@ from http import HTTPStatus
 from typing import Any
 
 
+class GatewayListenError(Exception):
+    """The gateway's address cannot be had; the message says what to do. Here, not in
+    the server, so that an agent with HTTP off can name it without importing aiohttp."""
+
+
 @dataclass(eq=False)
 class GatewayError(Exception):
     status: HTTPStatus

@@ -45,10 +45,6 @@ FORM_ROUTES = ("/v1/audio/transcriptions", "/v1/audio/translations")
 UPSTREAM_ROUTE = "/upstream/{model}/{path:.*}"
 
 
-class GatewayListenError(Exception):
-    """The gateway's address cannot be had; the message says what to do."""
-
-
 class GatewayServer:
     def __init__(self, config: HttpConfig, lifecycle: Lifecycle, admission: Admission) -> None:
         self.config = config
@@ -90,7 +86,7 @@ class GatewayServer:
             await web.TCPSite(self._runner, host, port, reuse_address=True).start()
         except OSError as exc:
             await self.close()
-            raise GatewayListenError(
+            raise errors.GatewayListenError(
                 f"the gateway cannot listen on {self.config.listen} ({exc.strerror or exc}): "
                 "set http.listen (or --http-listen) to a free address, or 'off'"
             ) from None

@@ -10,6 +10,7 @@ import json
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -379,3 +380,25 @@ async def test_a_body_over_the_limit_is_413_and_a_slow_answer_times_out(
                 pass
         assert "took longer than 1.5 s" in cut.value.message
 
+
+async def test_an_agent_with_http_off_does_not_load_aiohttp(
+    start_host: Callable[..., AgentProcess], host: Host
+) -> None:
+    """aiohttp costs an agent 12 MiB of memory: one that serves no HTTP never loads it."""
+    quiet = start_host({"alpha": sim_model(4096)})
+    await host.online()
+    assert "aiohttp" not in _mapped_files(quiet.process.pid)
+    assert quiet.terminate() == 0
+    # The same look finds it in an agent that serves HTTP.
+    mark = len(host.bus.messages)
+    port, settings = gateway_settings()
+    serving = start_host({"alpha": sim_model(4096)}, http=settings)
+    await host.bus.wait_topic(host.topics.status, lambda v: v == "online", raw=True, after=mark)
+    url = f"http://127.0.0.1:{port}/v1/models"
+    async with aiohttp.ClientSession() as session, session.get(url) as listed:
+        assert listed.status == 200
+    assert "/aiohttp/_http_parser" in _mapped_files(serving.process.pid)
+
+
+def _mapped_files(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
