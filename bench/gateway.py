@@ -9,7 +9,9 @@ measured in the same run (the same request sent straight to the model's server):
   paired with the direct call and interleaved, after a warm-up; the median of 3 runs;
 - 64 concurrent streams at a fixed chunk rate: throughput through the gateway against
   direct, the agent's CPU per 1,000 chunks, and meanwhile the bus: ``status`` round trips
-  and the seconds between two telemetry publishes (one process serves both);
+  and the seconds between two telemetry publishes (one agent process serves both), timed
+  by a probe process of its own, beside the same round trips while the streams go
+  straight to the server (the machine as busy, the agent idle) and while nothing streams;
 - time to first token of a request whose model must be switched in, against the switch
   job's own duration;
 - batching: a seeded trace of 200 requests interleaved over three models that do not fit
@@ -37,10 +39,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import psutil
@@ -68,6 +71,9 @@ MIXED_CLIENTS = 50
 MIXED_REQUESTS = 2000
 CHAT = [{"role": "user", "content": "hello"}]
 STREAM_RATE = 20.0  # chunks per second per stream
+IDLE_PROBE_S = 5.0
+TOPICS = HostTopics("bench-gateway", "bench")
+T = TypeVar("T")
 _ids = itertools.count()
 
 
@@ -166,7 +172,7 @@ async def streams(session: aiohttp.ClientSession, base: str, count: int) -> tupl
 
 
 class Bus:
-    """The bench's own bus connection: status round trips and telemetry arrivals."""
+    """A bus connection's ``status`` round trips and telemetry arrivals."""
 
     def __init__(self, connection: Connection, topics: HostTopics) -> None:
         self.connection = connection
@@ -191,27 +197,45 @@ class Bus:
         )
         return (await future - started) * 1000
 
-    async def ask(self, command: str, body: dict[str, Any]) -> dict[str, Any]:
-        topic = f"{self.topics.base}/reply/g{next(_ids)}"
-        future = asyncio.get_running_loop().create_future()
-        self._replies[topic] = future
-        await self.connection.publish(
-            self.topics.command(command), json.dumps(body), qos=1, response_topic=topic
-        )
-        await future
-        return {}
+
+async def probe_bus(broker_port: int) -> None:
+    """``--probe-bus PORT``: a status round trip every 50 ms and every telemetry arrival,
+    until standard input closes; then one JSON line, ``{"rtts": [ms], "gaps": [s]}``."""
+    settings = ConnectionSettings(
+        "127.0.0.1", broker_port, "bench-gw-probe", persistent_session=False
+    )
+    async with connect(settings) as connection:
+        await connection.subscribe([Subscription(TOPICS.reply_filter), Subscription(TOPICS.gpu(0))])
+        bus = Bus(connection, TOPICS)
+        pump = asyncio.create_task(bus.pump())
+        stdin_closed = asyncio.create_task(asyncio.to_thread(sys.stdin.read))
+        print("ready", flush=True)
+        rtts: list[float] = []
+        while not stdin_closed.done():
+            rtts.append(await bus.status_rtt())
+            await asyncio.sleep(0.05)
+        pump.cancel()
+    gaps = [b - a for a, b in itertools.pairwise(bus.gpu_at[1:])]  # [0]: the retained one
+    print(json.dumps({"rtts": rtts, "gaps": gaps}), flush=True)
 
 
-async def bus_during(bus: Bus, work: asyncio.Task[Any]) -> tuple[list[float], float]:
-    """Status round trips every 50 ms while ``work`` runs, and the longest telemetry gap."""
-    rtts: list[float] = []
-    first_gpu = len(bus.gpu_at)
-    while not work.done():
-        rtts.append(await bus.status_rtt())
-        await asyncio.sleep(0.05)
-    arrivals = bus.gpu_at[first_gpu:]
-    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-    return rtts, max(gaps) if gaps else float("nan")
+async def bus_during(broker: MosquittoBroker, work: Awaitable[T]) -> tuple[T, list[float], float]:
+    """``work``'s result, the status round trips (ms) and the longest telemetry gap (s)
+    meanwhile, seen by a process of its own: in the process that reads 64 streams, its
+    own busy event loop would delay the replies it times."""
+    probe = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--probe-bus", str(broker.port),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO,
+    )  # fmt: skip
+    assert probe.stdin is not None and probe.stdout is not None
+    assert await probe.stdout.readline() == b"ready\n"
+    try:
+        result = await work
+    finally:
+        probe.stdin.close()
+        seen = json.loads(await probe.stdout.read())
+        await probe.wait()
+    return result, seen["rtts"], max(seen["gaps"], default=float("nan"))
 
 
 def job_seconds(job: dict[str, Any]) -> float:
@@ -268,20 +292,9 @@ async def measure(
     port: int,
     spec: dict[str, Any],
 ) -> None:
-    topics = HostTopics("bench-gateway", "bench")
-    settings = ConnectionSettings("127.0.0.1", broker.port, "bench-gw", persistent_session=False)
     gateway = f"http://127.0.0.1:{port}"
     connector = aiohttp.TCPConnector(limit=0)
-    async with connect(settings) as connection, aiohttp.ClientSession(connector=connector) as web:
-        await connection.subscribe(
-            [
-                Subscription(topics.status),
-                Subscription(topics.reply_filter),
-                Subscription(topics.gpu(0)),
-            ]
-        )
-        bus = Bus(connection, topics)
-        pump = asyncio.create_task(bus.pump())
+    async with aiohttp.ClientSession(connector=connector) as web:
         await gateway_up(web, gateway)
         # Both small models side by side; big is left for the swap.
         await chat(web, gateway, "alpha")
@@ -294,25 +307,31 @@ async def measure(
         p99 = statistics.median(r[1] for r in runs)
         direct_p50 = statistics.median(r[2] for r in runs)
 
+        # The bus with nothing else to do, and while the same streams go straight to the
+        # server (the machine as busy, the agent not): the round trip's baselines.
+        _, idle_rtts, _ = await bus_during(broker, asyncio.sleep(IDLE_PROBE_S))
         # Direct and through the gateway in turn, twice; each side's better run counts.
         process = psutil.Process(agent.pid)
         direct_rates, gateway_rates, cpu_per_chunk = [], [], []
         rtts: list[float] = []
+        direct_rtts: list[float] = []
         telemetry_gaps: list[float] = []
         for _ in range(2):
-            direct_chunks, direct_s = await streams(web, streamer, args.streams)
+            (direct_chunks, direct_s), round_trips, _ = await bus_during(
+                broker, streams(web, streamer, args.streams)
+            )
             direct_rates.append(direct_chunks / direct_s)
+            direct_rtts += round_trips
             cpu_before = sum(process.cpu_times()[:2])
-            work = asyncio.create_task(streams(web, gateway, args.streams))
-            round_trips, gap = await bus_during(bus, work)
-            gateway_chunks, gateway_s = await work
+            (gateway_chunks, gateway_s), round_trips, gap = await bus_during(
+                broker, streams(web, gateway, args.streams)
+            )
             cpu_per_chunk.append((sum(process.cpu_times()[:2]) - cpu_before) / gateway_chunks)
             gateway_rates.append(gateway_chunks / gateway_s)
             rtts += round_trips
             telemetry_gaps.append(gap)
         share = max(gateway_rates) / max(direct_rates) * 100
         telemetry_gap = max(telemetry_gaps)
-        pump.cancel()
 
     async with (
         connect(
@@ -320,8 +339,8 @@ async def measure(
         ) as watcher,
         aiohttp.ClientSession() as web,
     ):
-        await watcher.subscribe([Subscription(topics.job("+"))])
-        ttft, job_ms = await ttft_of_a_swap(web, gateway, watcher, topics)
+        await watcher.subscribe([Subscription(TOPICS.job("+"))])
+        ttft, job_ms = await ttft_of_a_swap(web, gateway, watcher, TOPICS)
 
     print(f"{'figure':44} {'modelbus':>10} {'baseline':>10} {'target':>10}")
     row("added latency p50 (ms, direct p50 beside)", p50, direct_p50, TARGETS["added_p50"])
@@ -334,7 +353,9 @@ async def measure(
     )
     row("  share of direct throughput (%)", share, 100.0, TARGETS["stream_share"], higher=True)
     row("  agent CPU ms per 1,000 chunks", min(cpu_per_chunk) * 1e6, None, None)
-    row("  status round trip p99 during (ms)", percentile(rtts, 0.99), None, TARGETS["rtt_p99"])
+    rtt_p99, direct_p99 = percentile(rtts, 0.99), percentile(direct_rtts, 0.99)
+    row("  status round trip p99 (ms, direct beside)", rtt_p99, direct_p99, TARGETS["rtt_p99"])
+    row("  status round trip p99, nothing streaming", percentile(idle_rtts, 0.99), None, None)
     row("  longest telemetry gap during (s)", telemetry_gap, 1.0, 1.5)
     row("swap: time to first token (ms, job beside)", ttft, job_ms, job_ms + TTFT_SLACK_MS)
 
@@ -563,7 +584,11 @@ def main() -> None:
     parser.add_argument(
         "--only", choices=("gateway", "batching"), help="one part of the bench only"
     )
+    parser.add_argument("--probe-bus", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.probe_bus:
+        asyncio.run(probe_bus(args.probe_bus))
+        return
     if args.quick:
         args.pairs, args.streams, args.chunks = 200, 16, 40
     if args.only != "batching":
