@@ -205,6 +205,11 @@ class HttpConfig(Strict):
         gt=0,
         description="how long a request may wait for its model to load or for a free slot",
     )
+    metrics_open: bool = Field(
+        default=True,
+        description="/metrics answers without a key (as Prometheus scrapes by default); "
+        "false: it needs a viewer key",
+    )
 
     @field_validator("listen", mode="before")
     @classmethod

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from agent.alerts import AlertsConfig
 from agent.background import Background
@@ -25,6 +26,14 @@ log = logging.getLogger("modelbus.agent")
 
 # How many of the most recently finished jobs a status reply lists (besides all active ones).
 STATUS_RECENT_JOBS = 20
+
+
+class JobObserver(Protocol):
+    """Sees every job state the agent publishes (the metrics)."""
+
+    def job_changed(self, job: JobState) -> None: ...
+
+    def job_finished(self, job: JobState) -> None: ...
 
 
 class HostPublisher:
@@ -54,6 +63,7 @@ class HostPublisher:
         self._state_changed = state_changed
         # Kept until cleared, so a reconnect republishes finished jobs too.
         self.jobs: dict[str, JobState] = {}
+        self.job_observers: list[JobObserver] = []
         self.weights: WeightsState | None = None
 
     def republish(self, models: list[ModelState]) -> None:
@@ -96,8 +106,12 @@ class HostPublisher:
     async def job_changed(self, job: JobState) -> None:
         self.jobs[job.job_id] = job
         self._client.publish(self._topics.job(job.job_id), encode(job), qos=1, retain=True)
+        for observer in self.job_observers:
+            observer.job_changed(job)
 
     async def job_finished(self, job: JobState) -> None:
+        for observer in self.job_observers:
+            observer.job_finished(job)
         await self._job_ended(job)
         self._background.spawn(self._clear_job_later(job.job_id), name=f"clear-job-{job.job_id}")
 

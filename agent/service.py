@@ -151,18 +151,7 @@ class AgentService:
         )
         self.gateway: GatewayServer | None = None
         if config.http.listen is not None:
-            # Imported only when serving HTTP: aiohttp alone costs 12 MiB of memory.
-            from agent.gateway.admission import Admission
-            from agent.gateway.server import GatewayServer
-
-            admission = Admission(
-                self.lifecycle,
-                self.publisher,
-                self.background,
-                queue_timeout_s=config.http.queue_timeout_s,
-                batching=config.gateway,
-            )
-            self.gateway = GatewayServer(config.http, self.lifecycle, admission)
+            self.gateway = self._http_server(config)
         self.telemetry = GpuTelemetry(
             config.telemetry,
             config.alerts,
@@ -174,6 +163,35 @@ class AgentService:
             event=self.publisher.event,
             gpus_sampled=self.discovery.gpus_sampled,
         )
+
+    def _http_server(self, config: AgentConfig) -> GatewayServer:
+        # Imported only when serving HTTP: aiohttp alone costs 12 MiB of memory.
+        from agent.gateway.admission import Admission
+        from agent.gateway.server import GatewayServer
+        from agent.metrics import AgentMetrics, AgentState
+
+        metrics = AgentMetrics(
+            AgentState(
+                gpus=lambda: self.telemetry.gpus,
+                models=lambda: [record.snapshot() for record in self.lifecycle.models.values()],
+                queued=lambda: {
+                    "swap": self.lifecycle.queue_length,
+                    "install": len(self.installer.worker.queue),
+                },
+                version=__version__,
+                protocol_version=PROTOCOL_VERSION,
+            )
+        )
+        self.publisher.job_observers.append(metrics)
+        admission = Admission(
+            self.lifecycle,
+            self.publisher,
+            self.background,
+            queue_timeout_s=config.http.queue_timeout_s,
+            batching=config.gateway,
+            admitted=metrics.request_admitted,
+        )
+        return GatewayServer(config.http, self.lifecycle, admission, metrics)
 
     # ---- lifecycle -------------------------------------------------------
 

@@ -40,12 +40,14 @@ class Admission:
         *,
         queue_timeout_s: float,
         batching: GatewayConfig,
+        admitted: Callable[[str, float], None] = lambda model, waited_s: None,
     ) -> None:
         self._lifecycle = lifecycle
         self._registry = lifecycle.registry
         self._publisher = publisher
         self._background = background
         self._queue_timeout_s = queue_timeout_s
+        self._admitted = admitted  # (model, seconds waited), for the metrics
         self._waiting: Counter[str] = Counter()
         self._published: dict[str, Throttled] = {}
         self.switches = Switches(batching, lifecycle, self.waiting)
@@ -70,6 +72,7 @@ class Admission:
         finally:
             self._waiting[name] -= 1
         # _turn counted the request as started: from here on it must end.
+        self._admitted(name, time.time() - arrived)
         self._traffic(name)
         try:
             yield record

@@ -21,12 +21,16 @@ from agent.gateway.forms import read_form
 from agent.gateway.keys import Caller, Keys, Role
 from agent.gateway.proxy import Upstreams
 from agent.lifecycle import Lifecycle
+from agent.metrics import AgentMetrics
 
 log = logging.getLogger("modelbus.gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Where the authenticated caller is kept on a request.
 CALLER = "modelbus.caller"
+# Where a gateway request keeps the catalog model it names ("" until one is found): the
+# requests counted in the metrics are the ones that have it.
+MODEL = "modelbus.model"
 # The routes that forward a JSON body naming its model. /v1/messages is Anthropic's,
 # passed through as it is to servers that speak it (llama.cpp, vLLM): no translation.
 INFERENCE_ROUTES = (
@@ -46,11 +50,20 @@ UPSTREAM_ROUTE = "/upstream/{model}/{path:.*}"
 
 
 class GatewayServer:
-    def __init__(self, config: HttpConfig, lifecycle: Lifecycle, admission: Admission) -> None:
+    def __init__(
+        self,
+        config: HttpConfig,
+        lifecycle: Lifecycle,
+        admission: Admission,
+        metrics: AgentMetrics,
+    ) -> None:
         self.config = config
         self._lifecycle = lifecycle
         self._admission = admission
+        self._metrics = metrics
         self._keys = Keys(config.api_keys)
+        # Answered without a key: a liveness probe, and a scrape where so configured.
+        self._open_paths = {"/healthz"} | ({"/metrics"} if config.metrics_open else set())
         self._upstreams = Upstreams(connect_timeout_s=config.connect_timeout_s)
         self.port: int | None = None  # bound, once running (a port 0 in listen picks one)
         self._runner: web.AppRunner | None = None
@@ -58,13 +71,15 @@ class GatewayServer:
     def app(self) -> web.Application:
         app = web.Application(
             client_max_size=self.config.max_body_mb * 1024 * 1024,
-            middlewares=[self._errors, self._auth],
+            middlewares=[self._counted, self._errors, self._auth],
         )
         for path in INFERENCE_ROUTES:
             app.router.add_post(path, self._inference)
         for path in FORM_ROUTES:
             app.router.add_post(path, self._form)
         app.router.add_route("*", UPSTREAM_ROUTE, self._upstream)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/metrics", self._metrics_route)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model:.+}", self._model)
         return app
@@ -110,6 +125,15 @@ class GatewayServer:
     # ---- middleware ------------------------------------------------------
 
     @web.middleware
+    async def _counted(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Counts each gateway request by its model and the status it was answered with."""
+        response = await handler(request)
+        model = request.get(MODEL)
+        if model is not None:
+            self._metrics.request_answered(model, response.status)
+        return response
+
+    @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
@@ -136,6 +160,8 @@ class GatewayServer:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in self._open_paths:
+            return await handler(request)
         caller = self._keys.caller(request.headers)
         if caller is None:
             raise errors.unauthorized(
@@ -148,9 +174,10 @@ class GatewayServer:
 
     async def _inference(self, request: web.Request) -> web.StreamResponse:
         _require(request, Role.USER)
+        request[MODEL] = ""
         body = await request.read()
         requested, fields = _model_of(body)
-        spec = self._resolve(requested)
+        spec = self._resolve(requested, request)
         if spec.upstream_model is not None and spec.upstream_model != requested:
             body = json.dumps({**fields, "model": spec.upstream_model}).encode()
         async with self._admission.admit(spec):
@@ -158,8 +185,9 @@ class GatewayServer:
 
     async def _form(self, request: web.Request) -> web.StreamResponse:
         _require(request, Role.USER)
+        request[MODEL] = ""
         with await read_form(request, self.config.max_body_mb << 20) as form:
-            spec = self._resolve(form.model)
+            spec = self._resolve(form.model, request)
             async with self._admission.admit(spec):
                 return await self._upstreams.forward(
                     request, spec, form.upstream(spec.upstream_model)
@@ -169,7 +197,8 @@ class GatewayServer:
         """The model's own API (WhisperX's REST, a video model's), loaded first: method,
         path, query, headers and body as they came."""
         _require(request, Role.USER)
-        spec = self._resolve(request.match_info["model"])
+        request[MODEL] = ""
+        spec = self._resolve(request.match_info["model"], request)
         path = "/" + request.match_info["path"]
         if request.query_string:
             path += "?" + request.query_string
@@ -187,10 +216,23 @@ class GatewayServer:
         _require(request, Role.VIEWER)
         return web.json_response(self._describe(self._resolve(request.match_info["model"])))
 
-    def _resolve(self, requested: str) -> ModelSpec:
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _metrics_route(self, request: web.Request) -> web.Response:
+        if not self.config.metrics_open:
+            _require(request, Role.VIEWER)
+        body, content_type = self._metrics.exposition(request.headers.get("Accept"))
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    def _resolve(self, requested: str, counted: web.Request | None = None) -> ModelSpec:
+        """The catalog model ``requested`` names; a request being ``counted`` is counted
+        under it."""
         spec = self._lifecycle.catalog.resolve(requested)
         if spec is None:
             raise errors.unknown_model(requested, self._lifecycle.catalog.names())
+        if counted is not None:
+            counted[MODEL] = spec.name
         return spec
 
     def _describe(self, spec: ModelSpec) -> dict[str, Any]:

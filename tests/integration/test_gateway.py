@@ -338,6 +338,43 @@ async def test_keys_carry_roles(start_host: Callable[..., AgentProcess], host: H
             assert by_header.status == 200
 
 
+async def test_metrics_and_healthz_open_or_behind_a_viewer_key(
+    start_host: Callable[..., AgentProcess], host: Host
+) -> None:
+    keys = [{"name": "prometheus", "role": "viewer", "key": "viewer-key-0123456789"}]
+    gateway = await start_gateway(
+        start_host, host, {"alpha": sim_model(2048)}, api_keys=keys, metrics_open=False
+    )
+    root = f"http://127.0.0.1:{gateway.port}"
+    async with aiohttp.ClientSession() as raw:
+        async with raw.get(f"{root}/healthz") as health:
+            assert health.status == 200 and await health.json() == {"status": "ok"}
+        async with raw.get(f"{root}/metrics") as anonymous:
+            assert anonymous.status == 401
+            assert (await anonymous.json())["error"]["code"] == "invalid_api_key"
+        headers = {"Authorization": "Bearer viewer-key-0123456789"}
+        async with raw.get(f"{root}/metrics", headers=headers) as scraped:
+            assert scraped.status == 200
+            assert scraped.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            assert 'modelbus_model_state{model="alpha",state="stopped"} 1.0' in (
+                await scraped.text()
+            )
+
+
+async def test_metrics_need_no_key_by_default(
+    start_host: Callable[..., AgentProcess], host: Host
+) -> None:
+    keys = [{"name": "app", "role": "user", "key": "user-key-0123456789"}]
+    gateway = await start_gateway(start_host, host, {"alpha": sim_model(2048)}, api_keys=keys)
+    root = f"http://127.0.0.1:{gateway.port}"
+    async with aiohttp.ClientSession() as raw:
+        async with raw.get(f"{root}/metrics") as scraped:
+            assert scraped.status == 200 and "modelbus_build_info" in await scraped.text()
+        # Only /metrics: the rest still wants the key.
+        async with raw.get(f"{gateway.base_url}/models") as anonymous:
+            assert anonymous.status == 401
+
+
 async def listed(gateway: Gateway) -> dict[str, dict[str, Any]]:
     async with aiohttp.ClientSession() as raw, raw.get(f"{gateway.base_url}/models") as response:
         return {m["id"]: m for m in (await response.json())["data"]}
