@@ -53,6 +53,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agent.config import GatewayConfig
+from bench.support import agent_config as bench_agent
+from bench.support import http_up, sim_model
 from bus.mqtt import Connection, ConnectionSettings, Subscription, connect
 from devtools.brokers import DEMO_CONFIG, MosquittoBroker, free_port
 from shared.topics import HostTopics
@@ -78,39 +80,27 @@ _ids = itertools.count()
 
 
 def sim(vram_mb: int, *extra: str, load_s: float = 0.5) -> dict[str, Any]:
-    argv = [sys.executable, "-m", "devtools.simserver", "--port", "${PORT}", "--model"]
-    argv += ["${MODEL}", "--gpus", "${GPUS}", "--vram-mb", str(vram_mb), "--load-s", str(load_s)]
-    return {
-        "runtime": "process",
-        "process": {"argv": [*argv, *extra]},
-        "port": free_port(),
-        "vram_mb": vram_mb,
-    }
+    return sim_model(vram_mb, *extra, load_s=load_s)
 
 
 def agent_config(workdir: Path, broker: MosquittoBroker, gateway_port: int, chunks: int) -> Path:
     stream = ["--answer-tokens", str(chunks), "--tokens-per-s", str(STREAM_RATE)]
-    config: dict[str, Any] = {
-        "host_id": "bench",
-        "prefix": "bench-gateway",
-        "state_dir": str(workdir / "state"),
-        "log_level": "warning",
-        "broker": {"url": broker.url},
-        "telemetry": {"interval_s": 1.0},
-        "gpu": {
-            "backend": "sim",
-            "sim": {"release_delay_s": 0.0, "gpus": [{"memory_total_mb": 32768}]},
-        },
-        "http": {"listen": f"127.0.0.1:{gateway_port}"},
+    config = bench_agent(
+        workdir,
+        broker,
+        "bench-gateway",
+        gpus=[{"memory_total_mb": 32768}],
+        listen=f"127.0.0.1:{gateway_port}",
+        telemetry={"interval_s": 1.0},
         # The swap's time to first token is the switch's own: not held back for batching.
-        "gateway": {"max_wait_s": 0},
-        "models": {
+        gateway={"max_wait_s": 0},
+        models={
             "alpha": sim(4096, "--tokens-per-s", "0"),  # answers at once: the overhead shows
             "streamer": sim(4096, *stream),
             "big": sim(30000),  # needs everything: a request for it switches
         },
-        "lifecycle": {"job_retention_s": 3600},
-    }
+        lifecycle={"job_retention_s": 3600},
+    )
     path = workdir / "agent.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -295,7 +285,7 @@ async def measure(
     gateway = f"http://127.0.0.1:{port}"
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as web:
-        await gateway_up(web, gateway)
+        await http_up(web, gateway)
         # Both small models side by side; big is left for the swap.
         await chat(web, gateway, "alpha")
         await chat(web, gateway, "streamer")
@@ -365,23 +355,18 @@ async def measure(
 
 def trace_config(workdir: Path, broker: MosquittoBroker, port: int, max_wait_s: float) -> Path:
     prefix = f"bench-trace-{int(max_wait_s * 1000)}"
-    config: dict[str, Any] = {
-        "host_id": "bench",
-        "prefix": prefix,
-        "state_dir": str(workdir / prefix),
-        "log_level": "warning",
-        "broker": {"url": broker.url},
-        "gpu": {
-            "backend": "sim",
-            "sim": {"release_delay_s": 0.0, "gpus": [{"memory_total_mb": 32768}]},
-        },
-        "http": {"listen": f"127.0.0.1:{port}"},
-        "gateway": {"max_wait_s": max_wait_s, "idle_after_s": TRACE_IDLE_AFTER_S},
-        "models": {
+    config = bench_agent(
+        workdir,
+        broker,
+        prefix,
+        gpus=[{"memory_total_mb": 32768}],
+        listen=f"127.0.0.1:{port}",
+        gateway={"max_wait_s": max_wait_s, "idle_after_s": TRACE_IDLE_AFTER_S},
+        models={
             name: sim(20000, "--tokens-per-s", "0", load_s=TRACE_LOAD_S) for name in TRACE_MODELS
         },
-        "lifecycle": {"job_retention_s": 3600},
-    }
+        lifecycle={"job_retention_s": 3600},
+    )
     path = workdir / f"{prefix}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -395,19 +380,6 @@ def seeded_trace(seed: int = 612) -> list[tuple[float, str]]:
         at += rng.expovariate(TRACE_RATE)
         trace.append((at, rng.choice(TRACE_MODELS)))
     return trace
-
-
-async def gateway_up(web: aiohttp.ClientSession, gateway: str) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            async with web.get(f"{gateway}/v1/models") as probe:
-                if probe.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        assert time.monotonic() < deadline, "the agent's gateway did not come up"
-        await asyncio.sleep(0.1)
 
 
 @dataclass
@@ -443,7 +415,7 @@ async def replay(broker: MosquittoBroker, workdir: Path, max_wait_s: float) -> T
                         jobs[job["job_id"]] = job
 
             collector = asyncio.create_task(collect())
-            await gateway_up(web, gateway)
+            await http_up(web, gateway)
             start = time.perf_counter()
 
             async def one(at: float, model: str) -> float:
@@ -479,7 +451,7 @@ async def mixed_load(broker: MosquittoBroker, workdir: Path) -> tuple[dict[str, 
         connector = aiohttp.TCPConnector(limit=0)
         timeout = aiohttp.ClientTimeout(total=600)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as web:
-            await gateway_up(web, gateway)
+            await http_up(web, gateway)
             rss.append(process.memory_info().rss)
             done = 0
 

@@ -39,8 +39,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.support import agent_config as bench_agent
+from bench.support import sim_model
 from bus.mqtt import Connection, ConnectionSettings, Subscription, connect
-from devtools.brokers import DEMO_CONFIG, MosquittoBroker, free_port
+from devtools.brokers import DEMO_CONFIG, MosquittoBroker
 from shared.topics import HostTopics
 from tests.support.burst import BurstResult, burst
 
@@ -72,45 +74,24 @@ class Figures:
 
 
 def agent_config(workdir: Path, broker: MosquittoBroker, prefix: str, *, baseline: bool) -> Path:
-    models = {}
-    for name in ("alpha", "beta"):
-        argv = [
-            sys.executable,
-            "-m",
-            "devtools.simserver",
-            "--port",
-            "${PORT}",
-            "--model",
-            "${MODEL}",
-        ]
-        argv += ["--gpus", "${GPUS}", "--vram-mb", "20000", "--load-s", str(LOAD_S)]
-        models[name] = {
-            "runtime": "process",
-            "process": {
-                "argv": argv,
-                "env": {"MODELBUS_SIM_TIMINGS": str(workdir / f"{prefix}.timings")},
-            },
-            "port": free_port(),
-            "vram_mb": 20000,
-        }
-    config: dict[str, Any] = {
-        "host_id": "bench",
-        "prefix": prefix,
-        "state_dir": str(workdir / prefix),
-        "log_level": "warning",
-        "broker": {"url": broker.url},
-        "gpu": {
-            "backend": "sim",
-            "sim": {"release_delay_s": 0.0, "gpus": [{"memory_total_mb": 32768}]},
-        },
-        "models": models,
-        "lifecycle": {"job_retention_s": 3600},
-        "http": {"listen": None},  # two agents at once: no gateway fights for the port
-    }
+    timings = {"MODELBUS_SIM_TIMINGS": str(workdir / f"{prefix}.timings")}
+    models = {name: sim_model(20000, load_s=LOAD_S) for name in ("alpha", "beta")}
+    for entry in models.values():
+        entry["process"]["env"] = timings
+    lifecycle: dict[str, Any] = {"job_retention_s": 3600}
     if baseline:
-        config["lifecycle"].update(
+        lifecycle.update(
             {"stop_settle_s": BASELINE_SETTLE_S, "health_poll_s": BASELINE_HEALTH_POLL_S}
         )
+    config = bench_agent(
+        workdir,
+        broker,
+        prefix,
+        gpus=[{"memory_total_mb": 32768}],
+        listen=None,  # two agents at once: no gateway fights for the port
+        models=models,
+        lifecycle=lifecycle,
+    )
     path = workdir / f"{prefix}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -31,6 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.support import cpu_seconds
 from bus.mqtt import ConnectionSettings, Subscription, connect
 from devtools.brokers import DEMO_CONFIG, MosquittoBroker
 from devtools.gpu_sim import SimGpuClient
@@ -39,7 +40,6 @@ from shared.topics import HostTopics
 TARGET_CPU_PERCENT = 1.0
 TARGET_RSS_MB = 80.0
 TARGET_P50_MS = 20.0
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -55,11 +55,6 @@ class Figures:
     @property
     def p95(self) -> float:
         return statistics.quantiles(self.latencies_ms, n=20)[18]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def peak_rss_mb(pid: int) -> float:
