@@ -235,6 +235,12 @@ class Database:
                     _UNFINISHED,
                 )
 
+    def job(self, job_id: str) -> JobState | None:
+        """One job of the history (the newest JOBS_KEPT), by its id."""
+        with self._locked() as db:
+            row = db.execute("SELECT body FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return None if row is None else self._decode_job(job_id, row[0])
+
     def fail_interrupted_jobs(self, reason: str, at: datetime) -> list[JobState]:
         """Mark every queued or running job failed (an ``internal`` error saying
         ``reason``) and return them, oldest first, for the agent to publish."""

@@ -42,6 +42,7 @@ from shared.messages import (
     GpuState,
     HostInfo,
     HostState,
+    JobState,
     Reply,
     encode,
     utc_now,
@@ -167,6 +168,7 @@ class AgentService:
     def _http_server(self, config: AgentConfig) -> GatewayServer:
         # Imported only when serving HTTP: aiohttp alone costs 12 MiB of memory.
         from agent.gateway.admission import Admission
+        from agent.gateway.control import HostView
         from agent.gateway.server import GatewayServer
         from agent.metrics import AgentMetrics, AgentState
 
@@ -191,7 +193,8 @@ class AgentService:
             batching=config.gateway,
             admitted=metrics.request_admitted,
         )
-        return GatewayServer(config.http, self.lifecycle, admission, metrics)
+        view = HostView(status=self.host_status, job=self._job)
+        return GatewayServer(config.http, self.lifecycle, admission, metrics, view)
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -305,16 +308,25 @@ class AgentService:
         self._publish_state.trigger()
 
     async def _status(self, intake: Intake) -> Reply[HostStatus]:
-        return intake.reply_ok(
-            data=HostStatus(
-                info=self.host_info(),
-                state=self.telemetry.state,
-                gpus=self.telemetry.gpus,
-                models=[record.snapshot() for record in self.lifecycle.models.values()],
-                jobs=self.publisher.status_jobs(),
-                weights=self.publisher.weights,
-            )
+        return intake.reply_ok(data=self.host_status())
+
+    def host_status(self) -> HostStatus:
+        """What ``status`` answers, on the bus and over HTTP."""
+        return HostStatus(
+            info=self.host_info(),
+            state=self.telemetry.state,
+            gpus=self.telemetry.gpus,
+            models=[record.snapshot() for record in self.lifecycle.models.values()],
+            jobs=self.publisher.status_jobs(),
+            weights=self.publisher.weights,
         )
+
+    async def _job(self, job_id: str) -> JobState | None:
+        """A retained job, else one from the history (SQLite, off the loop)."""
+        retained = self.publisher.jobs.get(job_id)
+        if retained is not None:
+            return retained
+        return await asyncio.to_thread(self.store.job, job_id)
 
     def request_reload(self, config_path: Path | None, overrides: Mapping[str, Any]) -> None:
         """Reload the catalog soon (a SIGHUP), in the service's TaskGroup."""

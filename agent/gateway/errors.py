@@ -46,6 +46,10 @@ def bad_request(message: str, *, param: str | None = None) -> GatewayError:
     return GatewayError(HTTPStatus.BAD_REQUEST, message, "invalid_request", param=param)
 
 
+def not_found(what: str) -> GatewayError:
+    return GatewayError(HTTPStatus.NOT_FOUND, f"{what} does not exist here", "not_found")
+
+
 def payload_too_large(limit_bytes: int) -> GatewayError:
     return GatewayError(
         HTTPStatus.REQUEST_ENTITY_TOO_LARGE,

@@ -7,21 +7,25 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
+from pydantic import BaseModel
 
 from agent.catalog import ModelSpec
 from agent.config import HttpConfig, listen_address
 from agent.gateway import errors
 from agent.gateway.admission import Admission
+from agent.gateway.control import HostView, models_status
 from agent.gateway.forms import read_form
 from agent.gateway.keys import Caller, Keys, Role
 from agent.gateway.proxy import Upstreams
+from agent.intake import new_request_id
 from agent.lifecycle import Lifecycle
 from agent.metrics import AgentMetrics
+from shared.messages import Reply, encode
 
 log = logging.getLogger("modelbus.gateway")
 
@@ -56,14 +60,18 @@ class GatewayServer:
         lifecycle: Lifecycle,
         admission: Admission,
         metrics: AgentMetrics,
+        view: HostView,
     ) -> None:
         self.config = config
         self._lifecycle = lifecycle
         self._admission = admission
         self._metrics = metrics
+        self._view = view
         self._keys = Keys(config.api_keys)
         # Answered without a key: a liveness probe, and a scrape where so configured.
-        self._open_paths = {"/healthz"} | ({"/metrics"} if config.metrics_open else set())
+        self._open_paths = {"/healthz", "/health"} | (
+            {"/metrics"} if config.metrics_open else set()
+        )
         self._upstreams = Upstreams(connect_timeout_s=config.connect_timeout_s)
         self.port: int | None = None  # bound, once running (a port 0 in listen picks one)
         self._runner: web.AppRunner | None = None
@@ -79,7 +87,17 @@ class GatewayServer:
             app.router.add_post(path, self._form)
         app.router.add_route("*", UPSTREAM_ROUTE, self._upstream)
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/health", self._healthz)
         app.router.add_get("/metrics", self._metrics_route)
+        # The control API's read side (docs/http.md), and the first orchestrator's status.
+        app.router.add_get("/api/v1/status", self._api_status)
+        # Each a part of the status reply, as a JSON array: jobs are the queued and running
+        # ones and the most recently finished.
+        for part in ("models", "gpus", "jobs"):
+            app.router.add_get(f"/api/v1/{part}", self._status_part(part))
+        app.router.add_get("/api/v1/models/{name}", self._api_model)
+        app.router.add_get("/api/v1/jobs/{job_id}", self._api_job)
+        app.router.add_get("/models/status", self._models_status)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model:.+}", self._model)
         return app
@@ -225,6 +243,42 @@ class GatewayServer:
         body, content_type = self._metrics.exposition(request.headers.get("Accept"))
         return web.Response(body=body, headers={"Content-Type": content_type})
 
+    async def _api_status(self, request: web.Request) -> web.Response:
+        """The bus's ``status`` reply, envelope and all."""
+        _require(request, Role.VIEWER)
+        reply = Reply(
+            request_id=new_request_id(), command="status", status="ok", data=self._view.status()
+        )
+        return _json(encode(reply))
+
+    def _status_part(self, part: str) -> Handler:
+        async def handler(request: web.Request) -> web.Response:
+            _require(request, Role.VIEWER)
+            items: list[BaseModel] = getattr(self._view.status(), part)
+            return _json_list(items)
+
+        return handler
+
+    async def _api_model(self, request: web.Request) -> web.Response:
+        _require(request, Role.VIEWER)
+        name = request.match_info["name"]
+        found = [model for model in self._view.status().models if model.name == name]
+        if not found:
+            raise errors.unknown_model(name, self._lifecycle.catalog.names())
+        return _json(encode(found[0]))
+
+    async def _api_job(self, request: web.Request) -> web.Response:
+        _require(request, Role.VIEWER)
+        job_id = request.match_info["job_id"]
+        job = await self._view.job(job_id)
+        if job is None:
+            raise errors.not_found(f"job {job_id[:64]!r}")
+        return _json(encode(job))
+
+    async def _models_status(self, request: web.Request) -> web.Response:
+        _require(request, Role.VIEWER)
+        return web.json_response(models_status(self._view.status().state))
+
     def _resolve(self, requested: str, counted: web.Request | None = None) -> ModelSpec:
         """The catalog model ``requested`` names; a request being ``counted`` is counted
         under it."""
@@ -269,6 +323,14 @@ def _model_of(body: bytes) -> tuple[str, dict[str, Any]]:
     if not isinstance(model, str) or not model.strip():
         raise errors.bad_request("the body names no 'model'", param="model")
     return model, fields
+
+
+def _json(body: bytes) -> web.Response:
+    return web.Response(body=body, content_type="application/json")
+
+
+def _json_list(items: Sequence[BaseModel]) -> web.Response:
+    return _json(b"[" + b",".join(encode(item) for item in items) + b"]")
 
 
 def _error_response(error: errors.GatewayError) -> web.Response:

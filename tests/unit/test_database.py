@@ -289,6 +289,9 @@ def test_job_round_trip_and_upsert(store: Database, db_path: Path) -> None:
     )
     store.save_job(done)
     assert saved_jobs(db_path) == [done]
+    # What the HTTP API reads for a job the bus no longer retains.
+    assert store.job("a") == done
+    assert store.job("b") is None
 
 
 def test_interrupted_jobs_are_failed_and_stay_failed(db_path: Path) -> None:
