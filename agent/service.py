@@ -193,7 +193,7 @@ class AgentService:
             batching=config.gateway,
             admitted=metrics.request_admitted,
         )
-        view = HostView(status=self.host_status, job=self._job)
+        view = HostView(status=self.host_status, state=lambda: self.telemetry.state, job=self._job)
         return GatewayServer(config.http, self.lifecycle, admission, metrics, view)
 
     # ---- lifecycle -------------------------------------------------------

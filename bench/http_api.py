@@ -9,8 +9,9 @@ the same run:
 - the agent's CPU while Prometheus-style scrapes of ``/metrics`` come every second, against
   the same agent idle in the windows just before and after (each at least 60 s, from the
   process's CPU time): the scrapes' added share of a core;
-- ``GET /metrics`` under 50 concurrent clients: p50/p99 latency and requests/s, beside
-  ``GET /healthz`` (the HTTP stack's own floor: a route that does no work).
+- ``GET /models/status`` and ``GET /metrics`` under 50 concurrent clients: p50/p99 latency
+  and requests/s, beside ``GET /healthz`` (the HTTP stack's own floor: a route that does no
+  work).
 
     .venv/bin/python bench/http_api.py            # 60 s windows, 5,000 requests per route
     .venv/bin/python bench/http_api.py --quick    # 15 s windows, 1,000 requests
@@ -138,6 +139,7 @@ async def measure(args: argparse.Namespace, pid: int, root: str) -> None:
     added = scraped - idle
     floor = await under_load(f"{root}/healthz", args.requests)
     metrics = await under_load(f"{root}/metrics", args.requests)
+    status = await under_load(f"{root}/models/status", args.requests)
 
     print(
         f"http bench: {GPUS} simulated GPUs, {MODELS} models ({GPUS} loaded), local "
@@ -153,11 +155,15 @@ async def measure(args: argparse.Namespace, pid: int, root: str) -> None:
     print(
         f"{'  idle windows before / after, % of a core':48} {idle_before:10.2f} {idle_after:10.2f}"
     )
-    for name, (p50, p99, rate) in (("/metrics", metrics), ("/healthz", floor)):
+    for name, (p50, p99, rate) in (
+        ("/models/status", status),
+        ("/metrics", metrics),
+        ("/healthz", floor),
+    ):
         print(
             f"{CLIENTS} clients, GET {name}: p50 {p50:.2f} ms, p99 {p99:.2f} ms, {rate:.0f} req/s"
         )
-    print("(/healthz does no work: it is the HTTP stack's floor, the baseline for /metrics)")
+    print("(/healthz does no work: it is the HTTP stack's floor, the baseline for the others)")
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ class HostView:
     """What the HTTP server reads of the agent."""
 
     status: Callable[[], HostStatus]  # what the bus's status command answers
+    state: Callable[[], HostState | None]  # its totals alone (P/H/state), cheaper to read
     job: Callable[[str], Awaitable[JobState | None]]  # retained, else from the history
 
 

@@ -277,7 +277,7 @@ class GatewayServer:
 
     async def _models_status(self, request: web.Request) -> web.Response:
         _require(request, Role.VIEWER)
-        return web.json_response(models_status(self._view.status().state))
+        return web.json_response(models_status(self._view.state()))
 
     def _resolve(self, requested: str, counted: web.Request | None = None) -> ModelSpec:
         """The catalog model ``requested`` names; a request being ``counted`` is counted
