@@ -106,14 +106,19 @@ class HostPublisher:
     async def job_changed(self, job: JobState) -> None:
         self.jobs[job.job_id] = job
         self._client.publish(self._topics.job(job.job_id), encode(job), qos=1, retain=True)
-        for observer in self.job_observers:
-            observer.job_changed(job)
+        self._observe(job, finished=False)
 
     async def job_finished(self, job: JobState) -> None:
-        for observer in self.job_observers:
-            observer.job_finished(job)
+        self._observe(job, finished=True)
         await self._job_ended(job)
         self._background.spawn(self._clear_job_later(job.job_id), name=f"clear-job-{job.job_id}")
+
+    def _observe(self, job: JobState, *, finished: bool) -> None:
+        for observer in self.job_observers:
+            try:
+                (observer.job_finished if finished else observer.job_changed)(job)
+            except Exception:  # an observer's bug must not stop the job being published
+                log.exception("a job observer failed on job %s", job.job_id)
 
     async def _clear_job_later(self, job_id: str) -> None:
         """Finished jobs stay visible for a while, then leave the retained store."""
