@@ -241,6 +241,16 @@ class Database:
             row = db.execute("SELECT body FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return None if row is None else self._decode_job(job_id, row[0])
 
+    def recent_jobs(self, limit: int) -> list[JobState]:
+        """The newest ``limit`` jobs of the history, newest first."""
+        with self._locked() as db:
+            rows = db.execute(
+                "SELECT job_id, body FROM jobs ORDER BY created_at DESC, seq DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        jobs = (self._decode_job(job_id, body) for job_id, body in rows)
+        return [job for job in jobs if job is not None]
+
     def fail_interrupted_jobs(self, reason: str, at: datetime) -> list[JobState]:
         """Mark every queued or running job failed (an ``internal`` error saying
         ``reason``) and return them, oldest first, for the agent to publish."""

@@ -4,6 +4,7 @@ bug in a handler, gets past one error reply; the message loop goes on."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
@@ -43,6 +44,8 @@ class CommandDispatcher:
         self._beside: set[str] = set()
         # Retained commands we cleared: their empty echo is not a new command.
         self._pending_clears: set[str] = set()
+        # Commands from HTTP awaiting a reply that comes later (``wait``), by id(intake).
+        self._callers: dict[int, asyncio.Future[Reply[Any]]] = {}
 
     def register(
         self, handlers: Mapping[str, CommandHandler], *, beside: Collection[str] = ()
@@ -105,6 +108,18 @@ class CommandDispatcher:
         if reply is not None:
             self.send_reply(intake, reply)
 
+    async def call(self, intake: Intake) -> Reply[Any]:
+        """Execute a command that came by another way than the bus (HTTP) and return its
+        one reply, however long its job takes (``wait``). A caller that goes away leaves
+        the command to run; its reply, when it comes, goes nowhere."""
+        answer: asyncio.Future[Reply[Any]] = asyncio.get_running_loop().create_future()
+        self._callers[id(intake)] = answer
+        try:
+            reply = await self._execute(intake)
+            return reply if reply is not None else await answer
+        finally:
+            self._callers.pop(id(intake), None)
+
     async def _answer(self, intake: Intake) -> None:
         reply = await self._execute(intake)
         if reply is not None:
@@ -118,6 +133,12 @@ class CommandDispatcher:
                 reply.error.code,
                 reply.error.message,
             )
+        topic = intake.route.topic
+        if topic is None:
+            caller = self._callers.pop(id(intake), None)
+            if caller is not None and not caller.done():
+                caller.set_result(reply)
+            return
         try:
             payload = encode(reply)
         except ValueError:  # nothing the sender wrote should get here; if it does, say so
@@ -142,7 +163,7 @@ class CommandDispatcher:
                 )
             )
         self._client.publish(
-            intake.route.topic,
+            topic,
             payload,
             qos=1,
             correlation_data=intake.route.correlation_data,

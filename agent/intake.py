@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from shared.commands import CommandBase, CommandError, decode_command, request_id_of
+from shared.commands import (
+    MAX_COMMAND_BYTES,
+    CommandBase,
+    CommandError,
+    decode_command,
+    request_id_of,
+    with_wait,
+)
 from shared.messages import ErrorCode, ErrorInfo, Reply
 from shared.topics import HostTopics
 
@@ -22,8 +30,13 @@ Data = TypeVar("Data", bound=BaseModel)
 
 @dataclass(frozen=True, slots=True)
 class ReplyRoute:
-    topic: str
+    # None: the command came by another way than the bus (HTTP) and its reply goes back
+    # to its caller, never to a topic.
+    topic: str | None
     correlation_data: bytes | None = None
+
+
+CALLER_ROUTE = ReplyRoute(None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +109,20 @@ def refused_intake(
     )
 
 
+def local_intake(command_name: str, payload: bytes, *, wait: bool | None = None) -> Intake:
+    """A command that came by HTTP, read as the bus reads one (JSON object or bare text,
+    the same limits and errors); ``wait`` (``?wait=true``), where given, overrides the
+    body's own for the commands that have one."""
+
+    def read() -> CommandBase:
+        command = decode_command(command_name, payload, max_bytes=MAX_COMMAND_BYTES)
+        if wait is not None and "wait" in type(command).model_fields:
+            return with_wait(command, wait)
+        return command
+
+    return _decoded(command_name, CALLER_ROUTE, read)
+
+
 def read_command(
     topics: HostTopics,
     level: str,
@@ -131,8 +158,15 @@ def read_command(
             "publish without -r. The retained message was cleared",
         )
     route = ReplyRoute(response_topic, correlation_data) if response_topic else default_route
+    return _decoded(
+        command_name, route, lambda: decode_command(level, payload, max_bytes=max_bytes)
+    )
+
+
+def _decoded(command_name: str, route: ReplyRoute, read: Callable[[], CommandBase]) -> Intake:
+    """The command ``read`` returns, or the error it raises, answered on ``route``."""
     try:
-        command = decode_command(level, payload, max_bytes=max_bytes)
+        command = read()
     except CommandError as error:
         return Intake(
             command_name=command_name,

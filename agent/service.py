@@ -167,6 +167,7 @@ class AgentService:
 
     def _http_server(self, config: AgentConfig) -> GatewayServer:
         # Imported only when serving HTTP: aiohttp alone costs 12 MiB of memory.
+        from agent.event_feed import EventFeed
         from agent.gateway.admission import Admission
         from agent.gateway.control import HostView
         from agent.gateway.server import GatewayServer
@@ -193,7 +194,17 @@ class AgentService:
             batching=config.gateway,
             admitted=metrics.request_admitted,
         )
-        view = HostView(status=self.host_status, state=lambda: self.telemetry.state, job=self._job)
+        events = EventFeed(self.topics)
+        self.client.publish_observers.append(events.published)
+        view = HostView(
+            host_id=config.host_id,
+            status=self.host_status,
+            state=lambda: self.telemetry.state,
+            job=self._job,
+            history=lambda limit: asyncio.to_thread(self.store.recent_jobs, limit),
+            call=self.dispatcher.call,
+            events=events,
+        )
         return GatewayServer(config.http, self.lifecycle, admission, metrics, view)
 
     # ---- lifecycle -------------------------------------------------------

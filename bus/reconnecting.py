@@ -101,6 +101,9 @@ class ReconnectingClient:
         self.connected = asyncio.Event()
         self.connect_count = 0
         self._outbox = Outbox(max_messages=outbox_max_messages, max_bytes=outbox_max_bytes)
+        # Called with (topic, payload) for every message queued for the broker (the
+        # agent's server-sent events); each must be quick and must not raise.
+        self.publish_observers: list[Callable[[str, bytes], None]] = []
         self._unacked: dict[int, Outgoing] = {}
         self._sequence = itertools.count()
         self._deliveries: set[asyncio.Task[None]] = set()
@@ -250,6 +253,8 @@ class ReconnectingClient:
         self._wake_sender.set()
         if dropped:
             self._log_drops()
+        for observer in self.publish_observers:
+            observer(topic, data)
         return True
 
     async def _send(self, connection: Connection) -> None:

@@ -209,6 +209,19 @@ def decode_command(
         ) from None
 
 
+def with_wait(command: CommandBase, wait: bool) -> CommandBase:
+    """The command with its ``wait`` set, validated again (``unload all`` cannot wait)."""
+    fields = {**command.model_dump(exclude_unset=True), "wait": wait}
+    try:
+        return type(command).model_validate(fields)
+    except ValidationError as exc:
+        raise CommandError(
+            ErrorCode.INVALID_PAYLOAD,
+            f"{command.command_name}: {describe_validation_error(exc)}",
+            request_id=command.request_id,
+        ) from None
+
+
 def request_id_of(payload: bytes) -> str | None:
     """The request id of a payload that holds a readable one, for the reply to a command
     refused before (or without) being read: a retained one, an unknown verb, one too big."""

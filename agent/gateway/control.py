@@ -4,21 +4,46 @@ first orchestrator's ``GET /models/status`` in the shape its scripts read
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shared.messages import HostState, JobState
+from agent.event_feed import EventFeed, Published
+from agent.intake import Intake
+from shared.messages import HostState, JobState, Reply
 from shared.replies import HostStatus
 
 
 @dataclass(frozen=True)
 class HostView:
-    """What the HTTP server reads of the agent."""
+    """What the HTTP server reads of the agent, and how it commands it."""
 
+    host_id: str
     status: Callable[[], HostStatus]  # what the bus's status command answers
     state: Callable[[], HostState | None]  # its totals alone (P/H/state), cheaper to read
     job: Callable[[str], Awaitable[JobState | None]]  # retained, else from the history
+    history: Callable[[int], Awaitable[list[JobState]]]  # the newest n jobs, newest first
+    call: Callable[[Intake], Awaitable[Reply[Any]]]  # a command, as the bus runs it
+    events: EventFeed  # what the agent publishes, as it does
+
+
+def sse_message(event: str, data: bytes, *, event_id: int | None = None) -> bytes:
+    """One server-sent event: ``event:``, ``id:``, and ``data:`` lines (one per line of
+    ``data``, which the bus's compact JSON never splits)."""
+    head = f"event: {event}\n" + (f"id: {event_id}\n" if event_id is not None else "")
+    lines = b"".join(b"data: " + line + b"\n" for line in data.split(b"\n"))
+    return head.encode() + lines + b"\n"
+
+
+def sse_data(item: Published) -> bytes:
+    """A published message's payload as JSON: ``status``'s bare ``online``/``offline`` a
+    string, a cleared retained topic (an empty payload) ``null``."""
+    if not item.payload:
+        return b"null"
+    if item.name == "status":
+        return json.dumps(item.payload.decode("utf-8", "replace")).encode()
+    return item.payload
 
 
 def models_status(state: HostState | None) -> dict[str, Any]:

@@ -9,6 +9,31 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
+from shared.messages import ErrorCode
+
+# The control API's statuses for the bus's error codes (docs/http.md), one table.
+COMMAND_STATUS: dict[ErrorCode, HTTPStatus] = {
+    ErrorCode.INVALID_PAYLOAD: HTTPStatus.BAD_REQUEST,
+    ErrorCode.UNKNOWN_COMMAND: HTTPStatus.NOT_FOUND,
+    ErrorCode.UNKNOWN_MODEL: HTTPStatus.NOT_FOUND,
+    ErrorCode.NOT_FOUND: HTTPStatus.NOT_FOUND,
+    ErrorCode.INSUFFICIENT_VRAM: HTTPStatus.CONFLICT,
+    ErrorCode.INSUFFICIENT_DISK: HTTPStatus.INSUFFICIENT_STORAGE,
+    ErrorCode.QUEUE_FULL: HTTPStatus.TOO_MANY_REQUESTS,
+    # busy: the host's state stands in the way (a pinned model, weights in use).
+    ErrorCode.BUSY: HTTPStatus.CONFLICT,
+    ErrorCode.TIMEOUT: HTTPStatus.GATEWAY_TIMEOUT,
+    ErrorCode.LOAD_FAILED: HTTPStatus.BAD_GATEWAY,
+    ErrorCode.DOWNLOAD_FAILED: HTTPStatus.BAD_GATEWAY,
+    ErrorCode.CANCELLED: HTTPStatus.CONFLICT,
+    ErrorCode.FORBIDDEN: HTTPStatus.FORBIDDEN,
+    ErrorCode.PAYLOAD_TOO_LARGE: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+    ErrorCode.PORT_IN_USE: HTTPStatus.CONFLICT,
+    ErrorCode.INTERNAL: HTTPStatus.INTERNAL_SERVER_ERROR,
+}
+# Codes a caller should retry after a while: their responses say when.
+RETRY_LATER = {ErrorCode.QUEUE_FULL}
+
 
 class GatewayListenError(Exception):
     """The gateway's address cannot be had; the message says what to do. Here, not in
@@ -50,11 +75,16 @@ def not_found(what: str) -> GatewayError:
     return GatewayError(HTTPStatus.NOT_FOUND, f"{what} does not exist here", "not_found")
 
 
-def payload_too_large(limit_bytes: int) -> GatewayError:
+def payload_too_large(
+    limit_bytes: int, *, setting: str | None = "http.max_body_mb"
+) -> GatewayError:
+    limit = (
+        f"{setting} ({limit_bytes // (1024 * 1024)} MB)"
+        if setting
+        else f"this route takes ({limit_bytes} bytes)"
+    )
     return GatewayError(
-        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-        f"the body is larger than http.max_body_mb ({limit_bytes // (1024 * 1024)} MB)",
-        "payload_too_large",
+        HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body is larger than {limit}", "payload_too_large"
     )
 
 
@@ -103,6 +133,16 @@ def timed_out(model: str, what: str, seconds: float) -> GatewayError:
         f"{model}: {what} took longer than {seconds:g} s",
         "timeout",
         kind="server_error",
+    )
+
+
+def busy(message: str, retry_after_s: int = 5) -> GatewayError:
+    return GatewayError(
+        HTTPStatus.SERVICE_UNAVAILABLE,
+        message,
+        "busy",
+        kind="server_error",
+        headers={"Retry-After": str(retry_after_s)},
     )
 
 

@@ -7,31 +7,26 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel
 
 from agent.catalog import ModelSpec
 from agent.config import HttpConfig, listen_address
 from agent.gateway import errors
 from agent.gateway.admission import Admission
 from agent.gateway.control import HostView, models_status
+from agent.gateway.control_api import ControlApi
 from agent.gateway.forms import read_form
-from agent.gateway.keys import Caller, Keys, Role
+from agent.gateway.handlers import CALLER, Handler, error_response, json_object_of, require
+from agent.gateway.keys import Keys, Role
 from agent.gateway.proxy import Upstreams
-from agent.intake import new_request_id
 from agent.lifecycle import Lifecycle
 from agent.metrics import AgentMetrics
-from shared.messages import Reply, encode
 
 log = logging.getLogger("modelbus.gateway")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# Where the authenticated caller is kept on a request.
-CALLER = "modelbus.caller"
 # Where a gateway request keeps the catalog model it names ("" until one is found): the
 # requests counted in the metrics are the ones that have it.
 MODEL = "modelbus.model"
@@ -89,14 +84,8 @@ class GatewayServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/health", self._healthz)
         app.router.add_get("/metrics", self._metrics_route)
-        # The control API's read side (docs/http.md), and the first orchestrator's status.
-        app.router.add_get("/api/v1/status", self._api_status)
-        # Each a part of the status reply, as a JSON array: jobs are the queued and running
-        # ones and the most recently finished.
-        for part in ("models", "gpus", "jobs"):
-            app.router.add_get(f"/api/v1/{part}", self._status_part(part))
-        app.router.add_get("/api/v1/models/{name}", self._api_model)
-        app.router.add_get("/api/v1/jobs/{job_id}", self._api_job)
+        # The control API (docs/http.md), and the first orchestrator's status.
+        ControlApi(self._view, self._lifecycle.catalog.names).add_routes(app)
         app.router.add_get("/models/status", self._models_status)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model:.+}", self._model)
@@ -156,18 +145,18 @@ class GatewayServer:
         try:
             return await handler(request)
         except errors.GatewayError as error:
-            return _error_response(error)
+            return error_response(error)
         except web.HTTPRequestEntityTooLarge:
-            return _error_response(errors.payload_too_large(self.config.max_body_mb << 20))
+            return error_response(errors.payload_too_large(self.config.max_body_mb << 20))
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return _error_response(
+            return error_response(
                 errors.GatewayError(HTTPStatus(exc.status), exc.reason, "http_error")
             )
         except Exception:  # one request must never take the gateway down
             log.exception("%s %s failed", request.method, request.path)
-            return _error_response(
+            return error_response(
                 errors.GatewayError(
                     HTTPStatus.INTERNAL_SERVER_ERROR,
                     "the gateway failed on this request; see the agent's log",
@@ -191,7 +180,7 @@ class GatewayServer:
     # ---- routes ----------------------------------------------------------
 
     async def _inference(self, request: web.Request) -> web.StreamResponse:
-        _require(request, Role.USER)
+        require(request, Role.USER)
         request[MODEL] = ""
         body = await request.read()
         requested, fields = _model_of(body)
@@ -202,7 +191,7 @@ class GatewayServer:
             return await self._upstreams.forward(request, spec, body)
 
     async def _form(self, request: web.Request) -> web.StreamResponse:
-        _require(request, Role.USER)
+        require(request, Role.USER)
         request[MODEL] = ""
         with await read_form(request, self.config.max_body_mb << 20) as form:
             spec = self._resolve(form.model, request)
@@ -214,7 +203,7 @@ class GatewayServer:
     async def _upstream(self, request: web.Request) -> web.StreamResponse:
         """The model's own API (WhisperX's REST, a video model's), loaded first: method,
         path, query, headers and body as they came."""
-        _require(request, Role.USER)
+        require(request, Role.USER)
         request[MODEL] = ""
         spec = self._resolve(request.match_info["model"], request)
         path = "/" + request.match_info["path"]
@@ -225,13 +214,13 @@ class GatewayServer:
             return await self._upstreams.forward(request, spec, body, path=path)
 
     async def _models(self, request: web.Request) -> web.Response:
-        _require(request, Role.VIEWER)
+        require(request, Role.VIEWER)
         catalog = self._lifecycle.catalog
         data = [self._describe(catalog.models[name]) for name in catalog.names()]
         return web.json_response({"object": "list", "data": data})
 
     async def _model(self, request: web.Request) -> web.Response:
-        _require(request, Role.VIEWER)
+        require(request, Role.VIEWER)
         return web.json_response(self._describe(self._resolve(request.match_info["model"])))
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -239,44 +228,12 @@ class GatewayServer:
 
     async def _metrics_route(self, request: web.Request) -> web.Response:
         if not self.config.metrics_open:
-            _require(request, Role.VIEWER)
+            require(request, Role.VIEWER)
         body, content_type = self._metrics.exposition(request.headers.get("Accept"))
         return web.Response(body=body, headers={"Content-Type": content_type})
 
-    async def _api_status(self, request: web.Request) -> web.Response:
-        """The bus's ``status`` reply, envelope and all."""
-        _require(request, Role.VIEWER)
-        reply = Reply(
-            request_id=new_request_id(), command="status", status="ok", data=self._view.status()
-        )
-        return _json(encode(reply))
-
-    def _status_part(self, part: str) -> Handler:
-        async def handler(request: web.Request) -> web.Response:
-            _require(request, Role.VIEWER)
-            items: list[BaseModel] = getattr(self._view.status(), part)
-            return _json_list(items)
-
-        return handler
-
-    async def _api_model(self, request: web.Request) -> web.Response:
-        _require(request, Role.VIEWER)
-        name = request.match_info["name"]
-        found = [model for model in self._view.status().models if model.name == name]
-        if not found:
-            raise errors.unknown_model(name, self._lifecycle.catalog.names())
-        return _json(encode(found[0]))
-
-    async def _api_job(self, request: web.Request) -> web.Response:
-        _require(request, Role.VIEWER)
-        job_id = request.match_info["job_id"]
-        job = await self._view.job(job_id)
-        if job is None:
-            raise errors.not_found(f"job {job_id[:64]!r}")
-        return _json(encode(job))
-
     async def _models_status(self, request: web.Request) -> web.Response:
-        _require(request, Role.VIEWER)
+        require(request, Role.VIEWER)
         return web.json_response(models_status(self._view.state()))
 
     def _resolve(self, requested: str, counted: web.Request | None = None) -> ModelSpec:
@@ -305,33 +262,10 @@ class GatewayServer:
         }
 
 
-def _require(request: web.Request, role: Role) -> None:
-    caller: Caller = request[CALLER]
-    if caller.role < role:
-        raise errors.forbidden(caller.name, caller.role.label, role.label)
-
-
 def _model_of(body: bytes) -> tuple[str, dict[str, Any]]:
     """The ``model`` a JSON body names, and the body's fields."""
-    try:
-        fields = json.loads(body)
-    except (ValueError, RecursionError):
-        raise errors.bad_request("the body is not JSON") from None
-    if not isinstance(fields, dict):
-        raise errors.bad_request("the body must be a JSON object")
+    fields = json_object_of(body)
     model = fields.get("model")
     if not isinstance(model, str) or not model.strip():
         raise errors.bad_request("the body names no 'model'", param="model")
     return model, fields
-
-
-def _json(body: bytes) -> web.Response:
-    return web.Response(body=body, content_type="application/json")
-
-
-def _json_list(items: Sequence[BaseModel]) -> web.Response:
-    return _json(b"[" + b",".join(encode(item) for item in items) + b"]")
-
-
-def _error_response(error: errors.GatewayError) -> web.Response:
-    return web.json_response(error.body(), status=int(error.status), headers=error.headers)

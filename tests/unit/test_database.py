@@ -333,6 +333,9 @@ def test_history_keeps_the_newest_jobs_but_never_an_unfinished_one(
         store.save_job(job(f"job-{index:02}", minutes=index))
     kept = [j.job_id for j in saved_jobs(db_path)]
     assert kept == [f"job-{index:02}" for index in range(24, 14, -1)] + ["old-running"]
+    # GET /api/v1/history reads the same, newest first.
+    assert [j.job_id for j in store.recent_jobs(3)] == ["job-24", "job-23", "job-22"]
+    assert [j.job_id for j in store.recent_jobs(100)] == kept
 
 
 def test_history_is_pruned_at_the_real_limit(store: Database, db_path: Path) -> None:

@@ -4,8 +4,8 @@ from typing import Any
 
 import pytest
 
-from agent.intake import command_level, read_command
-from shared.commands import StatusCommand, SwitchCommand
+from agent.intake import command_level, local_intake, read_command
+from shared.commands import LoadCommand, StatusCommand, SwitchCommand
 from shared.messages import ErrorCode
 from shared.topics import HostTopics
 
@@ -95,3 +95,21 @@ def test_an_unreadable_request_id_is_replaced() -> None:
     for payload in (b"{broken", b'{"request_id": 42}', b'{"request_id": ""}', b"\xff", b"x"):
         intake = read("status", payload, retained=True)
         assert len(intake.request_id) == 16, payload
+
+
+def test_a_command_from_http_is_read_as_the_bus_reads_it_and_replies_to_its_caller() -> None:
+    intake = local_intake("switch", b"qwen")
+    assert intake.command == SwitchCommand(model="qwen") and intake.route.topic is None
+    waited = local_intake("switch", b'{"model": "qwen", "request_id": "r1"}', wait=True)
+    assert waited.command == SwitchCommand(model="qwen", wait=True, request_id="r1")
+    assert waited.request_id == "r1"
+    # ?wait=false overrides the body; commands without a wait ignore it.
+    assert local_intake("load", b'{"model": "q", "wait": true}', wait=False).command == (
+        LoadCommand(model="q", wait=False)
+    )
+    assert local_intake("status", b"", wait=True).command == StatusCommand()
+    refused = local_intake("unload", b'{"all": true, "request_id": "r2"}', wait=True)
+    assert refused.error is not None and refused.error.code == ErrorCode.INVALID_PAYLOAD
+    assert refused.request_id == "r2" and "wait" in refused.error.message
+    unknown = local_intake("reboot", b"")
+    assert unknown.error is not None and unknown.error.code == ErrorCode.UNKNOWN_COMMAND
