@@ -159,6 +159,11 @@ class ModelSpec(_Strict):
         return self.expand(self.health_url)
 
 
+# /v1/models/status and /v1/models/switch (the smart-switching router's) win over
+# /v1/models/{id}: a model with one of these names could not be described there.
+ROUTE_NAMES = frozenset({"status", "switch"})
+
+
 class Catalog(_Strict):
     """All models, by name."""
 
@@ -187,9 +192,15 @@ class Catalog(_Strict):
 
 
 def check_names(models: Mapping[str, ModelSpec]) -> None:
-    """Every name a request may use (model names and aliases) names one model only."""
+    """Every name a request may use (model names and aliases) names one model only, and
+    none is taken by a static route beside ``/v1/models/{id}``."""
     owners: dict[str, str] = {name: name for name in models}
     for name, spec in models.items():
+        for taken in {name, *spec.aliases} & ROUTE_NAMES:
+            raise ValueError(
+                f"models.{name}: {taken!r} cannot name a model: GET /v1/models/{taken} is "
+                "a route of its own (docs/http.md); call the model otherwise"
+            )
         for alias in spec.aliases:
             other = owners.setdefault(alias, name)
             if other != name:

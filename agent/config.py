@@ -210,6 +210,11 @@ class HttpConfig(Strict):
         description="/metrics answers without a key (as Prometheus scrapes by default); "
         "false: it needs a viewer key",
     )
+    compat_open_read: bool = Field(
+        default=False,
+        description="the original orchestrators' read routes (/models/status, /status, "
+        "/weights, ...) answer callers on this machine without a key",
+    )
 
     @field_validator("listen", mode="before")
     @classmethod

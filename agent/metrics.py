@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -59,6 +60,8 @@ class AgentMetrics:
         # the agent is all there; a scrape is the first to read it.
         self.registry = CollectorRegistry(auto_describe=False)
         registry = self.registry
+        self._swap_results: dict[str, int] = {}
+        self._last_swap_s: float | None = None
         self.swaps = Counter(
             "modelbus_swaps",
             "Load and switch jobs ended, by result (succeeded, failed, cancelled).",
@@ -137,11 +140,23 @@ class AgentMetrics:
         if job.command not in SWAP_COMMANDS:
             return
         self.swaps.labels(result).inc()
+        self._swap_results[result] = self._swap_results.get(result, 0) + 1
+        if job.started_at is not None and job.finished_at is not None:
+            self._last_swap_s = (job.finished_at - job.started_at).total_seconds()
         if isinstance(job.result, Loaded) and job.result.load_s is not None:
             self.load_duration.labels(job.result.model).observe(job.result.load_s)
         if job.state == JobStatus.FAILED and job.model is not None:
             reason = job.error.code.value if job.error is not None else "unknown"
             self.load_failures.labels(job.model, reason).inc()
+
+    def swap_summary(self) -> dict[str, Any]:
+        """The swaps since start, by result, and the last one's seconds: the dynamic
+        orchestrator's ``GET /status`` metrics."""
+        return {
+            "swaps_total": sum(self._swap_results.values()),
+            "swaps_by_result": dict(self._swap_results),
+            "last_swap_seconds": self._last_swap_s,
+        }
 
     def request_admitted(self, model: str, waited_s: float) -> None:
         # One histogram for all models: per model it would be 17 series each, every

@@ -16,11 +16,12 @@ from agent.catalog import ModelSpec
 from agent.config import HttpConfig, listen_address
 from agent.gateway import errors
 from agent.gateway.admission import Admission
-from agent.gateway.control import HostView, models_status
+from agent.gateway.compat import COMPAT_READ_ROUTES, CompatRoutes
+from agent.gateway.control import HostView
 from agent.gateway.control_api import ControlApi
 from agent.gateway.forms import read_form
 from agent.gateway.handlers import CALLER, Handler, error_response, json_object_of, require
-from agent.gateway.keys import Keys, Role
+from agent.gateway.keys import Caller, Keys, Role
 from agent.gateway.proxy import Upstreams
 from agent.lifecycle import Lifecycle
 from agent.metrics import AgentMetrics
@@ -34,6 +35,7 @@ MODEL = "modelbus.model"
 # passed through as it is to servers that speak it (llama.cpp, vLLM): no translation.
 INFERENCE_ROUTES = (
     "/v1/chat/completions",
+    "/chat/completions",  # the dynamic orchestrator's gateway route
     "/v1/completions",
     "/v1/embeddings",
     "/v1/responses",
@@ -46,6 +48,8 @@ INFERENCE_ROUTES = (
 FORM_ROUTES = ("/v1/audio/transcriptions", "/v1/audio/translations")
 # Any request to a model's own API: /upstream/<model>/<path>, forwarded verbatim.
 UPSTREAM_ROUTE = "/upstream/{model}/{path:.*}"
+LOOPBACK_ADDRESSES = frozenset({"127.0.0.1", "::1"})
+LOOPBACK_READER = Caller("loopback", Role.VIEWER)
 
 
 class GatewayServer:
@@ -84,9 +88,10 @@ class GatewayServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/health", self._healthz)
         app.router.add_get("/metrics", self._metrics_route)
-        # The control API (docs/http.md), and the first orchestrator's status.
-        ControlApi(self._view, self._lifecycle.catalog.names).add_routes(app)
-        app.router.add_get("/models/status", self._models_status)
+        # The control API (docs/http.md), and the original orchestrators' routes; these
+        # before /v1/models/{model}, which /v1/models/status would match.
+        ControlApi(self._view, self._catalog_names).add_routes(app)
+        CompatRoutes(self._view, self._catalog_names, self._metrics.swap_summary).add_routes(app)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model:.+}", self._model)
         return app
@@ -170,12 +175,26 @@ class GatewayServer:
         if request.path in self._open_paths:
             return await handler(request)
         caller = self._keys.caller(request.headers)
+        if caller is None and self._open_to_loopback(request):
+            caller = LOOPBACK_READER
         if caller is None:
             raise errors.unauthorized(
                 "a valid API key is needed: Authorization: Bearer <key> or X-API-Key: <key>"
             )
         request[CALLER] = caller
         return await handler(request)
+
+    def _open_to_loopback(self, request: web.Request) -> bool:
+        """http.compat_open_read: the original routes' reads need no key from this machine
+        (the first orchestrator's scripts sent none)."""
+        if not self.config.compat_open_read or request.method != "GET":
+            return False
+        route = request.match_info.route.resource
+        return (
+            route is not None
+            and route.canonical in COMPAT_READ_ROUTES
+            and request.remote in LOOPBACK_ADDRESSES
+        )
 
     # ---- routes ----------------------------------------------------------
 
@@ -187,8 +206,10 @@ class GatewayServer:
         spec = self._resolve(requested, request)
         if spec.upstream_model is not None and spec.upstream_model != requested:
             body = json.dumps({**fields, "model": spec.upstream_model}).encode()
+        # The dynamic orchestrator's /chat/completions is the model server's /v1/...
+        path = None if request.path.startswith("/v1/") else "/v1" + str(request.rel_url)
         async with self._admission.admit(spec):
-            return await self._upstreams.forward(request, spec, body)
+            return await self._upstreams.forward(request, spec, body, path=path)
 
     async def _form(self, request: web.Request) -> web.StreamResponse:
         require(request, Role.USER)
@@ -232,9 +253,8 @@ class GatewayServer:
         body, content_type = self._metrics.exposition(request.headers.get("Accept"))
         return web.Response(body=body, headers={"Content-Type": content_type})
 
-    async def _models_status(self, request: web.Request) -> web.Response:
-        require(request, Role.VIEWER)
-        return web.json_response(models_status(self._view.state()))
+    def _catalog_names(self) -> list[str]:
+        return self._lifecycle.catalog.names()
 
     def _resolve(self, requested: str, counted: web.Request | None = None) -> ModelSpec:
         """The catalog model ``requested`` names; a request being ``counted`` is counted

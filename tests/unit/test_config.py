@@ -185,6 +185,10 @@ def test_an_alias_names_one_model_only(tmp_path: Path) -> None:
     config = load_config(environ={}, overrides={"models": {"a": model(aliases=["org/a-7b"])}})
     resolved = config.catalog.resolve("org/a-7b")
     assert resolved is not None and resolved.name == "a"
+    # Names the static routes beside /v1/models/{id} have taken.
+    for models in ({"status": model()}, {"a": model(aliases=["switch"])}):
+        with pytest.raises(ConfigError, match=r"/v1/models/.* is a route of its own"):
+            load_config(environ={}, overrides={"models": models})
 
 
 @pytest.mark.parametrize("gateway", [{"max_wait_s": -1}, {"idle_after_s": "soon"}, {"max_wait": 5}])
