@@ -71,7 +71,9 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     tui.add_argument("--prefix", help="topic prefix (default modelbus)")
     tui.add_argument("--config", type=Path, help="read the broker section of this agent config")
 
-    schema = sub.add_parser("schema", help="write the JSON Schemas of every payload")
+    schema = sub.add_parser(
+        "schema", help="write the JSON Schemas of every payload and the HTTP API's OpenAPI"
+    )
     schema.add_argument("--out", type=Path, default=Path("docs/schema"))
     schema.add_argument("--check", action="store_true", help="fail if the files are out of date")
 
@@ -392,10 +394,12 @@ def run_client(args: argparse.Namespace) -> int:
 
 
 def write_schemas(out: Path, *, check: bool) -> int:
+    from agent.gateway.openapi import document
     from shared.schema import all_schemas, render
 
     stale = []
-    for name, schema in all_schemas().items():
+    # The HTTP server's OpenAPI document beside the payloads' schemas, from the same models.
+    for name, schema in (all_schemas() | {"openapi.json": document()}).items():
         path = out / name
         text = render(schema)
         current = path.read_text() if path.exists() else None

@@ -46,6 +46,9 @@ COMPAT_READ_ROUTES = frozenset(
         "/jobs/{job_id}",
         "/history",
         "/system/info",
+        "/openapi",
+        "/openapi.json",
+        "/docs",
     }
 )
 

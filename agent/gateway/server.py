@@ -14,14 +14,22 @@ from aiohttp import web
 
 from agent.catalog import ModelSpec
 from agent.config import HttpConfig, listen_address
-from agent.gateway import errors
+from agent.gateway import errors, openapi
 from agent.gateway.admission import Admission
 from agent.gateway.compat import COMPAT_READ_ROUTES, CompatRoutes
 from agent.gateway.control import HostView
 from agent.gateway.control_api import ControlApi
 from agent.gateway.forms import read_form
-from agent.gateway.handlers import CALLER, Handler, error_response, json_object_of, require
+from agent.gateway.handlers import (
+    CALLER,
+    Handler,
+    error_response,
+    json_object,
+    json_object_of,
+    require,
+)
 from agent.gateway.keys import Caller, Keys, Role
+from agent.gateway.openapi import docs_page
 from agent.gateway.proxy import Upstreams
 from agent.lifecycle import Lifecycle
 from agent.metrics import AgentMetrics
@@ -74,6 +82,7 @@ class GatewayServer:
         self._upstreams = Upstreams(connect_timeout_s=config.connect_timeout_s)
         self.port: int | None = None  # bound, once running (a port 0 in listen picks one)
         self._runner: web.AppRunner | None = None
+        self._document: dict[str, Any] | None = None
 
     def app(self) -> web.Application:
         app = web.Application(
@@ -92,6 +101,9 @@ class GatewayServer:
         # before /v1/models/{model}, which /v1/models/status would match.
         ControlApi(self._view, self._catalog_names).add_routes(app)
         CompatRoutes(self._view, self._catalog_names, self._metrics.swap_summary).add_routes(app)
+        app.router.add_get("/openapi.json", self._openapi)
+        app.router.add_get("/openapi", self._openapi)  # the model manager's
+        app.router.add_get("/docs", self._docs)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model:.+}", self._model)
         return app
@@ -243,6 +255,19 @@ class GatewayServer:
     async def _model(self, request: web.Request) -> web.Response:
         require(request, Role.VIEWER)
         return web.json_response(self._describe(self._resolve(request.match_info["model"])))
+
+    async def _openapi(self, request: web.Request) -> web.Response:
+        require(request, Role.VIEWER)
+        return json_object(self._openapi_document())
+
+    async def _docs(self, request: web.Request) -> web.Response:
+        require(request, Role.VIEWER)
+        return web.Response(text=docs_page(self._openapi_document()), content_type="text/html")
+
+    def _openapi_document(self) -> dict[str, Any]:
+        if self._document is None:
+            self._document = openapi.document()  # built once: it takes ~0.1 s
+        return self._document
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

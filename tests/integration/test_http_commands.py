@@ -207,3 +207,37 @@ async def test_events_stream_the_snapshot_then_what_the_agent_publishes(
                         break
             assert {event.split("/")[0] for event, _ in seen} == {"models", "jobs"}
             assert ("models/alpha", "ready") in [(e, d.get("state")) for e, d in seen]
+
+
+async def test_every_documented_route_refuses_a_key_below_its_role(
+    start_host: Callable[..., AgentProcess], host: Host
+) -> None:
+    """The OpenAPI document's roles, held to what the server does: each route with a role
+    refuses no key (401) and, above viewer, a viewer's key (403); nothing runs."""
+    port, settings = gateway_settings(api_keys=KEYS)
+    start_host({"alpha": sim_model(4096)}, http=settings)
+    await host.online()
+    root = f"http://127.0.0.1:{port}"
+    status, spec, _ = await call("GET", f"{root}/openapi.json", VIEWER)
+    assert status == 200 and spec["openapi"] == "3.1.0"
+    assert (await call("GET", f"{root}/openapi.json"))[0] == 401
+    mark = len(host.bus.messages)
+    checked = 0
+    for path, operations in spec["paths"].items():
+        concrete = path.replace("{host}", "lab")
+        for name in ("model", "name", "job_id", "path"):
+            concrete = concrete.replace("{" + name + "}", "alpha")
+        for method, operation in operations.items():
+            role = operation["x-modelbus-role"]
+            if role == "none":
+                continue
+            refusals = [(None, 401)] + ([(VIEWER, 403)] if role != "viewer" else [])
+            for headers, expected in refusals:
+                status, body, _ = await call(method.upper(), root + concrete, headers, "alpha")
+                assert status == expected, (method, path, headers, body)
+                checked += 1
+    assert checked > 100
+    await asyncio.sleep(0.5)
+    assert jobs_on_bus(host, mark) == []
+    async with aiohttp.ClientSession() as web, web.get(f"{root}/docs", headers=VIEWER) as page:
+        assert page.status == 200 and "/api/v1/switch" in await page.text()
