@@ -127,7 +127,7 @@ async def test_roles_and_hosts_gate_every_command(
     start_host: Callable[..., AgentProcess], host: Host
 ) -> None:
     port, settings = gateway_settings(api_keys=KEYS)
-    start_host({"alpha": sim_model(4096)}, http=settings)
+    start_host({"alpha": sim_model(4096), "slow": sim_model(4096, load_s=1.5)}, http=settings)
     await host.online()
     root = f"http://127.0.0.1:{port}"
     mark = len(host.bus.messages)
@@ -147,6 +147,19 @@ async def test_roles_and_hosts_gate_every_command(
         assert status == 404 and "gpu9" in reply["error"]["message"]
     await asyncio.sleep(0.5)  # a job queued by any of those would be on the bus by now
     assert jobs_on_bus(host, mark) == []
+    # A caller that hangs up while it waits leaves the job to run; the agent goes on.
+    mark = len(host.bus.messages)
+    with pytest.raises(TimeoutError):
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as web,
+            web.post(f"{root}/api/v1/load?wait=true", headers=OPERATOR, data="slow"),
+        ):
+            pass
+    await host.bus.wait_topic(
+        host.topics.model("slow"), lambda v: v and v["state"] == "ready", after=mark, timeout=20
+    )
+    status, reply, _ = await call("POST", f"{root}/api/v1/unload?wait=true", OPERATOR, "slow")
+    assert status == 200 and reply["data"]["job"]["state"] == "succeeded"
     # Its own host id is the same API.
     status, reply, _ = await call(
         "POST", f"{root}/api/v1/hosts/lab/load?wait=true", OPERATOR, {"model": "alpha"}
