@@ -7,6 +7,7 @@ serves its own host only)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable
 from http import HTTPStatus
@@ -14,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from agent.event_feed import Listener
 from agent.gateway import errors
 from agent.gateway.control import HostView, sse_data, sse_message
 from agent.gateway.handlers import Handler, json_bytes, json_list, json_model, require
@@ -166,22 +168,27 @@ class ControlApi:
                 }
             )
             await response.prepare(request)
-            await response.write(sse_message("snapshot", encode(self._view.status()), event_id=0))
-            sequence = 0
-            while True:
-                item = await listener.next(KEEPALIVE_S)
-                if listener.overflowed:
-                    note = {"message": "this stream fell too far behind and ends; reconnect"}
-                    await response.write(sse_message("overflow", json.dumps(note).encode()))
-                    break
-                if item is None:
-                    await response.write(b": keepalive\n\n")
-                    continue
-                sequence += 1
-                await response.write(sse_message(item.name, sse_data(item), event_id=sequence))
-                # One event at a time: many queued ones must not starve the loop.
-                await asyncio.sleep(0)
+            # A client that went away ends its stream, and its listener goes with it.
+            with contextlib.suppress(ConnectionResetError):
+                await self._stream(response, listener)
             return response
+
+    async def _stream(self, response: web.StreamResponse, listener: Listener) -> None:
+        await response.write(sse_message("snapshot", encode(self._view.status()), event_id=0))
+        sequence = 0
+        while True:
+            item = await listener.next(KEEPALIVE_S)
+            if listener.overflowed:
+                note = {"message": "this stream fell too far behind and ends; reconnect"}
+                await response.write(sse_message("overflow", json.dumps(note).encode()))
+                return
+            if item is None:
+                await response.write(b": keepalive\n\n")
+                continue
+            sequence += 1
+            await response.write(sse_message(item.name, sse_data(item), event_id=sequence))
+            # One event at a time: many queued ones must not starve the loop.
+            await asyncio.sleep(0)
 
 
 def command_response(reply: Reply[Any]) -> web.Response:
