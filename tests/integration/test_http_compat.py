@@ -192,6 +192,10 @@ async def test_the_dynamic_orchestrators_gateway_ensure_model_and_status(
     assert status == 409 and refused["error"]["code"] == "insufficient_vram"
     status, refused = await call("POST", f"{agent}/ensure_model", VIEWER, {"model": "alpha"})
     assert status == 403
+    status, refused = await call("POST", f"{agent}/chat/completions", USER, {"messages": CHAT})
+    assert status == 400 and refused["error"]["param"] == "model"
+    status, refused = await call("POST", f"{agent}/ensure_model", USER, {"model": 7})
+    assert status == 400
 
 
 async def test_the_model_managers_weights_jobs_and_history(agent: str, host: Host) -> None:
@@ -233,6 +237,9 @@ async def test_the_model_managers_weights_jobs_and_history(agent: str, host: Hos
     assert status == 403
     for path, code in (("/weights/nope/info", 404), ("/weights/install/status/nope", 404)):
         assert (await call("GET", f"{agent}{path}", VIEWER))[0] == code
+    assert (await call("GET", f"{agent}/jobs/nope", VIEWER))[0] == 404
+    status, spec = await call("GET", f"{agent}/openapi", VIEWER)
+    assert status == 200 and "/weights/install" in spec["paths"]
     status, missing = await call("DELETE", f"{agent}/weights/nope", OPERATOR)
     assert status == 404 and missing["error"]["code"] == "not_found"
     status, deleted = await call("DELETE", f"{agent}/weights/{name}", OPERATOR)
