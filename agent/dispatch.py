@@ -110,13 +110,15 @@ class CommandDispatcher:
 
     async def call(self, intake: Intake) -> Reply[Any]:
         """Execute a command that came by another way than the bus (HTTP) and return its
-        one reply, however long its job takes (``wait``). A caller that goes away leaves
-        the command to run; its reply, when it comes, goes nowhere."""
+        one reply, however long its job takes (``wait``). The command runs in the
+        background, as a bus command does: a caller that goes away (its handler
+        cancelled) cancels only its wait, never the command half-way; its reply, when it
+        comes, goes nowhere."""
         answer: asyncio.Future[Reply[Any]] = asyncio.get_running_loop().create_future()
         self._callers[id(intake)] = answer
         try:
-            reply = await self._execute(intake)
-            return reply if reply is not None else await answer
+            self._background.spawn(self._answer(intake), name=f"http-command-{intake.request_id}")
+            return await answer
         finally:
             self._callers.pop(id(intake), None)
 

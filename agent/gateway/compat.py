@@ -23,7 +23,14 @@ from agent.gateway.compat_shapes import (
     weights_usage,
 )
 from agent.gateway.control import HostView, models_status
-from agent.gateway.handlers import json_fields, json_list, json_model, json_object, require
+from agent.gateway.handlers import (
+    Handler,
+    json_fields,
+    json_list,
+    json_model,
+    json_object,
+    require,
+)
 from agent.gateway.keys import Role
 from agent.intake import local_intake
 from shared.commands import MAX_COMMAND_BYTES
@@ -58,14 +65,16 @@ class CompatRoutes:
         self,
         view: HostView,
         catalog_names: Callable[[], list[str]],
+        resolve: Callable[[str], str | None],
         swaps: Callable[[], dict[str, Any]],
     ) -> None:
         self._view = view
         self._catalog_names = catalog_names
+        self._resolve = resolve  # a model's name from its name or an alias
         self._swaps = swaps
 
     def add_routes(self, app: web.Application) -> None:
-        router = app.router
+        router = _Detailed(app.router)
         # The model orchestrator's (its n8n pattern: status, load, the model, unload).
         router.add_get("/models/status", self._models_status)
         router.add_post("/models/load", self._load)
@@ -185,10 +194,12 @@ class CompatRoutes:
             return _compat_response(
                 400, "give the model as ?target_model=<name>", "invalid_payload"
             )
-        names = self._catalog_names()
-        if name not in names:
-            message = f"model {name[:64]!r} not found; available models: {', '.join(names)}"
+        resolved = self._resolve(name)
+        if resolved is None:
+            names = ", ".join(self._catalog_names())
+            message = f"model {name[:64]!r} not found; available models: {names}"
             return _compat_response(404, message, "unknown_model")
+        name = resolved
         planned = await self._command(CommandName.PLAN, {"model": name})
         plan = planned.data
         if isinstance(plan, PlanRefused):
@@ -294,6 +305,37 @@ class CompatRoutes:
         if weights is None:
             raise errors.busy("the agent has not read its weights directory yet")
         return weights
+
+
+class _Detailed:
+    """Registers each route so that every error it raises after the key check answers
+    FastAPI's ``detail`` beside ``error``, as the routes' own refusals do."""
+
+    def __init__(self, router: web.UrlDispatcher) -> None:
+        self._router = router
+
+    def add_get(self, path: str, handler: Handler) -> None:
+        self._router.add_get(path, _detailed(handler))
+
+    def add_post(self, path: str, handler: Handler) -> None:
+        self._router.add_post(path, _detailed(handler))
+
+    def add_delete(self, path: str, handler: Handler) -> None:
+        self._router.add_delete(path, _detailed(handler))
+
+
+def _detailed(handler: Handler) -> Handler:
+    async def answered(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except errors.GatewayError as error:
+            return web.json_response(
+                compat_error(error.message, error.code),
+                status=int(error.status),
+                headers=error.headers,
+            )
+
+    return answered
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

@@ -18,7 +18,14 @@ from aiohttp import web
 from agent.event_feed import Listener
 from agent.gateway import errors
 from agent.gateway.control import HostView, sse_data, sse_message
-from agent.gateway.handlers import Handler, json_bytes, json_list, json_model, require
+from agent.gateway.handlers import (
+    Handler,
+    json_bytes,
+    json_list,
+    json_model,
+    read_small,
+    require,
+)
 from agent.gateway.keys import Role
 from agent.intake import local_intake, new_request_id
 from shared.commands import MAX_COMMAND_BYTES
@@ -34,6 +41,8 @@ STATUS_PARTS = ("models", "gpus", "jobs")
 EVENT_TOPICS = ("status", "info", "state", "gpu", "models", "jobs", "weights", "events")
 # A comment line this often keeps proxies from closing a quiet stream.
 KEEPALIVE_S = 15.0
+# A stream whose client takes longer than this to take one event ends.
+WRITE_TIMEOUT_S = 30.0
 HISTORY_DEFAULT = 100
 HISTORY_MAX = 1000
 _TRUE = ("true", "1", "yes")
@@ -83,12 +92,12 @@ class ControlApi:
         async def handler(request: web.Request) -> web.Response:
             require(request, role)
             wait = _flag(request, "wait")
-            size = request.content_length
-            if size is not None and size > MAX_COMMAND_BYTES:  # refused unread
+            body = await read_small(request, MAX_COMMAND_BYTES)
+            if body is None:  # refused unread past the limit
                 too_large = ErrorInfo(
                     code=ErrorCode.PAYLOAD_TOO_LARGE,
-                    message=f"payload is {size} bytes; commands are limited to "
-                    f"{MAX_COMMAND_BYTES} bytes",
+                    message=f"the payload is larger than commands may be ({MAX_COMMAND_BYTES} "
+                    "bytes)",
                 )
                 return command_response(
                     Reply(
@@ -98,7 +107,6 @@ class ControlApi:
                         error=too_large,
                     )
                 )
-            body = await request.read()
             reply = await self._view.call(local_intake(command, body, wait=wait))
             return command_response(reply)
 
@@ -174,21 +182,29 @@ class ControlApi:
             return response
 
     async def _stream(self, response: web.StreamResponse, listener: Listener) -> None:
-        await response.write(sse_message("snapshot", encode(self._view.status()), event_id=0))
-        sequence = 0
-        while True:
-            item = await listener.next(KEEPALIVE_S)
-            if listener.overflowed:
-                note = {"message": "this stream fell too far behind and ends; reconnect"}
-                await response.write(sse_message("overflow", json.dumps(note).encode()))
-                return
-            if item is None:
-                await response.write(b": keepalive\n\n")
-                continue
-            sequence += 1
-            await response.write(sse_message(item.name, sse_data(item), event_id=sequence))
-            # One event at a time: many queued ones must not starve the loop.
-            await asyncio.sleep(0)
+        """Until the client goes away, stops reading (a write that cannot be sent within
+        WRITE_TIMEOUT_S frees its slot) or falls too far behind."""
+
+        async def send(data: bytes) -> None:
+            async with asyncio.timeout(WRITE_TIMEOUT_S):
+                await response.write(data)
+
+        with contextlib.suppress(TimeoutError):
+            await send(sse_message("snapshot", encode(self._view.status()), event_id=0))
+            sequence = 0
+            while True:
+                item = await listener.next(KEEPALIVE_S)
+                if listener.overflowed:
+                    note = {"message": "this stream fell too far behind and ends; reconnect"}
+                    await send(sse_message("overflow", json.dumps(note).encode()))
+                    return
+                if item is None:
+                    await send(b": keepalive\n\n")
+                    continue
+                sequence += 1
+                await send(sse_message(item.name, sse_data(item), event_id=sequence))
+                # One event at a time: many queued ones must not starve the loop.
+                await asyncio.sleep(0)
 
 
 def command_response(reply: Reply[Any]) -> web.Response:
@@ -228,7 +244,7 @@ def _flag(request: web.Request, name: str) -> bool | None:
 def _limit(value: str | None, default: int, most: int) -> int:
     if value is None:
         return default
-    if not value.isdigit() or not 1 <= int(value) <= most:
+    if not (value.isascii() and value.isdigit() and len(value) <= 6) or not 1 <= int(value) <= most:
         raise errors.bad_request(f"?limit= takes a whole number from 1 to {most}", param="limit")
     return int(value)
 

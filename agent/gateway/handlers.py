@@ -48,12 +48,25 @@ def error_response(error: errors.GatewayError) -> web.Response:
     return web.json_response(error.body(), status=int(error.status), headers=error.headers)
 
 
+async def read_small(request: web.Request, max_bytes: int) -> bytes | None:
+    """The body, or None once it is longer than ``max_bytes``: read no further than that
+    (a chunked body has no Content-Length to refuse it by)."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > max_bytes:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def json_fields(request: web.Request, *, max_bytes: int) -> dict[str, Any]:
     """A small JSON object body (an empty body is an empty object)."""
-    if request.content_length is not None and request.content_length > max_bytes:
-        raise errors.payload_too_large(max_bytes, setting=None)
-    body = await request.read()
-    if len(body) > max_bytes:
+    body = await read_small(request, max_bytes)
+    if body is None:
         raise errors.payload_too_large(max_bytes, setting=None)
     return json_object_of(body) if body.strip() else {}
 

@@ -5,6 +5,7 @@ an OpenAI-shaped body; every route needs a key with a role (``keys``)."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 from http import HTTPStatus
@@ -56,7 +57,6 @@ INFERENCE_ROUTES = (
 FORM_ROUTES = ("/v1/audio/transcriptions", "/v1/audio/translations")
 # Any request to a model's own API: /upstream/<model>/<path>, forwarded verbatim.
 UPSTREAM_ROUTE = "/upstream/{model}/{path:.*}"
-LOOPBACK_ADDRESSES = frozenset({"127.0.0.1", "::1"})
 LOOPBACK_READER = Caller("loopback", Role.VIEWER)
 
 
@@ -100,7 +100,9 @@ class GatewayServer:
         # The control API (docs/http.md), and the original orchestrators' routes; these
         # before /v1/models/{model}, which /v1/models/status would match.
         ControlApi(self._view, self._catalog_names).add_routes(app)
-        CompatRoutes(self._view, self._catalog_names, self._metrics.swap_summary).add_routes(app)
+        CompatRoutes(
+            self._view, self._catalog_names, self._resolve_name, self._metrics.swap_summary
+        ).add_routes(app)
         app.router.add_get("/openapi.json", self._openapi)
         app.router.add_get("/openapi", self._openapi)  # the model manager's
         app.router.add_get("/docs", self._docs)
@@ -202,11 +204,7 @@ class GatewayServer:
         if not self.config.compat_open_read or request.method != "GET":
             return False
         route = request.match_info.route.resource
-        return (
-            route is not None
-            and route.canonical in COMPAT_READ_ROUTES
-            and request.remote in LOOPBACK_ADDRESSES
-        )
+        return route is not None and route.canonical in COMPAT_READ_ROUTES and _loopback(request)
 
     # ---- routes ----------------------------------------------------------
 
@@ -278,6 +276,10 @@ class GatewayServer:
         body, content_type = self._metrics.exposition(request.headers.get("Accept"))
         return web.Response(body=body, headers={"Content-Type": content_type})
 
+    def _resolve_name(self, requested: str) -> str | None:
+        spec = self._lifecycle.catalog.resolve(requested)
+        return spec.name if spec is not None else None
+
     def _catalog_names(self) -> list[str]:
         return self._lifecycle.catalog.names()
 
@@ -305,6 +307,17 @@ class GatewayServer:
             "waiting": self._admission.waiting(spec.name),
             "description": spec.description,
         }
+
+
+def _loopback(request: web.Request) -> bool:
+    """A caller on this machine (IPv4-mapped addresses included, for a listen on [::])."""
+    try:
+        address = ipaddress.ip_address(request.remote or "")
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def _model_of(body: bytes) -> tuple[str, dict[str, Any]]:

@@ -120,6 +120,16 @@ async def test_commands_answer_as_the_bus_does_with_http_statuses(
     assert status == 400 and reply["error"]["code"] == "invalid_request"
     status, reply, _ = await call("POST", f"{api}/nope", OPERATOR, {})
     assert status == 404
+    for limit in ("0", "1001", "²", "9" * 5000):
+        status, reply, _ = await call("GET", f"{api}/history?limit={limit}", VIEWER)
+        assert status == 400 and reply["error"]["param"] == "limit", limit
+
+    async def chunks() -> Any:  # a chunked body: no Content-Length to refuse it by
+        for _ in range(64):
+            yield b"x" * 1024
+
+    status, reply, _ = await call("POST", f"{api}/load", OPERATOR, chunks())
+    assert status == 413 and reply["error"]["code"] == "payload_too_large"
     assert jobs_on_bus(host, mark) == []
 
 

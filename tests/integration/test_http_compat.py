@@ -91,7 +91,7 @@ def agent(
     port, settings = gateway_settings(api_keys=KEYS, compat_open_read=True)
     models = {
         "alpha": sim_model(12000, load_s=0.1, description="a chat model"),
-        "beta": sim_model(24000, load_s=0.1),
+        "beta": sim_model(24000, load_s=0.1, aliases=["the-big-one"]),
         "giant": sim_model(40000),
     }
     weights = {"dir": str(tmp_path / "weights"), "endpoint": hub.endpoint}
@@ -134,6 +134,7 @@ async def test_the_first_orchestrators_n8n_pattern_runs_unchanged_with_nodes_fet
     ):
         answer = await call("POST", f"{agent}/models/load", OPERATOR, body)
         assert answer[0] == status and answer[1]["error"]["code"] == code, (body, answer)
+        assert answer[1]["detail"] == answer[1]["error"]["message"]
     status, refused = await call("POST", f"{agent}/models/unload", OPERATOR, {"model": "ghost"})
     assert status == 404 and "ghost" in refused["detail"]
 
@@ -164,7 +165,7 @@ async def test_the_smart_switching_routers_status_and_switch(agent: str, host: H
     assert switched["memory_info"]["available_before_gb"] == 32.0
     status, again = await call("POST", f"{switch}alpha", OPERATOR)
     assert status == 200 and again["status"] == "already_loaded" and again["model"] == "alpha"
-    status, switched = await call("POST", f"{switch}beta", OPERATOR)
+    status, switched = await call("POST", f"{switch}the-big-one", OPERATOR)  # an alias
     assert switched["status"] == "success" and switched["unloaded_models"] == ["alpha"]
     status, described = await call("GET", f"{agent}/v1/models/status", VIEWER)
     beta = described["models"]["beta"]

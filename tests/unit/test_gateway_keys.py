@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any, cast
+
 import pytest
 
 from agent.gateway.keys import ApiKey, Keys, Role
@@ -44,3 +47,18 @@ def test_without_keys_every_caller_is_trusted_as_an_operator() -> None:
 
 def test_a_key_is_never_shown() -> None:
     assert "user-key" not in repr(APP) and "user-key" not in str(APP)
+
+
+def test_compat_open_read_counts_ipv4_mapped_loopback_as_this_machine() -> None:
+    from agent.gateway.server import _loopback
+
+    for remote, local in (
+        ("127.0.0.1", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("10.0.0.5", False),
+        ("::ffff:10.0.0.5", False),
+        (None, False),
+        ("not-an-address", False),
+    ):
+        assert _loopback(cast(Any, SimpleNamespace(remote=remote))) is local, remote
