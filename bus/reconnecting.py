@@ -39,6 +39,8 @@ DROP_LOG_INTERVAL_S = 10.0
 OnConnected = Callable[[Connection], Awaitable[None]]
 OnMessage = Callable[[Connection, Message], Awaitable[None]]
 OnState = Callable[[bool], None]
+# Why the last attempt failed (or the connection ended) and the seconds to the next one.
+OnRetry = Callable[[str, float], None]
 
 
 @dataclass(slots=True)
@@ -83,6 +85,7 @@ class ReconnectingClient:
         on_connected: OnConnected | None = None,
         on_message: OnMessage | None = None,
         on_state: OnState | None = None,
+        on_retry: OnRetry | None = None,
         queue_while_offline: bool = False,
         outbox_max_messages: int = OUTBOX_MAX_MESSAGES,
         outbox_max_bytes: int = OUTBOX_MAX_BYTES,
@@ -94,6 +97,7 @@ class ReconnectingClient:
         self._on_connected = on_connected
         self._on_message = on_message
         self._on_state = on_state
+        self._on_retry = on_retry
         self._log = logging.getLogger(f"modelbus.{name}")
         self._name = name
         self._connection: Connection | None = None
@@ -142,15 +146,19 @@ class ReconnectingClient:
                     await self._serve(connection)
                 # _serve only returns when the broker closed the stream cleanly.
                 self._log.warning("connection to %s closed by the broker", where)
+                reason = "the broker closed the connection"
             except MqttError as exc:
                 self._set_connection(None)
                 self._log.warning("broker %s unreachable or connection lost: %s", where, exc)
+                reason = str(exc) or type(exc).__name__
             finally:
                 self._set_connection(None)
             delay = backoff.next_delay()
             self._log.info(
                 "reconnecting to %s in %.1f s (attempt %d)", where, delay, backoff.attempt
             )
+            if self._on_retry is not None:
+                self._on_retry(reason, delay)
             await asyncio.sleep(delay)
 
     async def close(self, timeout_s: float) -> bool:

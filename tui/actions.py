@@ -91,3 +91,30 @@ def describe_reply(reply: Reply[Any]) -> tuple[bool, str]:
         where = f", queue position {position}" if position is not None else ""
         return True, f"{reply.command} accepted as job {reply.job_id}{joined}{where}"
     return True, f"{reply.command}: ok"
+
+
+def job_to_cancel(
+    jobs: Mapping[str, JobState], selected: str | None, *, table_focused: bool
+) -> JobState | None:
+    """What ``c`` cancels: the job selected in the jobs table when it has focus, else the
+    host's running job (else the first queued one); None when nothing is active."""
+    if table_focused:
+        job = jobs.get(selected) if selected else None
+        return job if job is not None and job.finished_at is None else None
+    active = [job for job in jobs.values() if job.finished_at is None]
+    running = [job for job in active if job.state == JobStatus.RUNNING]
+    queued = sorted(
+        (job for job in active if job.state == JobStatus.QUEUED),
+        key=lambda job: job.queue_position if job.queue_position is not None else 1 << 30,
+    )
+    candidates = running or queued
+    return candidates[0] if candidates else None
+
+
+def describe_cancel(job: JobState) -> str:
+    """The confirmation's question: which job, doing what."""
+    target = job.model or job.repo or "?"
+    doing = f"{job.state.value}, {job.phase.value}"
+    if job.progress:
+        doing += f", {job.progress:.0%}"
+    return f"Cancel {job.command.value} {target} (job {job.job_id}, {doing})?"

@@ -23,7 +23,14 @@ from textual.widgets import Footer, OptionList, Static
 from bus.mqtt import ConnectionSettings
 from shared.messages import ModelState, Reply, utc_now
 from shared.topics import CommandName
-from tui.actions import PlanSummary, describe_reply, force_reason, summarize_plan
+from tui.actions import (
+    PlanSummary,
+    describe_cancel,
+    describe_reply,
+    force_reason,
+    job_to_cancel,
+    summarize_plan,
+)
 from tui.bridge import BusBridge, Link, LinkState
 from tui.format import ago
 from tui.screens import AskScreen, ConfirmScreen, DebugScreen
@@ -60,6 +67,19 @@ _LINK_LOOK: dict[LinkState, tuple[str, str]] = {
 }
 # From this width on the host list stands beside the dashboard.
 WIDE_COLUMNS = 110
+
+
+def waiting_note(link: Link) -> str:
+    """What the empty screen says: no broker (and how to get one), or no host yet."""
+    if link.state is LinkState.CONNECTING and link.detail:
+        return (
+            f"No broker answers at {link.broker}: {link.detail}.\n"
+            "Start Mosquitto (docs/broker.md), point --broker at yours, or run "
+            "'modelbus demo' for a simulated GPU host with its own broker."
+        )
+    if link.state is LinkState.CONNECTED:
+        return "Connected; waiting for a GPU host on the bus (no agent has published yet)…"
+    return "Waiting for a GPU host on the bus…"
 
 
 class ModelbusApp(App[int]):
@@ -168,7 +188,8 @@ class ModelbusApp(App[int]):
 
     def link_changed(self, link: Link) -> None:
         self.link = link
-        self._dirty.add("link")
+        self._dirty.update(("link", "gpus"))
+        self.gpus.waiting = waiting_note(link)
         if link.state is LinkState.REFUSED and not self._refused_told:
             self._refused_told = True
             self.notify(link.detail, title="Broker refused the connection", severity="error",
@@ -211,6 +232,8 @@ class ModelbusApp(App[int]):
         text = Text.assemble((words, style), f" {self.link.broker}")
         if self.link.protocol:
             text.append(f" v{self.link.protocol}", style="dim")
+        if self.link.state in (LinkState.CONNECTING, LinkState.RECONNECTING) and self.link.detail:
+            text.append(f" │ {self.link.detail}", style="yellow")
         ids = [v.host_id for v in views]
         if self.selected_host in ids:
             where = f"{ids.index(self.selected_host) + 1}/{len(ids)}" if len(ids) > 1 else ""
@@ -369,15 +392,27 @@ class ModelbusApp(App[int]):
         if repo:
             self._tell(await self._send(host, CommandName.INSTALL, {"repo": repo}), host)
 
-    def action_cancel_job(self) -> None:
+    @work(group="commands")
+    async def action_cancel_job(self) -> None:
+        """The selected job when the jobs table has focus, else the host's running one;
+        confirmed first, naming it."""
         host = self.selected_host
-        job_id = selected_key(self.jobs)
         view = self.store.host(host) if host else None
-        job = view.jobs.get(job_id) if view and job_id else None
-        if host is None or job is None or job.finished_at is not None:
-            self.notify("No running or queued job to cancel.", severity="warning")
+        if host is None or view is None:
+            self.notify("No host selected.", severity="warning")
             return
-        self._command(host, CommandName.CANCEL, {"job_id": job.job_id})
+        job = job_to_cancel(view.jobs, selected_key(self.jobs), table_focused=self.jobs.has_focus)
+        if job is None:
+            where = "selected" if self.jobs.has_focus else "running or queued"
+            self.notify(f"No {where} job on {host} to cancel.", severity="warning")
+            return
+        question = describe_cancel(job)
+        if not await self.push_screen_wait(
+            ConfirmScreen(f"Cancel a job on {host}", question, yes="Cancel job")
+        ):
+            self.notify("Cancel not sent.")
+            return
+        self._tell(await self._send(host, CommandName.CANCEL, {"job_id": job.job_id}), host)
 
     def action_debug(self) -> None:
         self.push_screen(DebugScreen(self.store))
@@ -390,7 +425,11 @@ class ModelbusApp(App[int]):
             ("Unload the selected model", "stop it (asks before forcing)", self.action_unload),
             ("Plan a switch", "what a switch would stop, changing nothing", self.action_plan),
             ("Install weights", "download a Hugging Face repo", self.action_install),
-            ("Cancel the selected job", "stop a queued or running job", self.action_cancel_job),
+            (
+                "Cancel a job",
+                "the running one, or the one selected in the jobs table",
+                self.action_cancel_job,
+            ),
             ("Show skipped messages", "the debug view of bad bus input", self.action_debug),
         ):
             yield SystemCommand(title, help_text, action)

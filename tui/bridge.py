@@ -69,6 +69,7 @@ class BusBridge:
             subscriptions=[Subscription(all_hosts_filter(self.prefix), qos=1)],
             on_message=self._on_message,
             on_state=self._on_state,
+            on_retry=self._retrying,
             name="tui",
         )
         self._ever_connected = False
@@ -99,6 +100,12 @@ class BusBridge:
         for _request, future in self._pending.values():
             if not future.done():
                 future.set_exception(ConnectionError("the connection to the broker was lost"))
+
+    def _retrying(self, reason: str, delay_s: float) -> None:
+        """Not connected: the header says why, and when the next attempt is."""
+        state = LinkState.RECONNECTING if self._ever_connected else LinkState.CONNECTING
+        detail = f"{reason}; next try in {delay_s:.0f} s"
+        self._set_link(Link(state, self.link.broker, detail=detail))
 
     def _set_link(self, link: Link) -> None:
         self.link = link

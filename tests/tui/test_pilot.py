@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from textual.pilot import Pilot
 
-from devtools.brokers import MosquittoBroker
+from devtools.brokers import MosquittoBroker, free_port
 from shared.topics import HostTopics
 from tests.conftest import TEST_USERS
 from tests.support.agent_process import AgentProcess, write_agent_config
@@ -203,7 +203,11 @@ async def test_cancel_key_cancels_the_running_job(
         await pilot.press("l")
         jobs = app.query_one(JobsTable)
         await until(pilot, lambda: jobs.row_count == 1 and "▶" in str(jobs.get_row_at(0)))
-        await pilot.press("c")
+        # The models table has focus: c means the host's running job, named before it goes.
+        assert not jobs.has_focus
+        question = await question_after(pilot, app, "c")
+        assert "Cancel load ovi-11b (job " in question and "running" in question
+        await pilot.press("y")
         await until(
             pilot,
             lambda: any(j.state.value == "cancelled" for j in app.store.host(HOST).jobs.values()),
@@ -254,6 +258,15 @@ async def test_reconnects_by_itself_and_shows_the_link(
         await until(pilot, lambda: "reconnecting" in str(app.query_one("#link").render()))
         own_broker.start()
         await until(pilot, lambda: app.link.state is LinkState.CONNECTED)
+
+
+async def test_no_broker_says_why_when_it_retries_and_how_to_get_one(prefix: str) -> None:
+    app = build_app(client_settings(free_port()), prefix)  # nothing listens there
+    async with app.run_test(size=(120, 24)) as pilot:
+        await until(pilot, lambda: "next try in" in str(app.query_one("#link").render()))
+        header = str(app.query_one("#link").render())
+        assert header.startswith("◌ connecting") and "refused" in header.lower()
+        assert "No broker answers at" in gpu_text(app) and "modelbus demo" in gpu_text(app)
 
 
 async def test_refused_credentials_give_one_clear_message(

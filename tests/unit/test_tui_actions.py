@@ -17,7 +17,13 @@ from shared.messages import (
     Reply,
 )
 from shared.replies import PlanFits, PlanRefused
-from tui.actions import describe_reply, force_reason, summarize_plan
+from tui.actions import (
+    describe_cancel,
+    describe_reply,
+    force_reason,
+    job_to_cancel,
+    summarize_plan,
+)
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -159,3 +165,22 @@ def test_job_reply_says_job_and_queue_position() -> None:
     )
     plain = Reply(request_id="r", command="status", status="ok", data={})
     assert describe_reply(plain) == (True, "status: ok")
+
+
+def test_c_cancels_the_running_job_unless_the_jobs_table_picks_one() -> None:
+    def one(job_id: str, state: JobStatus, **fields: object) -> JobState:
+        return job(state).model_copy(update={"job_id": job_id, **fields})
+
+    done = one("done", JobStatus.SUCCEEDED, finished_at=T0)
+    later = one("later", JobStatus.QUEUED, queue_position=2)
+    first = one("first", JobStatus.QUEUED, queue_position=1)
+    running = one("run", JobStatus.RUNNING, progress=0.4)
+    jobs = {j.job_id: j for j in (done, later, first, running)}
+    assert job_to_cancel(jobs, "done", table_focused=False) == running  # not the selection
+    assert job_to_cancel(jobs, "later", table_focused=True) == later
+    assert job_to_cancel(jobs, "done", table_focused=True) is None  # finished: nothing
+    assert job_to_cancel(jobs, None, table_focused=True) is None
+    queued_only = {j.job_id: j for j in (done, later, first)}
+    assert job_to_cancel(queued_only, None, table_focused=False) == first
+    assert job_to_cancel({"done": done}, None, table_focused=False) is None
+    assert describe_cancel(running) == "Cancel load m (job run, running, loading, 40%)?"

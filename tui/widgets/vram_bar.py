@@ -134,6 +134,9 @@ class GpuPanel(Widget):
         self.view: HostView | None = None
         self._lines = 0
 
+    # What the panel says before any host is on the bus (the app words it by the link).
+    waiting = "Waiting for a GPU host on the bus…"
+
     def show(self, view: HostView | None) -> None:
         self.view = view
         # A layout pass only when the panel's height changes (GPUs or legend lines).
@@ -145,7 +148,7 @@ class GpuPanel(Widget):
         view = self.view
         width = max(self.content_size.width, 20)
         if view is None:
-            return Text("Waiting for a GPU host on the bus…", style="dim")
+            return Text(self.waiting, style="dim")
         if not view.gpus:
             return Text(f"{view.host_id}: no GPU telemetry yet", style="dim")
         parts = [render_gpu(view.gpus[i], width) for i in sorted(view.gpus)]
