@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from shared.commands import describe_validation_error
 from shared.messages import JobState, JobStatus, ModelLifecycle, ModelState, Reply
-from shared.replies import PLAN_RESULT, JobAccepted, PlanRefused
+from shared.replies import PLAN_RESULT, HostStatus, JobAccepted, PlanRefused, Uninstalled
 from tui.format import gib
 
 _BUSY_STATES = frozenset({ModelLifecycle.LOADING, ModelLifecycle.UNLOADING})
@@ -90,7 +90,31 @@ def describe_reply(reply: Reply[Any]) -> tuple[bool, str]:
         position = accepted.queue_position
         where = f", queue position {position}" if position is not None else ""
         return True, f"{reply.command} accepted as job {reply.job_id}{joined}{where}"
+    if reply.command == "status":
+        return True, _describe_status(reply.data)
+    if reply.command == "uninstall":
+        try:
+            gone = Uninstalled.model_validate(reply.data)
+        except ValidationError:
+            return True, "uninstall: ok"
+        return True, f"uninstalled {gone.name} ({gone.was}): {gib(gone.freed_mb)} freed"
     return True, f"{reply.command}: ok"
+
+
+def _describe_status(data: Any) -> str:
+    """The agent answered: what it is and what it runs, in a line."""
+    try:
+        status = HostStatus.model_validate(data)
+    except ValidationError:
+        return "status: the agent answered"
+    info = status.info
+    ready = sum(1 for m in status.models if m.state == ModelLifecycle.READY)
+    active = sum(1 for j in status.jobs if j.finished_at is None)
+    return (
+        f"agent {info.agent_version} (protocol {info.protocol_version}, {info.gpu_backend}) "
+        f"answers: {len(info.gpus)} GPU(s), {ready}/{len(status.models)} models ready, "
+        f"{active} job(s) active"
+    )
 
 
 def job_to_cancel(

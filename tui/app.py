@@ -82,6 +82,20 @@ def waiting_note(link: Link) -> str:
     return "Waiting for a GPU host on the bus…"
 
 
+# The binding that sends each bus command: every command is a key (a test holds them to
+# the contract's list).
+COMMAND_BINDINGS = {
+    CommandName.SWITCH: "model.switch",
+    CommandName.LOAD: "model.load",
+    CommandName.UNLOAD: "model.unload",
+    CommandName.PLAN: "model.plan",
+    CommandName.INSTALL: "weights.install",
+    CommandName.UNINSTALL: "weights.uninstall",
+    CommandName.CANCEL: "job.cancel",
+    CommandName.STATUS: "host.status",
+}
+
+
 class ModelbusApp(App[int]):
     TITLE = "modelbus"
     CSS = """
@@ -99,6 +113,8 @@ class ModelbusApp(App[int]):
         Binding("u", "unload", "Unload", id="model.unload"),
         Binding("p", "plan", "Plan", id="model.plan"),
         Binding("i", "install", "Install", id="weights.install"),
+        Binding("x", "uninstall", "Uninstall", show=False, id="weights.uninstall"),
+        Binding("r", "status", "Ask status", show=False, id="host.status"),
         Binding("c", "cancel_job", "Cancel", id="job.cancel"),
         # Shown in the header when something was skipped; the footer has no room at 80.
         Binding("d", "debug", "Debug", show=False, id="view.debug"),
@@ -414,6 +430,37 @@ class ModelbusApp(App[int]):
             return
         self._tell(await self._send(host, CommandName.CANCEL, {"job_id": job.job_id}), host)
 
+    @work(group="commands")
+    async def action_uninstall(self) -> None:
+        """Ask which weights, confirm (the files are deleted), send ``uninstall``."""
+        host = self.selected_host
+        if host is None:
+            self.notify("No host selected.", severity="warning")
+            return
+        name = await self.push_screen_wait(
+            AskScreen(f"Uninstall weights on {host}: their name", "as P/H/weights lists it")
+        )
+        if not name:
+            return
+        question = (
+            f"Delete the weights {name!r} from {host}'s disk? Installing again downloads them."
+        )
+        if not await self.push_screen_wait(
+            ConfirmScreen(f"Uninstall on {host}", question, yes="Delete")
+        ):
+            self.notify("Uninstall not sent.")
+            return
+        self._tell(await self._send(host, CommandName.UNINSTALL, {"name": name}), host)
+
+    @work(group="commands")
+    async def action_status(self) -> None:
+        """Ask the agent itself (not the retained topics): does it answer, and what runs."""
+        host = self.selected_host
+        if host is None:
+            self.notify("No host selected.", severity="warning")
+            return
+        self._tell(await self._send(host, CommandName.STATUS, {}), host)
+
     def action_debug(self) -> None:
         self.push_screen(DebugScreen(self.store))
 
@@ -425,6 +472,8 @@ class ModelbusApp(App[int]):
             ("Unload the selected model", "stop it (asks before forcing)", self.action_unload),
             ("Plan a switch", "what a switch would stop, changing nothing", self.action_plan),
             ("Install weights", "download a Hugging Face repo", self.action_install),
+            ("Uninstall weights", "delete installed weights (asks first)", self.action_uninstall),
+            ("Ask the agent for its status", "does it answer, and what runs", self.action_status),
             (
                 "Cancel a job",
                 "the running one, or the one selected in the jobs table",

@@ -12,13 +12,13 @@ import pytest
 from textual.pilot import Pilot
 
 from devtools.brokers import MosquittoBroker, free_port
-from shared.topics import HostTopics
+from shared.topics import CommandName, HostTopics
 from tests.conftest import TEST_USERS
 from tests.support.agent_process import AgentProcess, write_agent_config
 from tests.support.bus import client_settings, watch
 from tests.support.fake_hub import FakeHub
 from tests.support.models import budget_catalog
-from tui.app import ModelbusApp, build_app
+from tui.app import COMMAND_BINDINGS, ModelbusApp, build_app
 from tui.bridge import LinkState
 from tui.screens import AskScreen, ConfirmScreen, DebugScreen
 from tui.widgets.hosts import HostList
@@ -171,6 +171,28 @@ async def test_error_reply_is_shown_and_says_what_was_wrong(
         )
         error = next(n for n in notes(app) if "install refused" in n)
         assert error.startswith("error:") and "--" in error
+
+
+async def test_every_command_has_a_key_and_status_and_uninstall_are_sent(
+    broker: MosquittoBroker, prefix: str, agent: AgentProcess
+) -> None:
+    bound = {binding.id: binding.action for binding in ModelbusApp.BINDINGS}  # type: ignore[union-attr]
+    assert set(COMMAND_BINDINGS) == set(CommandName)
+    for command, binding_id in COMMAND_BINDINGS.items():
+        action = bound[binding_id].split("(")[0]
+        assert callable(getattr(ModelbusApp, f"action_{action}", None)), command
+    app = tui(broker, prefix)
+    async with app.run_test(size=(80, 24), notifications=True) as pilot:
+        await ready_dashboard(pilot, app)
+        await pilot.press("r")
+        await until(pilot, lambda: any("answers: 1 GPU(s)" in n for n in notes(app)))
+        await pilot.press("x")
+        await until(pilot, lambda: isinstance(app.screen, AskScreen))
+        await pilot.press(*"nope", "enter")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        assert "'nope'" in app.screen.question  # type: ignore[attr-defined]
+        await pilot.press("y")
+        await until(pilot, lambda: any("uninstall refused (not_found)" in n for n in notes(app)))
 
 
 async def test_pinned_model_unload_asks_before_forcing(

@@ -163,8 +163,18 @@ def test_job_reply_says_job_and_queue_position() -> None:
         True,
         "switch accepted as job abc (joined the same request), queue position 2",
     )
-    plain = Reply(request_id="r", command="status", status="ok", data={})
-    assert describe_reply(plain) == (True, "status: ok")
+    plain = Reply(request_id="r", command="plan", status="ok", data={})
+    assert describe_reply(plain) == (True, "plan: ok")
+    # status and uninstall say what they found; a shape they cannot read, that they answered.
+    garbled = Reply(request_id="r", command="status", status="ok", data={})
+    assert describe_reply(garbled) == (True, "status: the agent answered")
+    gone = Reply(
+        request_id="r",
+        command="uninstall",
+        status="ok",
+        data={"name": "qwen", "was": "installed", "freed_mb": 2048},
+    )
+    assert describe_reply(gone) == (True, "uninstalled qwen (installed): 2.0G freed")
 
 
 def test_c_cancels_the_running_job_unless_the_jobs_table_picks_one() -> None:
