@@ -398,9 +398,8 @@ class ModelbusApp(App[int]):
 
     @work(group="commands")
     async def action_install(self) -> None:
-        host = self.selected_host
+        host = self._chosen_host()
         if host is None:
-            self.notify("No host selected.", severity="warning")
             return
         repo = await self.push_screen_wait(
             AskScreen(f"Install weights on {host}: Hugging Face repo", "org/name")
@@ -433,9 +432,8 @@ class ModelbusApp(App[int]):
     @work(group="commands")
     async def action_uninstall(self) -> None:
         """Ask which weights, confirm (the files are deleted), send ``uninstall``."""
-        host = self.selected_host
+        host = self._chosen_host()
         if host is None:
-            self.notify("No host selected.", severity="warning")
             return
         name = await self.push_screen_wait(
             AskScreen(f"Uninstall weights on {host}: their name", "as P/H/weights lists it")
@@ -455,11 +453,16 @@ class ModelbusApp(App[int]):
     @work(group="commands")
     async def action_status(self) -> None:
         """Ask the agent itself (not the retained topics): does it answer, and what runs."""
-        host = self.selected_host
+        host = self._chosen_host()
         if host is None:
-            self.notify("No host selected.", severity="warning")
             return
         self._tell(await self._send(host, CommandName.STATUS, {}), host)
+
+    def _chosen_host(self) -> str | None:
+        """The selected host; None (and the operator told) when there is none."""
+        if self.selected_host is None:
+            self.notify("No host selected.", severity="warning")
+        return self.selected_host
 
     def action_debug(self) -> None:
         self.push_screen(DebugScreen(self.store))
