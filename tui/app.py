@@ -118,6 +118,7 @@ class ModelbusApp(App[int]):
         Binding("c", "cancel_job", "Cancel", id="job.cancel"),
         # Shown in the header when something was skipped; the footer has no room at 80.
         Binding("d", "debug", "Debug", show=False, id="view.debug"),
+        Binding("g", "toggle_processes", "Processes", show=False, id="view.processes"),
         Binding("right_square_bracket", "next_host(1)", "Next host", show=False, id="host.next"),
         Binding("left_square_bracket", "next_host(-1)", "Prev host", show=False, id="host.prev"),
         Binding("q", "quit", "Quit", id="app.quit"),
@@ -464,6 +465,12 @@ class ModelbusApp(App[int]):
             self.notify("No host selected.", severity="warning")
         return self.selected_host
 
+    def action_toggle_processes(self) -> None:
+        self.gpus.processes = not self.gpus.processes
+        self.gpus.set_class(self.gpus.processes, "-processes")
+        self._dirty.add("gpus")
+        self._redraw()
+
     def action_debug(self) -> None:
         self.push_screen(DebugScreen(self.store))
 
@@ -483,6 +490,11 @@ class ModelbusApp(App[int]):
                 self.action_cancel_job,
             ),
             ("Show skipped messages", "the debug view of bad bus input", self.action_debug),
+            (
+                "GPU processes",
+                "every process using GPU memory, and whose",
+                self.action_toggle_processes,
+            ),
         ):
             yield SystemCommand(title, help_text, action)
 

@@ -195,6 +195,22 @@ async def test_every_command_has_a_key_and_status_and_uninstall_are_sent(
         await until(pilot, lambda: any("uninstall refused (not_found)" in n for n in notes(app)))
 
 
+async def test_g_lists_each_gpus_processes_and_what_they_belong_to(
+    broker: MosquittoBroker, prefix: str, agent: AgentProcess
+) -> None:
+    app = tui(broker, prefix)
+    async with app.run_test(size=(120, 40), notifications=True) as pilot:
+        await ready_dashboard(pilot, app)
+        await select(pilot, app, "whisperx")
+        await pilot.press("l")
+        await until(pilot, lambda: model_state(app, "whisperx") == "ready")
+        assert "belongs to" not in gpu_text(app)
+        await pilot.press("g")
+        await until(pilot, lambda: re.search(r"\d+ +6\.0G +\S.* whisperx", gpu_text(app)))
+        await pilot.press("g")
+        await until(pilot, lambda: "belongs to" not in gpu_text(app))
+
+
 async def test_pinned_model_unload_asks_before_forcing(
     broker: MosquittoBroker, prefix: str, agent: AgentProcess
 ) -> None:

@@ -11,7 +11,13 @@ from shared.messages import GpuProcess, GpuState, JobPhase, JobState, JobStatus
 from tui.format import ago, duration, gib, size, used_of_total
 from tui.store import Segment
 from tui.widgets.jobs import FADE_AFTER_S, job_row, progress_bar, visible_jobs
-from tui.widgets.vram_bar import FREE_GLYPH, OTHER_GLYPH, render_bar, render_gpu
+from tui.widgets.vram_bar import (
+    FREE_GLYPH,
+    OTHER_GLYPH,
+    render_bar,
+    render_gpu,
+    render_processes,
+)
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -132,3 +138,21 @@ def test_a_download_row_says_how_much_of_how_much() -> None:
     assert cells[2].endswith(" 25%") and cells[3] == "12s"
     assert cells[4].startswith("1.0G/4.0G downloading")
     assert size(300 * 1024 * 1024) == "300M" and size(0) == "0M"
+
+
+def test_processes_are_listed_largest_first_with_what_they_belong_to() -> None:
+    gpu = GpuState(
+        index=0,
+        processes=[
+            GpuProcess(pid=7, used_mb=1024, name="python3"),
+            GpuProcess(pid=42, used_mb=17408, name="llama-server", model="qwen"),
+            GpuProcess(pid=9, used_mb=6144, name="whisperx", model="wx", container="wx-1"),
+        ],
+        ts=T0,
+    )
+    lines = render_processes(gpu).plain.splitlines()
+    assert [line.split()[0] for line in lines] == ["42", "9", "7"]
+    assert lines[0].endswith("qwen") and "17.0G" in lines[0]
+    assert lines[1].endswith("wx (container wx-1)")
+    assert lines[2].endswith("not managed") and "python3" in lines[2]
+    assert "no processes" in render_processes(GpuState(index=1, ts=T0)).plain

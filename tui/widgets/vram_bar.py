@@ -93,6 +93,25 @@ def render_legend(segments: Sequence[Segment]) -> Text:
     return legend
 
 
+def render_processes(gpu: GpuState) -> Text:
+    """nvitop's view of one GPU: every process using memory, largest first, with what it
+    belongs to (a catalog model, its container) or ``not managed``."""
+    lines = Text()
+    procs = sorted(gpu.processes, key=lambda p: -(p.used_mb or 0))
+    if not procs:
+        return Text("    no processes use it", style="dim")
+    for proc in procs:
+        if lines:
+            lines.append("\n")
+        owner = proc.model or "not managed"
+        if proc.container:
+            owner += f" (container {proc.container})"
+        lines.append(f"    {proc.pid:>7}  {gib(proc.used_mb):>6}  ")
+        lines.append(f"{(proc.name or '?')[:24]:<24}  ", style="dim")
+        lines.append(owner, style=model_colour(proc.model) if proc.model else "yellow")
+    return lines
+
+
 def render_gpu(gpu: GpuState, width: int) -> Text:
     """Two or more lines: ``GPU i [bar] used/total util temp power``, then the legend."""
     used = gpu.memory_used_mb
@@ -127,6 +146,7 @@ class GpuPanel(Widget):
 
     DEFAULT_CSS = """
     GpuPanel { height: auto; max-height: 50%; padding: 0 1; }
+    GpuPanel.-processes { max-height: 85%; }
     """
 
     def __init__(self, *, id: str | None = None) -> None:
@@ -136,6 +156,8 @@ class GpuPanel(Widget):
 
     # What the panel says before any host is on the bus (the app words it by the link).
     waiting = "Waiting for a GPU host on the bus…"
+    # Each GPU's processes under its bar (the g key), as nvitop lists them.
+    processes = False
 
     def show(self, view: HostView | None) -> None:
         self.view = view
@@ -151,5 +173,12 @@ class GpuPanel(Widget):
             return Text(self.waiting, style="dim")
         if not view.gpus:
             return Text(f"{view.host_id}: no GPU telemetry yet", style="dim")
-        parts = [render_gpu(view.gpus[i], width) for i in sorted(view.gpus)]
+        parts = []
+        for index in sorted(view.gpus):
+            parts.append(render_gpu(view.gpus[index], width))
+            if self.processes:
+                parts.append(
+                    Text("    pid      mem  process                   belongs to", style="bold dim")
+                )
+                parts.append(render_processes(view.gpus[index]))
         return Text("\n").join(parts)
