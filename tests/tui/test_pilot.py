@@ -96,6 +96,13 @@ async def select(pilot: Pilot[int], app: ModelbusApp, model: str) -> None:
     await pilot.pause()
 
 
+async def load_by_key(pilot: Pilot[int], app: ModelbusApp, model: str) -> None:
+    """Select ``model``, press l, and wait until it is ready."""
+    await select(pilot, app, model)
+    await pilot.press("l")
+    await until(pilot, lambda: model_state(app, model) == "ready")
+
+
 async def question_after(pilot: Pilot[int], app: ModelbusApp, key: str) -> str:
     """Press ``key`` and wait for the confirmation it brings up; its question."""
     await pilot.press(key)
@@ -201,9 +208,7 @@ async def test_g_lists_each_gpus_processes_and_what_they_belong_to(
     app = tui(broker, prefix)
     async with app.run_test(size=(120, 40), notifications=True) as pilot:
         await ready_dashboard(pilot, app)
-        await select(pilot, app, "whisperx")
-        await pilot.press("l")
-        await until(pilot, lambda: model_state(app, "whisperx") == "ready")
+        await load_by_key(pilot, app, "whisperx")
         assert "belongs to" not in gpu_text(app)
         await pilot.press("g")
         await until(pilot, lambda: re.search(r"\d+ +6\.0G +\S.* whisperx", gpu_text(app)))
@@ -217,9 +222,7 @@ async def test_pinned_model_unload_asks_before_forcing(
     app = tui(broker, prefix)
     async with app.run_test(size=(120, 40), notifications=True) as pilot:
         await ready_dashboard(pilot, app)
-        await select(pilot, app, "infinitetalk")
-        await pilot.press("l")
-        await until(pilot, lambda: model_state(app, "infinitetalk") == "ready")
+        await load_by_key(pilot, app, "infinitetalk")
 
         assert "infinitetalk is pinned" in await question_after(pilot, app, "u")
         await pilot.press("n")
