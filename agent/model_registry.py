@@ -70,6 +70,7 @@ class ModelRecord:
     health_failures: int = 0
     # Gateway traffic: requests being answered, all forwarded, and when the last came.
     in_flight: int = 0
+    waiting: int = 0  # queued in the gateway (its admission keeps the count)
     requests_total: int = 0
     last_request_at: float | None = None
     # Chosen for eviction by a swap that waits for its requests to end: it admits no more.
@@ -101,6 +102,7 @@ class ModelRecord:
             description=self.spec.description,
             error=self.error,
             in_flight=self.in_flight,
+            waiting=self.waiting,
             requests_total=self.requests_total,
             last_request_at=timestamp(self.last_request_at),
             aliases=list(self.spec.aliases),

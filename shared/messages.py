@@ -147,6 +147,9 @@ class ModelState(Published):
     error: str | None = None
     # Gateway traffic (published at most once a second per model).
     in_flight: int = Field(default=0, description="requests being answered by it now")
+    waiting: int = Field(
+        default=0, description="gateway requests queued for it (for a slot, or for its load)"
+    )
     requests_total: int = Field(default=0, description="requests forwarded since the agent started")
     last_request_at: datetime | None = None
     aliases: list[str] = Field(default_factory=list, description="other names requests may use")

@@ -36,6 +36,7 @@ from tui.format import ago
 from tui.screens import AskScreen, ConfirmScreen, DebugScreen
 from tui.store import BusStore, Change, HostView
 from tui.widgets.events import EventsPanel
+from tui.widgets.header import link_text, waiting_note
 from tui.widgets.hosts import HostList
 from tui.widgets.jobs import JobsTable
 from tui.widgets.models import ModelsTable
@@ -58,28 +59,8 @@ _PANEL_OF_KIND = {
     "jobs": "jobs",
 }
 
-# The header must fit 80 columns: a connected link is only its glyph.
-_LINK_LOOK: dict[LinkState, tuple[str, str]] = {
-    LinkState.CONNECTING: ("◌ connecting", "yellow"),
-    LinkState.CONNECTED: ("●", "bold green"),
-    LinkState.RECONNECTING: ("◌ reconnecting", "bold yellow"),
-    LinkState.REFUSED: ("✖ refused by", "bold reverse red"),
-}
 # From this width on the host list stands beside the dashboard.
 WIDE_COLUMNS = 110
-
-
-def waiting_note(link: Link) -> str:
-    """What the empty screen says: no broker (and how to get one), or no host yet."""
-    if link.state is LinkState.CONNECTING and link.detail:
-        return (
-            f"No broker answers at {link.broker}: {link.detail}.\n"
-            "Start Mosquitto (docs/broker.md), point --broker at yours, or run "
-            "'modelbus demo' for a simulated GPU host with its own broker."
-        )
-    if link.state is LinkState.CONNECTED:
-        return "Connected; waiting for a GPU host on the bus (no agent has published yet)…"
-    return "Waiting for a GPU host on the bus…"
 
 
 # The binding that sends each bus command: every command is a key (a test holds them to
@@ -228,7 +209,15 @@ class ModelbusApp(App[int]):
         view = self.store.host(self.selected_host) if self.selected_host else None
         now = self._now()
         if "link" in dirty:
-            self.link_line.update(self._link_text(views))
+            self.link_line.update(
+                link_text(
+                    self.link,
+                    views,
+                    self.selected_host,
+                    sum(self.store.skipped.values()),
+                    self.store.now(),
+                )
+            )
             self._show_offline(view, now)
         if "hosts" in dirty:
             self.hosts.show(views, self.selected_host)
@@ -243,27 +232,6 @@ class ModelbusApp(App[int]):
             self.jobs.show(jobs, now)
         if "events" in dirty:
             self.events_panel.show(self.store.events())
-
-    def _link_text(self, views: list[HostView]) -> Text:
-        words, style = _LINK_LOOK[self.link.state]
-        text = Text.assemble((words, style), f" {self.link.broker}")
-        if self.link.protocol:
-            text.append(f" v{self.link.protocol}", style="dim")
-        if self.link.state in (LinkState.CONNECTING, LinkState.RECONNECTING) and self.link.detail:
-            text.append(f" │ {self.link.detail}", style="yellow")
-        ids = [v.host_id for v in views]
-        if self.selected_host in ids:
-            where = f"{ids.index(self.selected_host) + 1}/{len(ids)}" if len(ids) > 1 else ""
-            text.append(" │ ")
-            text.append(self.selected_host, style="bold")
-            text.append(f" {where} [ ]" if where else "")
-        offline = sum(1 for v in views if v.online is False)
-        if offline:
-            text.append(f" │ {offline} offline", style="bold yellow")
-        skipped = sum(self.store.skipped.values())
-        if skipped:
-            text.append(f" │ {skipped} skipped (d)", style="yellow")
-        return text
 
     def _show_offline(self, view: HostView | None, now: datetime) -> None:
         offline = view is not None and view.online is False

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -85,6 +85,29 @@ class HostEvent:
     event: Event
 
 
+# Gateway traffic a host view keeps: at one model update a second per model, minutes of it.
+TRAFFIC_SAMPLES = 600
+RATE_WINDOW_S = 10.0
+
+
+def request_rate(samples: Sequence[tuple[float, int]], now: float, window_s: float) -> float:
+    """Requests per second over the last ``window_s``, from (time, running total) samples
+    (a total that went down, an agent restarted, counts from there)."""
+    if not samples:
+        return 0.0
+    start = now - window_s
+    baseline = samples[0]
+    for sample in samples:
+        if sample[0] > start:
+            break
+        baseline = sample
+    latest = samples[-1]
+    if latest[0] <= start or latest[1] < baseline[1]:
+        return 0.0
+    span = min(window_s, now - samples[0][0])
+    return (latest[1] - baseline[1]) / span if span > 0 else 0.0
+
+
 @dataclass(slots=True)
 class HostView:
     """One host as last seen on the bus.
@@ -102,6 +125,11 @@ class HostView:
     models: dict[str, ModelState] = field(default_factory=dict)
     jobs: dict[str, JobState] = field(default_factory=dict)
     last_seen: float = 0.0
+    # (clock, requests forwarded by all its models) at each model update, for req/s.
+    traffic: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=TRAFFIC_SAMPLES))
+
+    def requests_per_s(self, now: float, window_s: float = RATE_WINDOW_S) -> float:
+        return request_rate(self.traffic, now, window_s)
 
 
 class BusStore:
@@ -124,6 +152,10 @@ class BusStore:
         self.problems: deque[Problem] = deque(maxlen=MAX_PROBLEMS)
 
     # -- reading ---------------------------------------------------------------
+
+    def now(self) -> float:
+        """The store's clock (what traffic samples are timed by)."""
+        return self._clock()
 
     def hosts(self) -> list[HostView]:
         return [self._hosts[h] for h in sorted(self._hosts)]
@@ -264,7 +296,12 @@ class BusStore:
             return None
         if model.name != arg:
             return self._mismatch(topic, "models", arg, model.name)
-        return _put(self._touch(host).models, arg, model, Change(host, "models", arg))
+        view = self._touch(host)
+        change = _put(view.models, arg, model, Change(host, "models", arg))
+        total = sum(m.requests_total for m in view.models.values())
+        if not view.traffic or view.traffic[-1][1] != total:
+            view.traffic.append((self._clock(), total))
+        return change
 
     def _apply_job(self, host: str, arg: str | None, topic: str, payload: bytes) -> Change | None:
         if arg is None or _JOB_ID.fullmatch(arg) is None:

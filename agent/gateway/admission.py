@@ -62,7 +62,7 @@ class Admission:
         name = spec.name
         if not self._admissible(spec) and self._waiting[name] >= spec.max_queued:
             raise errors.queue_full(name, self._waiting[name], self._retry_after_s(name))
-        self._waiting[name] += 1
+        self._count_waiting(name, +1)
         arrived = time.time()
         try:
             async with asyncio.timeout(self._queue_timeout_s):
@@ -70,7 +70,7 @@ class Admission:
         except TimeoutError:
             raise errors.timed_out(name, "waiting to be served", self._queue_timeout_s) from None
         finally:
-            self._waiting[name] -= 1
+            self._count_waiting(name, -1)
         # _turn counted the request as started: from here on it must end.
         self._admitted(name, time.time() - arrived)
         self._traffic(name)
@@ -146,6 +146,14 @@ class Admission:
         record = self._registry.records.get(name)
         learned = record.last_load_s if record is not None else None
         return learned or DEFAULT_RETRY_AFTER_S
+
+    def _count_waiting(self, name: str, change: int) -> None:
+        """The queue of ``name``, here and on its record (``P/H/models/<name>.waiting``)."""
+        self._waiting[name] += change
+        record = self._registry.records.get(name)
+        if record is not None:
+            record.waiting = self._waiting[name]
+            self._traffic(name)
 
     def _traffic(self, name: str) -> None:
         throttle = self._published.get(name)

@@ -270,9 +270,13 @@ async def test_a_client_that_goes_away_leaves_the_queue_and_ends_its_stream_upst
         await gateway.model_state("slowload", lambda v: v["state"] == "loading")
         now = await listed(gateway)
         assert now["slowload"]["waiting"] == 1, now
+        # The bus tells it too (P/H/models/<name>.waiting), as the TUI's Req column shows it.
+        await gateway.model_state("slowload", lambda v: v["waiting"] == 1)
+        mark = len(host.bus.messages)
         waiting.cancel()
         await asyncio.gather(waiting, return_exceptions=True)
         await eventually(lambda: listed(gateway), lambda m: m["slowload"]["waiting"] == 0)
+        await gateway.model_state("slowload", lambda v: v["waiting"] == 0, after=mark)
 
         # Mid-stream: the upstream request ends with it, long before its 20 s.
         mark = len(host.bus.messages)

@@ -22,7 +22,15 @@ from shared.messages import (
     Severity,
 )
 from shared.topics import HostTopics
-from tui.store import MAX_PAYLOAD_BYTES, BusStore, Change, Segment, vram_segments
+from tui.store import (
+    MAX_PAYLOAD_BYTES,
+    BusStore,
+    Change,
+    Segment,
+    request_rate,
+    vram_segments,
+)
+from tui.widgets.models import requests_text
 
 PREFIX = "test/store"
 T0 = datetime(2025, 6, 14, 9, 0, tzinfo=UTC)
@@ -380,3 +388,33 @@ def test_vram_segments(gpu: GpuState, expected: list[Segment]) -> None:
     assert segments == expected
     if gpu.memory_total_mb is not None:
         assert sum(s.mb for s in segments) == gpu.memory_total_mb
+
+
+def test_a_hosts_requests_per_second_come_from_its_models_totals() -> None:
+    assert request_rate([], 100.0, 10.0) == 0.0
+    samples = [(0.0, 100), (2.0, 120), (4.0, 140), (9.0, 190)]
+    assert request_rate(samples, 10.0, 10.0) == pytest.approx(9.0)  # 90 over 10 s
+    assert request_rate(samples, 12.0, 10.0) == pytest.approx(7.0)  # from (2.0, 120)
+    assert request_rate(samples, 30.0, 10.0) == 0.0  # nothing for longer than the window
+    assert request_rate([(0.0, 50), (1.0, 3)], 2.0, 10.0) == 0.0  # the agent restarted
+    assert request_rate([(0.0, 7)], 1.0, 10.0) == 0.0  # one sample: no rate yet
+
+
+def test_model_traffic_is_sampled_into_the_hosts_rate(store: BusStore, clock: FakeClock) -> None:
+    for second, (qwen, whisper) in enumerate(((10, 0), (20, 5), (20, 5), (40, 15))):
+        clock.now = 100.0 + 2 * second
+        for name, total in (("qwen3-vl-30b", qwen), ("whisperx", whisper)):
+            model = model_state(name).model_copy(update={"requests_total": total})
+            store.apply(GPU1.model(name), enc(model))
+    view = store.host("gpu1")
+    assert view is not None
+    # Unchanged totals add no sample; the rate reads 45 requests over the 6 s seen.
+    assert [total for _, total in view.traffic] == [10, 20, 25, 45, 55]
+    assert view.requests_per_s(store.now()) == pytest.approx((55 - 10) / 6)
+
+
+def test_the_req_column_shows_requests_answered_and_queued() -> None:
+    busy = model_state().model_copy(update={"in_flight": 2, "waiting": 5})
+    assert requests_text(busy).plain == "2+5"
+    assert requests_text(model_state()).plain == "-"
+    assert requests_text(model_state().model_copy(update={"waiting": 1})).plain == "0+1"

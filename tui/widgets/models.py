@@ -21,13 +21,23 @@ STATE_LOOK: dict[ModelLifecycle, tuple[str, str]] = {
     ModelLifecycle.CRASHED: ("✖", "bold reverse red"),
 }
 # Narrow headers, ages last: at 80 columns what matters most must be on screen.
-# Req: gateway requests being answered now.
+# Req: gateway requests being answered now, +queued for it.
 COLUMNS = ("Model", "State", "GPU", "VRAM/est", "Req", "Prio", "Up", "Idle")
 
 
 def state_text(model: ModelState) -> Text:
     glyph, style = STATE_LOOK.get(model.state, ("?", ""))
     return Text(f"{glyph} {model.state.value}", style=style)
+
+
+def requests_text(model: ModelState) -> Text:
+    """``Req``: requests being answered, and ``+n`` queued for it in the gateway."""
+    if not model.in_flight and not model.waiting:
+        return Text("-", "dim")
+    text = Text(str(model.in_flight), style="bold cyan")
+    if model.waiting:
+        text.append(f"+{model.waiting}", style="bold yellow")
+    return text
 
 
 def model_row(model: ModelState, now: datetime) -> list[str | Text]:
@@ -39,7 +49,7 @@ def model_row(model: ModelState, now: datetime) -> list[str | Text]:
         state_text(model),
         ",".join(str(g) for g in model.gpus) or "-",
         vram,
-        Text(str(model.in_flight), style="bold cyan") if model.in_flight else Text("-", "dim"),
+        requests_text(model),
         Text.assemble(str(model.priority), (" pin", "bold") if model.pinned else ""),
         loaded,
         ago(model.last_used_at, now),
