@@ -51,7 +51,9 @@ class ServerStops(LifecyclePart):
         if job is not None:
             job.add_time("stop_s", time.monotonic() - stopping)
         record.instance = None
-        record.state, record.health = ModelLifecycle.STOPPED, None
+        # Still "unloading" until its memory is back: watchers (the TUI's bar) keep its name
+        # on the memory its gone processes leave behind, not "other".
+        record.health = None
         record.loaded_at = None
         await self.registry.refresh_owners()
         if self.config.stop_settle_s:
@@ -70,6 +72,7 @@ class ServerStops(LifecyclePart):
             )
             if not returned:
                 await self.vram_leak(name, sum(held.values()), sorted(held))
+        record.state = ModelLifecycle.STOPPED
         await self.publisher.model_changed(record.snapshot())
         await self.registry.stopped(record)
         if not quiet:

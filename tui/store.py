@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -27,6 +27,7 @@ from shared.messages import (
     HostState,
     JobState,
     JobStatus,
+    ModelLifecycle,
     ModelState,
 )
 from shared.topics import (
@@ -77,6 +78,8 @@ class Problem:
 class Segment:
     label: str
     mb: int
+    # A model being stopped whose processes are gone: memory the driver has yet to return.
+    stopping: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +133,16 @@ class HostView:
 
     def requests_per_s(self, now: float, window_s: float = RATE_WINDOW_S) -> float:
         return request_rate(self.traffic, now, window_s)
+
+    def stopping_on(self, gpu: int) -> dict[str, int]:
+        """The models being unloaded from ``gpu`` and the MiB each held there (its
+        measured use, else its estimate, shared evenly over its GPUs)."""
+        held: dict[str, int] = {}
+        for model in self.models.values():
+            if model.state is ModelLifecycle.UNLOADING and gpu in model.gpus:
+                mb = model.vram_used_mb or model.vram_estimate_mb or 0
+                held[model.name] = mb // max(len(model.gpus), 1)
+        return held
 
 
 class BusStore:
@@ -391,7 +404,7 @@ def _pop(table: dict[_K, _V], key: _K, change: Change) -> Change | None:
     return change if table.pop(key, None) is not None else None
 
 
-def vram_segments(gpu: GpuState) -> list[Segment]:
+def vram_segments(gpu: GpuState, stopping: Mapping[str, int] | None = None) -> list[Segment]:
     """The GPU's memory as bar segments: one per model (by name), ``other``, ``free``.
 
     ``other`` is memory of processes no model owns plus used memory no process
@@ -418,13 +431,21 @@ def vram_segments(gpu: GpuState) -> list[Segment]:
     else:
         used = in_processes
     wanted = [Segment(name, by_model[name]) for name in sorted(by_model)]
-    wanted.append(Segment("other", unowned + max(used - in_processes, 0)))
+    unexplained = max(used - in_processes, 0)
+    # Memory no process holds any more is, up to what it held, the stopping model's.
+    for name, held in sorted((stopping or {}).items()):
+        if name in by_model:
+            continue
+        taken = min(held, unexplained)
+        unexplained -= taken
+        wanted.append(Segment(name, taken, stopping=True))
+    wanted.append(Segment("other", unowned + unexplained))
     segments: list[Segment] = []
     left = total
     for seg in wanted:
         mb = min(seg.mb, left)
         if mb > 0:
-            segments.append(Segment(seg.label, mb))
+            segments.append(Segment(seg.label, mb, seg.stopping))
             left -= mb
     if left > 0:
         segments.append(Segment("free", left))

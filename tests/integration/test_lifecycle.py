@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -424,17 +425,18 @@ async def test_failing_health_counts_as_a_crash(start_host, host: Host) -> None:
     await host.bus.wait_topic(host.topics.gpu(0), lambda v: v["memory_used_mb"] == 0)
 
 
+def slow_release(seconds: float) -> dict[str, Any]:
+    """A simulated driver that returns a stopped server's memory ``seconds`` later."""
+    sim = {"release_delay_s": seconds, "gpus": [{"memory_total_mb": 32768}]}
+    return {"gpu": {"backend": "sim", "sim": sim}}
+
+
 async def test_memory_that_does_not_come_back_is_reported(start_host, host: Host) -> None:
     # The simulated driver takes 3 s to return memory; the agent waits 0.5 s.
     start_host(
         {"sticky": sim_model(3000)},
         lifecycle={"vram_wait_timeout_s": 0.5},
-        extra={
-            "gpu": {
-                "backend": "sim",
-                "sim": {"release_delay_s": 3.0, "gpus": [{"memory_total_mb": 32768}]},
-            }
-        },
+        extra=slow_release(3.0),
     )
     await host.online()
     assert (await host.ask("load", {"model": "sticky", "wait": True})).status == "ok"
@@ -442,6 +444,34 @@ async def test_memory_that_does_not_come_back_is_reported(start_host, host: Host
     leak = await host.wait_event("vram_leak")
     assert leak["model"] == "sticky" and leak["severity"] == "warning"
     assert "did not come back" in leak["message"]
+
+
+async def test_a_model_stays_unloading_until_its_memory_is_back(start_host, host: Host) -> None:
+    """Its processes are gone but the driver still holds its memory: watchers keep its name
+    on that memory (the TUI drew it as "other") until the job sees it back."""
+    start_host(
+        {"slowfree": sim_model(3000)},
+        extra=slow_release(1.5),
+    )
+    await host.online()
+    assert (await host.ask("load", {"model": "slowfree", "wait": True})).status == "ok"
+    mark = len(host.bus.messages)
+    reply = await host.ask("unload", "slowfree")
+    assert reply.job_id is not None
+    await host.bus.wait_topic(
+        host.topics.job(reply.job_id), lambda v: v and v["phase"] == "waiting_vram", after=mark
+    )
+    latest = host.bus.latest(host.topics.model("slowfree"))
+    assert latest is not None and json.loads(latest.payload)["state"] == "unloading"
+    await host.bus.wait_topic(
+        host.topics.model("slowfree"), lambda v: v and v["state"] == "stopped", after=mark
+    )
+    states = [
+        json.loads(m.payload)["state"]
+        for m in host.bus.messages[mark:]
+        if m.topic == host.topics.model("slowfree") and m.payload
+    ]
+    assert states[-1] == "stopped" and states.count("stopped") == 1, states
 
 
 async def test_a_running_model_removed_from_the_catalog_can_still_be_unloaded(

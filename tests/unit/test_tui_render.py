@@ -156,3 +156,10 @@ def test_processes_are_listed_largest_first_with_what_they_belong_to() -> None:
     assert lines[1].endswith("wx (container wx-1)")
     assert lines[2].endswith("not managed") and "python3" in lines[2]
     assert "no processes" in render_processes(GpuState(index=1, ts=T0)).plain
+
+
+def test_a_stopping_model_is_drawn_by_name_and_its_own_glyph() -> None:
+    gpu = GpuState(index=0, memory_total_mb=8192, memory_used_mb=6144, ts=T0)
+    text = render_gpu(gpu, 60, {"whisperx": 6144}).plain
+    assert "░" in text.splitlines()[0] and "whisperx 6.0G stopping" in text
+    assert "other" not in text

@@ -418,3 +418,30 @@ def test_the_req_column_shows_requests_answered_and_queued() -> None:
     assert requests_text(busy).plain == "2+5"
     assert requests_text(model_state()).plain == "-"
     assert requests_text(model_state().model_copy(update={"waiting": 1})).plain == "0+1"
+
+
+def test_a_stopping_models_memory_keeps_its_name_until_it_is_back() -> None:
+    # whisperx's process is gone; the driver still shows 6 GiB used that no process holds.
+    gpu = gpu_state(
+        memory_used_mb=6144 + 1024,
+        processes=[GpuProcess(pid=9, used_mb=1024)],
+    )
+    assert vram_segments(gpu)[:1] == [Segment("other", 7168)]
+    segments = vram_segments(gpu, {"whisperx": 6144})
+    assert segments[:2] == [Segment("whisperx", 6144, stopping=True), Segment("other", 1024)]
+    # Once the driver gave most of it back, only what is still held is named.
+    partly = gpu_state(memory_used_mb=2048, processes=[])
+    assert vram_segments(partly, {"whisperx": 6144})[0] == Segment("whisperx", 2048, stopping=True)
+
+
+def test_a_host_names_the_models_being_stopped_on_each_gpu(store: BusStore) -> None:
+    for name, gpus, used in (("a", [0], 4000), ("b", [0, 1], 8000), ("c", [1], 100)):
+        model = model_state(name, ModelLifecycle.UNLOADING).model_copy(
+            update={"gpus": gpus, "vram_used_mb": used}
+        )
+        store.apply(GPU1.model(name), enc(model))
+    store.apply(GPU1.model("d"), enc(model_state("d")))  # ready: not stopping
+    view = store.host("gpu1")
+    assert view is not None
+    assert view.stopping_on(0) == {"a": 4000, "b": 4000}
+    assert view.stopping_on(1) == {"b": 4000, "c": 100}

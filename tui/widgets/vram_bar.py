@@ -7,7 +7,7 @@ Each segment has a glyph as well as a colour, so the bar still reads with
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from rich.text import Text
 from textual.widget import Widget
@@ -18,6 +18,7 @@ from tui.store import HostView, Segment, vram_segments
 
 MODEL_GLYPHS = ("█", "▓", "▆", "▚", "▞", "▇")
 OTHER_GLYPH = "▒"
+STOPPING_GLYPH = "░"  # a model's memory after its processes ended, until it is back
 FREE_GLYPH = "·"
 MODEL_COLOURS = (
     "dodger_blue2",
@@ -46,6 +47,8 @@ def _styles(segments: Sequence[Segment]) -> list[tuple[str, str]]:
             styles.append((FREE_GLYPH, "grey50"))
         elif seg.label == "other":
             styles.append((OTHER_GLYPH, "grey62"))
+        elif seg.stopping:
+            styles.append((STOPPING_GLYPH, f"dim {model_colour(seg.label)}"))
         else:
             styles.append((MODEL_GLYPHS[n % len(MODEL_GLYPHS)], model_colour(seg.label)))
             n += 1
@@ -89,7 +92,7 @@ def render_legend(segments: Sequence[Segment]) -> Text:
         if legend:
             legend.append("  ")
         legend.append(glyph, style=style)
-        legend.append(f" {seg.label} {gib(seg.mb)}")
+        legend.append(f" {seg.label} {gib(seg.mb)}" + (" stopping" if seg.stopping else ""))
     return legend
 
 
@@ -112,7 +115,7 @@ def render_processes(gpu: GpuState) -> Text:
     return lines
 
 
-def render_gpu(gpu: GpuState, width: int) -> Text:
+def render_gpu(gpu: GpuState, width: int, stopping: Mapping[str, int] | None = None) -> Text:
     """Two or more lines: ``GPU i [bar] used/total util temp power``, then the legend."""
     used = gpu.memory_used_mb
     if used is None and gpu.memory_total_mb is not None and gpu.memory_free_mb is not None:
@@ -122,7 +125,8 @@ def render_gpu(gpu: GpuState, width: int) -> Text:
     bar_width = max(width - len(label) - len(figures) - 3, 4)
     # Styles go on the pieces: a style given to Text() would cover everything appended.
     line = Text.assemble((label, "bold"), "[")
-    line.append_text(render_bar(vram_segments(gpu), bar_width))
+    segments = vram_segments(gpu, stopping)
+    line.append_text(render_bar(segments, bar_width))
     line.append("] ")
     high = used is not None and gpu.memory_total_mb and used / gpu.memory_total_mb >= _HIGH_USE
     line.append(figures, style="bold red" if high else "bold")
@@ -133,7 +137,7 @@ def render_gpu(gpu: GpuState, width: int) -> Text:
         stats.append(f"  {gpu.name}", style="dim")
     for alert in gpu.alerts:
         stats.append(f"  ⚠ {alert}", style="bold red")
-    legend = render_legend(vram_segments(gpu))
+    legend = render_legend(segments)
     out = Text("\n").join([line, stats])
     if legend:
         out.append("\n  ")
@@ -175,7 +179,7 @@ class GpuPanel(Widget):
             return Text(f"{view.host_id}: no GPU telemetry yet", style="dim")
         parts = []
         for index in sorted(view.gpus):
-            parts.append(render_gpu(view.gpus[index], width))
+            parts.append(render_gpu(view.gpus[index], width, view.stopping_on(index)))
             if self.processes:
                 parts.append(
                     Text("    pid      mem  process                   belongs to", style="bold dim")
