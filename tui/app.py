@@ -18,7 +18,7 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, OptionList, Static
+from textual.widgets import DataTable, Footer, OptionList, Static
 
 from bus.mqtt import ConnectionSettings
 from shared.messages import ModelState, Reply, utc_now
@@ -33,12 +33,12 @@ from tui.actions import (
 )
 from tui.bridge import BusBridge, Link, LinkState
 from tui.format import ago
-from tui.screens import AskScreen, ConfirmScreen, DebugScreen
+from tui.screens import AskScreen, ConfirmScreen, DebugScreen, DetailScreen
 from tui.store import BusStore, Change, HostView
-from tui.widgets.events import EventsPanel
+from tui.widgets.events import EventsPanel, render_events_detail
 from tui.widgets.header import link_text, waiting_note
 from tui.widgets.hosts import HostList
-from tui.widgets.jobs import JobsTable
+from tui.widgets.jobs import JobsTable, render_job_detail
 from tui.widgets.models import ModelsTable
 from tui.widgets.tables import selected_key
 from tui.widgets.vram_bar import GpuPanel
@@ -100,6 +100,7 @@ class ModelbusApp(App[int]):
         # Shown in the header when something was skipped; the footer has no room at 80.
         Binding("d", "debug", "Debug", show=False, id="view.debug"),
         Binding("g", "toggle_processes", "Processes", show=False, id="view.processes"),
+        Binding("e", "events", "Events", show=False, id="view.events"),
         Binding("right_square_bracket", "next_host(1)", "Next host", show=False, id="host.next"),
         Binding("left_square_bracket", "next_host(-1)", "Prev host", show=False, id="host.prev"),
         Binding("q", "quit", "Quit", id="app.quit"),
@@ -432,6 +433,18 @@ class ModelbusApp(App[int]):
         if self.selected_host is None:
             self.notify("No host selected.", severity="warning")
         return self.selected_host
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        """Enter on a job: the job in full."""
+        if event.data_table is not self.jobs or self.selected_host is None:
+            return
+        view = self.store.host(self.selected_host)
+        job = view.jobs.get(str(event.row_key.value)) if view else None
+        if job is not None:
+            self.push_screen(DetailScreen(render_job_detail(job)))
+
+    def action_events(self) -> None:
+        self.push_screen(DetailScreen(render_events_detail(self.store.events())))
 
     def action_toggle_processes(self) -> None:
         self.gpus.processes = not self.gpus.processes

@@ -83,27 +83,38 @@ class AskScreen(ModalScreen[str | None]):
         self.dismiss(None)
 
 
-class DebugScreen(ModalScreen[None]):
-    """What the TUI skipped: counts by reason and the latest offenders."""
+class DetailScreen(ModalScreen[None]):
+    """One thing in full (a job, the events): what the tables and panels cut."""
 
     DEFAULT_CSS = """
-    DebugScreen { align: center middle; }
-    DebugScreen > VerticalScroll {
-        width: 90%; height: 80%; border: thick $secondary; padding: 0 1; background: $surface;
+    DetailScreen { align: center middle; }
+    DetailScreen > VerticalScroll {
+        width: 90%; height: 80%; border: thick $accent; padding: 0 1; background: $surface;
     }
     """
-    BINDINGS = [Binding("escape,d,q", "close", "Close", id="debug.close")]
+    BINDINGS = [Binding("escape,q,enter", "close", "Close", id="detail.close")]
 
-    def __init__(self, store: BusStore) -> None:
+    def __init__(self, body: Text, *, body_id: str = "detail") -> None:
         super().__init__()
-        self.store = store
+        self.body = body
+        self.body_id = body_id
 
     def compose(self) -> ComposeResult:
         with VerticalScroll():
-            yield Static(render_skipped(self.store), id="skipped")
+            yield Static(self.body, id=self.body_id)
 
     def action_close(self) -> None:
         self.dismiss(None)
+
+
+class DebugScreen(DetailScreen):
+    """What the TUI skipped: counts by reason and the latest offenders."""
+
+    BINDINGS = [Binding("escape,d,q", "close", "Close", id="debug.close")]
+
+    def __init__(self, store: BusStore) -> None:
+        super().__init__(render_skipped(store), body_id="skipped")
+        self.store = store
 
 
 def render_skipped(store: BusStore) -> Text:

@@ -20,7 +20,7 @@ from tests.support.fake_hub import FakeHub
 from tests.support.models import budget_catalog
 from tui.app import COMMAND_BINDINGS, ModelbusApp, build_app
 from tui.bridge import LinkState
-from tui.screens import AskScreen, ConfirmScreen, DebugScreen
+from tui.screens import AskScreen, ConfirmScreen, DebugScreen, DetailScreen
 from tui.widgets.hosts import HostList
 from tui.widgets.jobs import JobsTable
 from tui.widgets.models import ModelsTable
@@ -202,9 +202,11 @@ async def test_every_command_has_a_key_and_status_and_uninstall_are_sent(
         await until(pilot, lambda: any("uninstall refused (not_found)" in n for n in notes(app)))
 
 
-async def test_g_lists_each_gpus_processes_and_what_they_belong_to(
+async def test_processes_a_job_in_full_and_the_events_in_full(
     broker: MosquittoBroker, prefix: str, agent: AgentProcess
 ) -> None:
+    """g lists each GPU's processes and what they belong to; Enter on a job and e show what
+    the table and the panel cut."""
     app = tui(broker, prefix)
     async with app.run_test(size=(120, 40), notifications=True) as pilot:
         await ready_dashboard(pilot, app)
@@ -214,6 +216,20 @@ async def test_g_lists_each_gpus_processes_and_what_they_belong_to(
         await until(pilot, lambda: re.search(r"\d+ +6\.0G +\S.* whisperx", gpu_text(app)))
         await pilot.press("g")
         await until(pilot, lambda: "belongs to" not in gpu_text(app))
+        jobs = app.query_one(JobsTable)
+        await until(pilot, lambda: jobs.row_count == 1 and "succeeded" in str(jobs.get_row_at(0)))
+        jobs.focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, DetailScreen))
+        shown = app.screen.body.plain  # type: ignore[attr-defined]
+        assert shown.startswith("load whisperx  job ") and "succeeded" in shown
+        assert "took" in shown and "evicted  none" in shown and "timings  " in shown, shown
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, DetailScreen))
+        await pilot.press("e")
+        await until(pilot, lambda: isinstance(app.screen, DetailScreen))
+        events = app.screen.body.plain  # type: ignore[attr-defined]
+        assert "model_loaded" in events and "whisperx" in events
 
 
 async def test_pinned_model_unload_asks_before_forcing(

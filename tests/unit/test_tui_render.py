@@ -10,7 +10,13 @@ from hypothesis import strategies as st
 from shared.messages import GpuProcess, GpuState, JobPhase, JobState, JobStatus
 from tui.format import ago, duration, gib, size, used_of_total
 from tui.store import Segment
-from tui.widgets.jobs import FADE_AFTER_S, job_row, progress_bar, visible_jobs
+from tui.widgets.jobs import (
+    FADE_AFTER_S,
+    job_row,
+    progress_bar,
+    render_job_detail,
+    visible_jobs,
+)
 from tui.widgets.vram_bar import (
     FREE_GLYPH,
     OTHER_GLYPH,
@@ -163,3 +169,25 @@ def test_a_stopping_model_is_drawn_by_name_and_its_own_glyph() -> None:
     text = render_gpu(gpu, 60, {"whisperx": 6144}).plain
     assert "░" in text.splitlines()[0] and "whisperx 6.0G stopping" in text
     assert "other" not in text
+
+
+def test_a_jobs_detail_has_its_whole_error_and_what_it_took() -> None:
+    message = "the server exited during its health check: " + "x" * 120
+    failed = JobState.model_validate(
+        {
+            "job_id": "f1",
+            "command": "switch",
+            "model": "qwen",
+            "state": "failed",
+            "phase": "done",
+            "created_at": T0,
+            "started_at": T0,
+            "finished_at": T0 + timedelta(seconds=75),
+            "error": {"code": "load_failed", "message": message, "details": {"exit_code": 1}},
+            "ts": T0,
+        }
+    )
+    text = render_job_detail(failed).plain
+    assert text.startswith("switch qwen  job f1")
+    assert f"load_failed: {message}" in text  # in full, not cut as in the table
+    assert "exit_code  1" in text and "took  1m15s" in text

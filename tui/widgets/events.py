@@ -54,3 +54,26 @@ class EventsPanel(Widget):
 
     def render(self) -> Text:
         return render_events(self.events, max(self.content_size.height, 1))
+
+
+def render_events_detail(events: Sequence[HostEvent]) -> Text:
+    """``e``: every kept event in full, newest first, with what it concerns."""
+    if not events:
+        return Text("No events yet.", style="dim")
+    text = Text("Events", style="bold")
+    text.append(f" ({len(events)}, newest first)\n")
+    for item in events:
+        event = item.event
+        glyph, style = SEVERITY_LOOK.get(event.severity, ("?", ""))
+        text.append(f"\n{event.ts.isoformat(timespec='seconds')} ", style="dim")
+        text.append(f"{glyph} {event.severity.value} ", style=style)
+        text.append(f"{item.host} {event.event_type}\n", style="bold")
+        text.append(f"  {event.message}\n")
+        about = [
+            f"{label} {value}"
+            for label, value in (("model", event.model), ("gpu", event.gpu), ("job", event.job_id))
+            if value is not None
+        ]
+        if about:
+            text.append(f"  {', '.join(about)}\n", style="dim")
+    return text

@@ -79,3 +79,49 @@ class JobsTable(DataTable[str | Text]):
         shown = visible_jobs(jobs, now)
         sync_rows(self, [(job.job_id, job_row(job)) for job in shown])
         self.set_class(not shown, "-empty")
+
+
+def render_job_detail(job: JobState) -> Text:
+    """Enter on a job: everything the table cuts, the error, the timings and the result."""
+    text = Text(f"{job.command.value} {job.model or job.repo or ''}".strip(), style="bold")
+    text.append(f"  job {job.job_id}\n\n")
+
+    def row(label: str, value: object) -> None:
+        if value not in (None, "", [], {}):
+            text.append(f"{label:>12}  ", style="dim")
+            text.append(f"{value}\n")
+
+    row("state", f"{job.state.value} ({job.phase.value}, {job.progress:.0%})")
+    row("origin", job.origin.value if job.origin else None)
+    row("request", job.request_id)
+    row("queued", f"#{job.queue_position}" if job.queue_position else None)
+    row("message", job.message)
+    if job.bytes_total:
+        row("download", f"{size(job.bytes_done or 0)} of {size(job.bytes_total)}")
+    row("eta", duration(job.eta_s) if job.eta_s is not None else None)
+    row("created", job.created_at.isoformat(timespec="seconds"))
+    row("started", job.started_at.isoformat(timespec="seconds") if job.started_at else None)
+    row("finished", job.finished_at.isoformat(timespec="seconds") if job.finished_at else None)
+    if job.started_at and job.finished_at:
+        row("took", duration((job.finished_at - job.started_at).total_seconds()))
+    if job.error is not None:
+        text.append(f"\n{'error':>12}  ", style="dim")
+        text.append(f"{job.error.code.value}: {job.error.message}\n", style="bold red")
+        for key, value in (job.error.details or {}).items():
+            row(str(key), value)
+    if job.result is not None:
+        text.append("\n")
+        for key, value in job.result.model_dump(mode="json", exclude_none=True).items():
+            row(key.replace("_", " "), _readable(value))
+    return text
+
+
+def _readable(value: object) -> object:
+    """A result's field as one line: seconds rounded, lists joined, none said so."""
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "none"
+    if isinstance(value, dict):  # the timings: stop_s, start_s, healthy_s
+        return ", ".join(f"{k} {_readable(v)}" for k, v in value.items()) or "none"
+    return value
