@@ -1,8 +1,8 @@
 """TUI benchmark: the terminal UI's CPU and time to first frame while a fleet of
 20 hosts x 8 GPUs publishes telemetry at 1 Hz and 100 models sit in the catalog.
 
-Not a test: it prints figures beside the TUI issue's targets (at most 25 % of one
-core, first frame within 1.5 s) and beside baselines measured in the same run on
+Not a test: it prints figures beside the TUI issue's targets (at most 15 % of one
+core, first frame within 1.0 s) and beside baselines measured in the same run on
 the same machine, and exits 0 whatever the verdicts; only a crash exits non-zero.
 
 - The fleet is a separate process (``bench/tui.py --publish URL``) that publishes
@@ -70,8 +70,10 @@ from shared.messages import (
 )
 from shared.topics import CommandName, HostTopics, all_hosts_filter
 
-TARGET_CPU_PERCENT = 25.0
-TARGET_FIRST_FRAME_S = 1.5
+# Issue 17's targets, with its panels (processes, sparklines, traffic): the first TUI
+# issue's were 25 % and 1.5 s.
+TARGET_CPU_PERCENT = 15.0
+TARGET_FIRST_FRAME_S = 1.0
 HOSTS = 20
 GPUS = 8
 MODELS_PER_HOST = 5

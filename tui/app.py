@@ -224,7 +224,7 @@ class ModelbusApp(App[int]):
             self.hosts.show(views, self.selected_host)
             self._listed_hosts = {v.host_id for v in views}
         if "gpus" in dirty:
-            self.gpus.show(view)
+            self.gpus.show(view, self.store.now())
             self._show_offline(view, now)
         if "models" in dirty:
             self.models.show(view.models if view else {}, now)

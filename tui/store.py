@@ -88,6 +88,11 @@ class HostEvent:
     event: Event
 
 
+# The GPU history a host view keeps (sparklines): 10 minutes, at most this many samples.
+HISTORY_S = 600.0
+HISTORY_SAMPLES = 4096
+GpuSample = tuple[float, float | None, float | None]
+
 # Gateway traffic a host view keeps: at one model update a second per model, minutes of it.
 TRAFFIC_SAMPLES = 600
 RATE_WINDOW_S = 10.0
@@ -130,9 +135,17 @@ class HostView:
     last_seen: float = 0.0
     # (clock, requests forwarded by all its models) at each model update, for req/s.
     traffic: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=TRAFFIC_SAMPLES))
+    # Per GPU, (clock, memory used, utilization) as fractions, for the last HISTORY_S.
+    gpu_history: dict[int, deque[GpuSample]] = field(default_factory=dict)
 
     def requests_per_s(self, now: float, window_s: float = RATE_WINDOW_S) -> float:
         return request_rate(self.traffic, now, window_s)
+
+    def memory_history(self, gpu: int) -> list[tuple[float, float | None]]:
+        return [(moment, used) for moment, used, _ in self.gpu_history.get(gpu, ())]
+
+    def utilization_history(self, gpu: int) -> list[tuple[float, float | None]]:
+        return [(moment, busy) for moment, _, busy in self.gpu_history.get(gpu, ())]
 
     def stopping_on(self, gpu: int) -> dict[str, int]:
         """The models being unloaded from ``gpu`` and the MiB each held there (its
@@ -296,7 +309,9 @@ class BusStore:
             return None
         if gpu.index != index:
             return self._mismatch(topic, "gpu", str(index), str(gpu.index))
-        return _put(self._touch(host).gpus, index, gpu, Change(host, "gpu", str(index)))
+        view = self._touch(host)
+        _remember(view, gpu, self._clock())
+        return _put(view.gpus, index, gpu, Change(host, "gpu", str(index)))
 
     def _apply_model(self, host: str, arg: str | None, topic: str, payload: bytes) -> Change | None:
         if arg is None or not is_model_name(arg):
@@ -450,3 +465,17 @@ def vram_segments(gpu: GpuState, stopping: Mapping[str, int] | None = None) -> l
     if left > 0:
         segments.append(Segment("free", left))
     return segments
+
+
+def _remember(view: HostView, gpu: GpuState, now: float) -> None:
+    """One sample of the GPU's history; what is older than HISTORY_S goes."""
+    history = view.gpu_history.setdefault(gpu.index, deque(maxlen=HISTORY_SAMPLES))
+    total = gpu.memory_total_mb
+    used = gpu.memory_used_mb
+    if used is None and total is not None and gpu.memory_free_mb is not None:
+        used = total - gpu.memory_free_mb
+    memory = used / total if used is not None and total else None
+    busy = gpu.utilization_percent / 100 if gpu.utilization_percent is not None else None
+    history.append((now, memory, busy))
+    while history and history[0][0] < now - HISTORY_S:
+        history.popleft()

@@ -31,7 +31,7 @@ from shared.messages import (
 )
 from shared.topics import HostTopics
 from tui.bridge import Link, LinkState
-from tui.store import BusStore
+from tui.store import HISTORY_S, BusStore
 
 PREFIX = "snap/modelbus"
 FIXED_NOW = datetime(2025, 6, 14, 9, 30, 0, tzinfo=UTC)
@@ -332,11 +332,24 @@ def _gpu2_messages(t: HostTopics) -> list[tuple[str, bytes]]:
     return messages
 
 
+# (memory used MiB, utilization %) of gpu1's GPUs over the ten minutes before the screen.
+GPU1_HISTORY = [(1536, 0)] * 6 + [(18772, 35), (18772, 60)] * 4 + [(30012, 97)] * 16
+
+
 def dashboard_store() -> BusStore:
     """Two hosts: ``gpu1`` online and busy, ``gpu2`` offline with its last-known state."""
-    store = BusStore(PREFIX, clock=lambda: 1000.0)
+    clock = [1000.0 - HISTORY_S]
+    store = BusStore(PREFIX, clock=lambda: clock[0])
     gpu2 = HostTopics(PREFIX, "gpu2")
     gpu1 = HostTopics(PREFIX, "gpu1")
+    # gpu1's last ten minutes, for the sparklines: a model loaded, then another, busy.
+    for step, (used_mb, busy) in enumerate(GPU1_HISTORY):
+        clock[0] = 1000.0 - HISTORY_S + step * HISTORY_S / len(GPU1_HISTORY)
+        for index in (0, 1):
+            sample = _gpu(index, [GpuProcess(pid=9, used_mb=used_mb // (index + 1))])
+            sample = sample.model_copy(update={"utilization_percent": busy // (index + 1)})
+            store.apply(gpu1.gpu(index), encode(sample), retained=True)  # repeats: no change
+    clock[0] = 1000.0
     # gpu2's messages first so its one event is the oldest in the shared event list.
     for topic, payload in [*_gpu2_messages(gpu2), *_gpu1_messages(gpu1)]:
         change = store.apply(topic, payload, retained=not topic.endswith("/events"))

@@ -17,6 +17,7 @@ from tui.widgets.jobs import (
     render_job_detail,
     visible_jobs,
 )
+from tui.widgets.sparkline import sparkline
 from tui.widgets.vram_bar import (
     FREE_GLYPH,
     OTHER_GLYPH,
@@ -191,3 +192,12 @@ def test_a_jobs_detail_has_its_whole_error_and_what_it_took() -> None:
     assert text.startswith("switch qwen  job f1")
     assert f"load_failed: {message}" in text  # in full, not cut as in the table
     assert "exit_code  1" in text and "took  1m15s" in text
+
+
+def test_a_sparkline_shows_each_slices_highest_value_and_blanks_before_the_start() -> None:
+    points = [(0.0, 0.0), (10.0, 1.0), (12.0, 0.2), (25.0, 0.5), (39.0, None)]
+    assert sparkline(points, 40.0, 40.0, 4) == "▁█▅ "
+    # A TUI that started 10 s ago shows those 10 s at the right, nothing before.
+    assert sparkline([(35.0, 0.5)], 40.0, 40.0, 4) == "   ▅"
+    assert sparkline([(-100.0, 1.0)], 40.0, 40.0, 4) == "    "  # older than the window
+    assert sparkline(points, 40.0, 40.0, 0) == ""

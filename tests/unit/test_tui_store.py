@@ -445,3 +445,20 @@ def test_a_host_names_the_models_being_stopped_on_each_gpu(store: BusStore) -> N
     assert view is not None
     assert view.stopping_on(0) == {"a": 4000, "b": 4000}
     assert view.stopping_on(1) == {"b": 4000, "c": 100}
+
+
+def test_each_gpus_last_ten_minutes_are_kept_for_its_sparklines(
+    store: BusStore, clock: FakeClock
+) -> None:
+    for second in range(0, 800, 100):
+        clock.now = 100.0 + second
+        gpu = gpu_state(memory_used_mb=16304, utilization_percent=second // 10)
+        store.apply(GPU1.gpu(0), enc(gpu))
+    view = store.host("gpu1")
+    assert view is not None
+    memory = view.memory_history(0)
+    # 700 s of samples: the oldest, more than HISTORY_S (600 s) old, is gone.
+    assert [moment for moment, _ in memory] == [200.0, 300.0, 400.0, 500.0, 600.0, 700.0, 800.0]
+    assert memory[0][1] == pytest.approx(16304 / gpu_state().memory_total_mb)  # type: ignore[operator]
+    assert [busy for _, busy in view.utilization_history(0)][-1] == pytest.approx(0.7)
+    assert view.memory_history(5) == []

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from rich.text import Text
 from textual.widget import Widget
 
 from shared.messages import GpuState
 from tui.format import celsius, gib, percent, used_of_total, watts
-from tui.store import HostView, Segment, vram_segments
+from tui.store import HISTORY_S, HostView, Segment, vram_segments
+from tui.widgets.sparkline import sparkline
 
 MODEL_GLYPHS = ("█", "▓", "▆", "▚", "▞", "▇")
 OTHER_GLYPH = "▒"
@@ -115,7 +117,34 @@ def render_processes(gpu: GpuState) -> Text:
     return lines
 
 
-def render_gpu(gpu: GpuState, width: int, stopping: Mapping[str, int] | None = None) -> Text:
+@dataclass(frozen=True, slots=True)
+class GpuHistory:
+    """A GPU's last minutes, for its sparklines."""
+
+    memory: Sequence[tuple[float, float | None]]
+    utilization: Sequence[tuple[float, float | None]]
+    now: float
+
+
+def render_history(history: GpuHistory, room: int) -> Text:
+    """``  mem ▁▂▅ util ▁▁▃`` over the last HISTORY_S, as wide as ``room`` allows (nothing
+    where fewer than 8 blocks each would fit)."""
+    cells = min((room - len("  mem  util ")) // 2, 30)
+    if cells < 8:
+        return Text()
+    text = Text("  mem ", style="dim")
+    text.append(sparkline(history.memory, history.now, HISTORY_S, cells), style="cyan")
+    text.append(" util ", style="dim")
+    text.append(sparkline(history.utilization, history.now, HISTORY_S, cells), style="green")
+    return text
+
+
+def render_gpu(
+    gpu: GpuState,
+    width: int,
+    stopping: Mapping[str, int] | None = None,
+    history: GpuHistory | None = None,
+) -> Text:
     """Two or more lines: ``GPU i [bar] used/total util temp power``, then the legend."""
     used = gpu.memory_used_mb
     if used is None and gpu.memory_total_mb is not None and gpu.memory_free_mb is not None:
@@ -133,10 +162,14 @@ def render_gpu(gpu: GpuState, width: int, stopping: Mapping[str, int] | None = N
     stats = Text("  ")
     stats.append(f"util {percent(gpu.utilization_percent)}  {celsius(gpu.temperature_c)}  ")
     stats.append(watts(gpu.power_w, gpu.power_limit_w))
-    if gpu.name:
-        stats.append(f"  {gpu.name}", style="dim")
     for alert in gpu.alerts:
         stats.append(f"  ⚠ {alert}", style="bold red")
+    # The sparklines before the model name: the name is the same on every GPU of a host.
+    name = f"  {gpu.name}" if gpu.name else ""
+    if history is not None:
+        stats.append_text(render_history(history, width - stats.cell_len))
+    if name and stats.cell_len + len(name) <= width:
+        stats.append(name, style="dim")
     legend = render_legend(segments)
     out = Text("\n").join([line, stats])
     if legend:
@@ -162,9 +195,11 @@ class GpuPanel(Widget):
     waiting = "Waiting for a GPU host on the bus…"
     # Each GPU's processes under its bar (the g key), as nvitop lists them.
     processes = False
+    now = 0.0  # the store's clock at the last show: the sparklines end there
 
-    def show(self, view: HostView | None) -> None:
+    def show(self, view: HostView | None, now: float = 0.0) -> None:
         self.view = view
+        self.now = now
         # A layout pass only when the panel's height changes (GPUs or legend lines).
         lines = len(self.render().plain.splitlines())
         self.refresh(layout=lines != self._lines)
@@ -179,7 +214,10 @@ class GpuPanel(Widget):
             return Text(f"{view.host_id}: no GPU telemetry yet", style="dim")
         parts = []
         for index in sorted(view.gpus):
-            parts.append(render_gpu(view.gpus[index], width, view.stopping_on(index)))
+            history = GpuHistory(
+                view.memory_history(index), view.utilization_history(index), self.now
+            )
+            parts.append(render_gpu(view.gpus[index], width, view.stopping_on(index), history))
             if self.processes:
                 parts.append(
                     Text("    pid      mem  process                   belongs to", style="bold dim")
