@@ -39,7 +39,7 @@ from tui.widgets.events import EventsPanel, render_events_detail
 from tui.widgets.header import link_text, waiting_note
 from tui.widgets.hosts import HostList
 from tui.widgets.jobs import JobsTable, render_job_detail
-from tui.widgets.models import ModelsTable
+from tui.widgets.models import ModelsTable, render_model_detail
 from tui.widgets.tables import selected_key
 from tui.widgets.vram_bar import GpuPanel
 
@@ -435,13 +435,15 @@ class ModelbusApp(App[int]):
         return self.selected_host
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
-        """Enter on a job: the job in full."""
-        if event.data_table is not self.jobs or self.selected_host is None:
+        """Enter on a job or a model: it in full."""
+        view = self.store.host(self.selected_host) if self.selected_host else None
+        if view is None:
             return
-        view = self.store.host(self.selected_host)
-        job = view.jobs.get(str(event.row_key.value)) if view else None
-        if job is not None:
-            self.push_screen(DetailScreen(render_job_detail(job)))
+        key = str(event.row_key.value)
+        if event.data_table is self.jobs and key in view.jobs:
+            self.push_screen(DetailScreen(render_job_detail(view.jobs[key])))
+        elif event.data_table is self.models and key in view.models:
+            self.push_screen(DetailScreen(render_model_detail(view.models[key], self._now())))
 
     def action_events(self) -> None:
         self.push_screen(DetailScreen(render_events_detail(self.store.events())))

@@ -230,6 +230,13 @@ async def test_processes_a_job_in_full_and_the_events_in_full(
         await until(pilot, lambda: isinstance(app.screen, DetailScreen))
         events = app.screen.body.plain  # type: ignore[attr-defined]
         assert "model_loaded" in events and "whisperx" in events
+        await pilot.press("escape")
+        app.query_one(ModelsTable).focus()
+        await select(pilot, app, "whisperx")
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, DetailScreen))
+        model = app.screen.body.plain  # type: ignore[attr-defined]
+        assert model.startswith("whisperx  ● ready") and "last load" in model
 
 
 async def test_pinned_model_unload_asks_before_forcing(

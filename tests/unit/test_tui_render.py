@@ -7,7 +7,15 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.messages import GpuProcess, GpuState, JobPhase, JobState, JobStatus
+from shared.messages import (
+    GpuProcess,
+    GpuState,
+    JobPhase,
+    JobState,
+    JobStatus,
+    ModelLifecycle,
+    ModelState,
+)
 from tui.format import ago, duration, gib, size, used_of_total
 from tui.store import Segment
 from tui.widgets.jobs import (
@@ -17,6 +25,7 @@ from tui.widgets.jobs import (
     render_job_detail,
     visible_jobs,
 )
+from tui.widgets.models import render_model_detail
 from tui.widgets.sparkline import sparkline
 from tui.widgets.vram_bar import (
     FREE_GLYPH,
@@ -201,3 +210,26 @@ def test_a_sparkline_shows_each_slices_highest_value_and_blanks_before_the_start
     assert sparkline([(35.0, 0.5)], 40.0, 40.0, 4) == "   ▅"
     assert sparkline([(-100.0, 1.0)], 40.0, 40.0, 4) == "    "  # older than the window
     assert sparkline(points, 40.0, 40.0, 0) == ""
+
+
+def test_a_models_detail_has_its_whole_error_and_its_traffic() -> None:
+    error = "health check failed 3 times: " + "connection refused " * 8
+    model = ModelState(
+        name="qwen",
+        runtime="docker",
+        state=ModelLifecycle.CRASHED,
+        gpus=[0, 1],
+        vram_estimate_mb=17408,
+        error=error,
+        aliases=["org/qwen-30b"],
+        requests_total=42,
+        waiting=3,
+        last_load_s=31.25,
+        ts=T0,
+    )
+    text = render_model_detail(model, T0).plain
+    assert text.startswith("qwen  ✖ crashed")
+    assert error in text  # in full, not cut as in the table
+    for line in ("aliases  org/qwen-30b", "gpus  0,1", "requests  42", "queued  3", "31.2 s"):
+        assert line in text, line
+    assert "in flight" not in text  # nothing to say: left out

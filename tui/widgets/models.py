@@ -70,3 +70,33 @@ class ModelsTable(DataTable[str | Text]):
     def show(self, models: dict[str, ModelState], now: datetime) -> None:
         rows = [(name, model_row(models[name], now)) for name in sorted(models)]
         sync_rows(self, rows)
+
+
+def render_model_detail(model: ModelState, now: datetime) -> Text:
+    """Enter on a model: what the table cuts (its error in full), its traffic and loads."""
+    text = Text.assemble((model.name, "bold"), "  ", state_text(model), "\n\n")
+
+    def row(label: str, value: object) -> None:
+        if value not in (None, "", [], 0):
+            text.append(f"{label:>14}  ", style="dim")
+            text.append(f"{value}\n")
+
+    row("description", model.description)
+    row("aliases", ", ".join(model.aliases))
+    row("runtime", model.runtime)
+    row("gpus", ",".join(map(str, model.gpus)))
+    row("vram", f"{gib(model.vram_used_mb)} used" if model.vram_used_mb else None)
+    row("estimate", gib(model.vram_estimate_mb) if model.vram_estimate_mb else None)
+    row("health", model.health)
+    row("priority", f"{model.priority}{' (pinned)' if model.pinned else ''}")
+    row("up", ago(model.loaded_at, now) if model.loaded_at else None)
+    row("last load", f"{model.last_load_s:.1f} s" if model.last_load_s is not None else None)
+    row("last used", ago(model.last_used_at, now) if model.last_used_at else None)
+    row("requests", model.requests_total)
+    row("in flight", model.in_flight)
+    row("queued", model.waiting)
+    if model.error:
+        text.append(f"\n{'error':>14}  ", style="dim")
+        text.append(model.error, style="bold red")
+        text.append("\n")
+    return text
