@@ -24,7 +24,7 @@ PRIVATE_LEVELS = ("reply/", "cmd/")
 
 
 @dataclass(frozen=True, slots=True)
-class Published:
+class FeedMessage:
     """One message: its topic below ``P/H/`` (``models/qwen``, ``gpu/0``) and payload."""
 
     name: str
@@ -35,7 +35,7 @@ class Listener:
     def __init__(self, prefixes: Sequence[str], backlog: int) -> None:
         self._prefixes = tuple(prefixes)
         self._backlog = backlog
-        self._items: deque[Published] = deque()
+        self._items: deque[FeedMessage] = deque()
         self._ready = asyncio.Event()
         self.overflowed = False
 
@@ -44,7 +44,7 @@ class Listener:
             name == prefix or name.startswith(prefix + "/") for prefix in self._prefixes
         )
 
-    def push(self, item: Published) -> None:
+    def push(self, item: FeedMessage) -> None:
         if self.overflowed:
             return
         if len(self._items) >= self._backlog:
@@ -54,7 +54,7 @@ class Listener:
             self._items.append(item)
         self._ready.set()
 
-    async def next(self, timeout_s: float) -> Published | None:
+    async def next(self, timeout_s: float) -> FeedMessage | None:
         """The next message; None after ``timeout_s`` without one, or once overflowed."""
         if not self._items and not self.overflowed:
             self._ready.clear()
@@ -87,7 +87,7 @@ class EventFeed:
         name = topic[len(self._head) :]
         if name.startswith(PRIVATE_LEVELS):
             return
-        item = Published(name, payload)
+        item = FeedMessage(name, payload)
         for listener in self._listeners:
             if listener.wants(name):
                 listener.push(item)

@@ -22,7 +22,7 @@ from agent.gateway.compat_shapes import (
     switch_refused,
     weights_usage,
 )
-from agent.gateway.control import HostView, models_status
+from agent.gateway.control import HostView, job_or_404, models_status, weights_or_busy
 from agent.gateway.handlers import (
     Handler,
     json_fields,
@@ -74,28 +74,33 @@ class CompatRoutes:
         self._swaps = swaps
 
     def add_routes(self, app: web.Application) -> None:
-        router = _Detailed(app.router)
-        # The model orchestrator's (its n8n pattern: status, load, the model, unload).
-        router.add_get("/models/status", self._models_status)
-        router.add_post("/models/load", self._load)
-        router.add_post("/models/unload", self._unload)
-        # The dynamic orchestrator's (its /chat/completions is the gateway's).
-        router.add_post("/ensure_model", self._ensure_model)
-        router.add_get("/status", self._status)
-        # The smart-switching router's: before /v1/models/{id}, which they would match.
-        router.add_get("/v1/models/status", self._router_status)
-        router.add_post("/v1/models/switch", self._router_switch)
-        # The model manager's.
-        router.add_get("/weights", self._weights)
-        router.add_get("/weights/usage", self._weights_usage)
-        router.add_get("/weights/{name}/info", self._weights_info)
-        router.add_delete("/weights/{name}", self._weights_delete)
-        router.add_post("/weights/install", self._weights_install)
-        router.add_get("/weights/install/status/{job_id}", self._job)
-        router.add_get("/jobs", self._jobs)
-        router.add_get("/jobs/{job_id}", self._job)
-        router.add_get("/history", self._history)
-        router.add_get("/system/info", self._system_info)
+        routes = [
+            # The model orchestrator's (its n8n pattern: status, load, the model, unload).
+            ("GET", "/models/status", self._models_status),
+            ("POST", "/models/load", self._load),
+            ("POST", "/models/unload", self._unload),
+            # The dynamic orchestrator's (its /chat/completions is the gateway's).
+            ("POST", "/ensure_model", self._ensure_model),
+            ("GET", "/status", self._status),
+            # The smart-switching router's: before /v1/models/{id}, which they would match.
+            ("GET", "/v1/models/status", self._router_status),
+            ("POST", "/v1/models/switch", self._router_switch),
+            # The model manager's.
+            ("GET", "/weights", self._weights),
+            ("GET", "/weights/usage", self._weights_usage),
+            ("GET", "/weights/{name}/info", self._weights_info),
+            ("DELETE", "/weights/{name}", self._weights_delete),
+            ("POST", "/weights/install", self._weights_install),
+            ("GET", "/weights/install/status/{job_id}", self._job),
+            ("GET", "/jobs", self._jobs),
+            ("GET", "/jobs/{job_id}", self._job),
+            ("GET", "/history", self._history),
+            ("GET", "/system/info", self._system_info),
+        ]
+        router = app.router
+        add = {"GET": router.add_get, "POST": router.add_post, "DELETE": router.add_delete}
+        for method, path, handler in routes:
+            add[method](path, _detailed(handler))
 
     async def _command(
         self, command: CommandName, fields: dict[str, Any], *, wait: bool | None = None
@@ -277,11 +282,7 @@ class CompatRoutes:
 
     async def _job(self, request: web.Request) -> web.Response:
         require(request, Role.VIEWER)
-        job_id = request.match_info["job_id"]
-        job = await self._view.job(job_id)
-        if job is None:
-            return _compat_response(404, f"no job {job_id[:64]!r}", "not_found")
-        return json_model(job)
+        return json_model(await job_or_404(self._view, request.match_info["job_id"]))
 
     async def _history(self, request: web.Request) -> web.Response:
         """The newest 100 jobs (installs, loads, switches, unloads), newest first."""
@@ -301,30 +302,13 @@ class CompatRoutes:
         )
 
     def _weights_state(self) -> WeightsState:
-        weights = self._view.status().weights
-        if weights is None:
-            raise errors.busy("the agent has not read its weights directory yet")
-        return weights
-
-
-class _Detailed:
-    """Registers each route so that every error it raises after the key check answers
-    FastAPI's ``detail`` beside ``error``, as the routes' own refusals do."""
-
-    def __init__(self, router: web.UrlDispatcher) -> None:
-        self._router = router
-
-    def add_get(self, path: str, handler: Handler) -> None:
-        self._router.add_get(path, _detailed(handler))
-
-    def add_post(self, path: str, handler: Handler) -> None:
-        self._router.add_post(path, _detailed(handler))
-
-    def add_delete(self, path: str, handler: Handler) -> None:
-        self._router.add_delete(path, _detailed(handler))
+        return weights_or_busy(self._view)
 
 
 def _detailed(handler: Handler) -> Handler:
+    """Every error the route raises after the key check answers FastAPI's ``detail``
+    beside ``error``, as the routes' own refusals do."""
+
     async def answered(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)

@@ -9,9 +9,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.event_feed import EventFeed, Published
+from agent.event_feed import EventFeed, FeedMessage
+from agent.gateway import errors
 from agent.intake import Intake
-from shared.messages import HostState, JobState, Reply
+from shared.messages import HostState, JobState, Reply, WeightsState
 from shared.replies import HostStatus
 
 
@@ -28,6 +29,22 @@ class HostView:
     events: EventFeed  # what the agent publishes, as it does
 
 
+async def job_or_404(view: HostView, job_id: str) -> JobState:
+    """A job the bus retains or the history remembers; else a 404."""
+    job = await view.job(job_id)
+    if job is None:
+        raise errors.not_found(f"job {job_id[:64]!r}")
+    return job
+
+
+def weights_or_busy(view: HostView) -> WeightsState:
+    """The weights as ``P/H/weights`` says; a 503 before the agent's first read of them."""
+    weights = view.status().weights
+    if weights is None:
+        raise errors.busy("the agent has not read its weights directory yet")
+    return weights
+
+
 def sse_message(event: str, data: bytes, *, event_id: int | None = None) -> bytes:
     """One server-sent event: ``event:``, ``id:``, and ``data:`` lines (one per line of
     ``data``, which the bus's compact JSON never splits)."""
@@ -36,7 +53,7 @@ def sse_message(event: str, data: bytes, *, event_id: int | None = None) -> byte
     return head.encode() + lines + b"\n"
 
 
-def sse_data(item: Published) -> bytes:
+def sse_data(item: FeedMessage) -> bytes:
     """A published message's payload as JSON: ``status``'s bare ``online``/``offline`` a
     string, a cleared retained topic (an empty payload) ``null``."""
     if not item.payload:

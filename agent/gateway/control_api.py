@@ -17,7 +17,7 @@ from aiohttp import web
 
 from agent.event_feed import Listener
 from agent.gateway import errors
-from agent.gateway.control import HostView, sse_data, sse_message
+from agent.gateway.control import HostView, job_or_404, sse_data, sse_message, weights_or_busy
 from agent.gateway.handlers import (
     Handler,
     json_bytes,
@@ -139,18 +139,11 @@ class ControlApi:
 
     async def _job(self, request: web.Request) -> web.Response:
         require(request, Role.VIEWER)
-        job_id = request.match_info["job_id"]
-        job = await self._view.job(job_id)
-        if job is None:
-            raise errors.not_found(f"job {job_id[:64]!r}")
-        return json_model(job)
+        return json_model(await job_or_404(self._view, request.match_info["job_id"]))
 
     async def _weights(self, request: web.Request) -> web.Response:
         require(request, Role.VIEWER)
-        weights = self._view.status().weights
-        if weights is None:
-            raise errors.busy("the agent has not read its weights directory yet")
-        return json_model(weights)
+        return json_model(weights_or_busy(self._view))
 
     async def _history(self, request: web.Request) -> web.Response:
         """The newest jobs of the history (SQLite), newest first: ``?limit=`` (100)."""

@@ -14,6 +14,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from agent import __version__
 from agent.gateway.keys import Role
+from agent.gateway.paths import FORM_ROUTES, INFERENCE_ROUTES, UPSTREAM_ROUTE
 from shared.commands import COMMAND_MODELS
 from shared.messages import GpuState, JobState, ModelState, Reply, WeightsState
 from shared.replies import REPLY_DATA, HostStatus
@@ -68,23 +69,18 @@ def routes() -> list[Route]:
 
 
 def _gateway_routes() -> list[Route]:
-    inference = (
-        "/v1/chat/completions", "/chat/completions", "/v1/completions", "/v1/embeddings",
-        "/v1/responses", "/v1/audio/speech", "/v1/images/generations", "/v1/rerank",
-        "/v1/messages",
-    )  # fmt: skip
     table = [
         Route("POST", path, Role.USER, "forwarded to the model the body names, loaded first",
               "gateway", body="object", answer="object")
-        for path in inference
+        for path in INFERENCE_ROUTES
     ]  # fmt: skip
-    for path in ("/v1/audio/transcriptions", "/v1/audio/translations"):
+    for path in FORM_ROUTES:
         table.append(
             Route("POST", path, Role.USER, "a multipart form naming its model, forwarded",
                   "gateway", answer="object", content="multipart/form-data")
         )  # fmt: skip
     table.append(
-        Route("*", "/upstream/{model}/{path}", Role.USER, "the model's own API, loaded first",
+        Route("*", UPSTREAM_ROUTE, Role.USER, "the model's own API, loaded first",
               "gateway", answer="object")
     )  # fmt: skip
     table.append(Route("GET", "/v1/models", Role.VIEWER, "the catalog", "gateway", answer="object"))

@@ -31,6 +31,7 @@ from agent.gateway.handlers import (
 )
 from agent.gateway.keys import Caller, Keys, Role
 from agent.gateway.openapi import docs_page
+from agent.gateway.paths import FORM_ROUTES, INFERENCE_ROUTES, UPSTREAM_PATHS, UPSTREAM_ROUTE
 from agent.gateway.proxy import Upstreams
 from agent.lifecycle import Lifecycle
 from agent.metrics import AgentMetrics
@@ -40,23 +41,6 @@ log = logging.getLogger("modelbus.gateway")
 # Where a gateway request keeps the catalog model it names ("" until one is found): the
 # requests counted in the metrics are the ones that have it.
 MODEL = "modelbus.model"
-# The routes that forward a JSON body naming its model. /v1/messages is Anthropic's,
-# passed through as it is to servers that speak it (llama.cpp, vLLM): no translation.
-INFERENCE_ROUTES = (
-    "/v1/chat/completions",
-    "/chat/completions",  # the dynamic orchestrator's gateway route
-    "/v1/completions",
-    "/v1/embeddings",
-    "/v1/responses",
-    "/v1/audio/speech",
-    "/v1/images/generations",
-    "/v1/rerank",
-    "/v1/messages",
-)
-# The routes that forward a multipart form naming its model (an audio file and fields).
-FORM_ROUTES = ("/v1/audio/transcriptions", "/v1/audio/translations")
-# Any request to a model's own API: /upstream/<model>/<path>, forwarded verbatim.
-UPSTREAM_ROUTE = "/upstream/{model}/{path:.*}"
 LOOPBACK_READER = Caller("loopback", Role.VIEWER)
 
 
@@ -217,7 +201,9 @@ class GatewayServer:
         if spec.upstream_model is not None and spec.upstream_model != requested:
             body = json.dumps({**fields, "model": spec.upstream_model}).encode()
         # The dynamic orchestrator's /chat/completions is the model server's /v1/...
-        path = None if request.path.startswith("/v1/") else "/v1" + str(request.rel_url)
+        renamed = UPSTREAM_PATHS.get(request.path)
+        query = request.rel_url.raw_query_string
+        path = renamed + (f"?{query}" if query else "") if renamed else None
         async with self._admission.admit(spec):
             return await self._upstreams.forward(request, spec, body, path=path)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from agent.event_feed import EventFeed, Published
+from agent.event_feed import EventFeed, FeedMessage
 from agent.gateway.control import sse_data, sse_message
 from shared.topics import HostTopics
 
@@ -54,7 +54,7 @@ async def test_a_waiting_listener_wakes_on_the_next_message() -> None:
         waiting = asyncio.create_task(listener.next(5))
         await asyncio.sleep(0.01)
         feed.published("modelbus/gpu1/state", b'{"a":1}')
-        assert await waiting == Published("state", b'{"a":1}')
+        assert await waiting == FeedMessage("state", b'{"a":1}')
 
 
 def test_events_are_written_as_server_sent_events_of_json() -> None:
@@ -62,6 +62,6 @@ def test_events_are_written_as_server_sent_events_of_json() -> None:
         b'event: models/qwen\nid: 7\ndata: {"state":"ready"}\n\n'
     )
     assert sse_message("x", b"a\nb") == b"event: x\ndata: a\ndata: b\n\n"
-    assert sse_data(Published("status", b"online")) == b'"online"'
-    assert sse_data(Published("jobs/abc", b"")) == b"null"  # a cleared retained topic
-    assert sse_data(Published("state", b'{"a":1}')) == b'{"a":1}'
+    assert sse_data(FeedMessage("status", b"online")) == b'"online"'
+    assert sse_data(FeedMessage("jobs/abc", b"")) == b"null"  # a cleared retained topic
+    assert sse_data(FeedMessage("state", b'{"a":1}')) == b'{"a":1}'
