@@ -70,6 +70,7 @@ def test_broker_urls_with_credentials_and_tls() -> None:
         ("broker:\n  reconnect_min_s: 5\n  reconnect_max_s: 1\n", "reconnect_max_s"),
         ("- a\n- b\n", "top level must be a mapping"),
         ("a: [\n", "line 2"),
+        ("http:\n  compat_open_read: sometimes\n", "http.compat_open_read"),
     ],
 )
 def test_errors_name_the_file_and_the_field(tmp_path: Path, text: str, fragment: str) -> None:
