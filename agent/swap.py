@@ -350,10 +350,13 @@ class Swap(LifecyclePart):
         url = urlsplit(health_url)
         if not runtime.listens_itself or url.hostname not in LOCAL_HOSTS:
             return None
-        holder = await asyncio.to_thread(ports.listener, url.port or 80)
-        if holder is None or not holder.pids:
+        port = url.port or 80
+        # The usual answer first, from the server's own descriptors: everyone's are
+        # read only to name somebody else.
+        if await asyncio.to_thread(ports.listens, await runtime.pids(instance), port):
             return None
-        if holder.pids & await runtime.pids(instance):
+        holder = await asyncio.to_thread(ports.listener, port)
+        if holder is None or not holder.pids:
             return None
         return self._describe_listener(holder)
 
