@@ -7,12 +7,14 @@ the same machine, and exits 0 whatever the verdicts; only a crash exits non-zero
 
 - The fleet is a separate process (``bench/tui.py --publish URL``) that publishes
   real contract payloads to a private Mosquitto: per host a retained status, info,
-  state and five models, then every second, at a random phase per host (agents are
-  not synchronised), eight retained ``gpu/<i>`` with slightly changed figures and a
-  ``state``: 180 messages a second.
+  state, five models, their weights and a few finished jobs, then every second, at a
+  random phase per host (agents are not synchronised), eight retained ``gpu/<i>`` with
+  slightly changed figures and a ``state``: 180 messages a second.
 - The TUI is ``python -m modelbus tui`` in a 160x48 pseudo-terminal (TERM=xterm-256color,
   COLORTERM=truecolor), so it really renders and writes escape sequences; everything
-  it writes is drained and counted.
+  it writes is drained and counted. The measured TUI shows every panel issue 17 added:
+  the sparklines, the weights panel (shown at 48 rows), the finished jobs the agent
+  keeps, and each GPU's processes (``g`` is pressed before the CPU window).
 - First frame: from spawning the TUI, with the retained fleet already on the broker,
   until its output shows the first GPU bar (``GPU0 [``). Baseline: a bare Textual app
   painting one line in the same terminal, the floor of Python and Textual start-up.
@@ -62,9 +64,15 @@ from shared.messages import (
     GpuState,
     HostInfo,
     HostState,
+    InstalledWeights,
+    JobCommand,
+    JobPhase,
+    JobState,
+    JobStatus,
     LoadedModel,
     ModelLifecycle,
     ModelState,
+    WeightsState,
     encode,
     utc_now,
 )
@@ -227,6 +235,51 @@ class SimHost:
             )
         return out
 
+    def weights(self) -> WeightsState:
+        now = utc_now()
+        installed = [
+            InstalledWeights(
+                name=f"org--{name}",
+                repo=f"org/{name}",
+                size_mb=mb,
+                path=f"/var/lib/modelbus/weights/org--{name}",
+                used_by=[name],
+                installed_at=now - timedelta(days=self.rng.randint(1, 60)),
+            )
+            for name, mb in self.models
+        ]
+        return WeightsState(
+            weights=installed,
+            weights_dir="/var/lib/modelbus/weights",
+            used_mb=sum(w.size_mb for w in installed),
+            disk_total_mb=3_815_447,
+            disk_free_mb=1_200_000,
+            ts=now,
+        )
+
+    def finished_jobs(self) -> list[JobState]:
+        """What an agent keeps retained for a while after its jobs end."""
+        now = utc_now()
+        jobs = []
+        for number, (name, _) in enumerate(self.models[:3]):
+            ended = now - timedelta(minutes=5 * (number + 1))
+            jobs.append(
+                JobState(
+                    job_id=f"{self.host_id}-j{number}",
+                    command=JobCommand.SWITCH,
+                    model=name,
+                    state=JobStatus.SUCCEEDED,
+                    phase=JobPhase.DONE,
+                    progress=1.0,
+                    message=f"{name} is ready",
+                    created_at=ended - timedelta(seconds=90),
+                    started_at=ended - timedelta(seconds=88),
+                    finished_at=ended,
+                    ts=ended,
+                )
+            )
+        return jobs
+
     def tick(self) -> tuple[list[GpuState], HostState]:
         """Every GPU moves a little, as real ones do between two samples."""
         now = utc_now()
@@ -328,6 +381,9 @@ async def publish_fleet(url: str) -> None:
             await put(host.topics.info, encode(host.info()), 1)
             for model in host.model_states():
                 await put(host.topics.model(model.name), encode(model), 1)
+            for job in host.finished_jobs():
+                await put(host.topics.job(job.job_id), encode(job), 1)
+            await put(host.topics.weights, encode(host.weights()), 1)
             await telemetry(host)
             await put(host.topics.status, Availability.ONLINE.value, 1)
         print("ready", flush=True)
@@ -462,6 +518,9 @@ class Terminal:
         self._thread = threading.Thread(target=self._drain, daemon=True)
         self._thread.start()
 
+    def press(self, keys: str) -> None:
+        os.write(self.master, keys.encode())
+
     def _drain(self) -> None:
         while True:
             try:
@@ -572,6 +631,7 @@ def main() -> int:
             sub = subprocess.Popen([*sub_argv, all_hosts_filter(PREFIX)], stdout=subprocess.PIPE)
             started.append(sub)
             sub_lines = Lines(sub)
+            tui.press("g")  # each GPU's processes under its bar
             time.sleep(WARM_UP_S)
 
             def window(seconds: float) -> dict[str, float]:

@@ -3,7 +3,8 @@
 The app never touches MQTT: :class:`tui.bridge.BusBridge` folds bus messages into the
 :class:`tui.store.BusStore` and tells the app what changed; the app marks those
 panels dirty and redraws them on a short clock, so a burst of telemetry costs one
-redraw. Commands go back through ``bridge.send`` and their replies become notifications.
+redraw. Commands go back through ``bridge.send`` (``tui.command_keys``) and their
+answers go to the outcome line above the footer.
 """
 
 from __future__ import annotations
@@ -13,35 +14,30 @@ from datetime import datetime
 from typing import Any
 
 from rich.text import Text
-from textual import events, work
-from textual.app import App, ComposeResult, SystemCommand
+from textual import events
+from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.notifications import SeverityLevel
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, OptionList, Static
+from textual.widgets import DataTable, OptionList, Static
 
 from bus.mqtt import ConnectionSettings
-from shared.messages import ModelState, Reply, utc_now
-from shared.topics import CommandName
-from tui.actions import (
-    PlanSummary,
-    describe_cancel,
-    describe_reply,
-    force_reason,
-    job_to_cancel,
-    summarize_plan,
-)
+from shared.messages import utc_now
 from tui.bridge import BusBridge, Link, LinkState
+from tui.command_keys import CommandKeys
 from tui.format import ago
-from tui.screens import AskScreen, ConfirmScreen, DebugScreen, DetailScreen
+from tui.screens import DebugScreen, DetailScreen
 from tui.store import BusStore, Change, HostView
 from tui.widgets.events import EventsPanel, render_events_detail
 from tui.widgets.header import link_text, waiting_note
 from tui.widgets.hosts import HostList
 from tui.widgets.jobs import JobsTable, render_job_detail
+from tui.widgets.keybar import Key, KeyBar
 from tui.widgets.models import ModelsTable, render_model_detail
-from tui.widgets.tables import selected_key
+from tui.widgets.outcome import OutcomeLine, Said, render_said
 from tui.widgets.vram_bar import GpuPanel
+from tui.widgets.weights import WeightsPanel
 
 # Redraw at most this often: telemetry from many hosts arrives in bursts.
 REDRAW_INTERVAL_S = 0.25
@@ -57,27 +53,18 @@ _PANEL_OF_KIND = {
     "info": "gpus",
     "models": "models",
     "jobs": "jobs",
+    "weights": "weights",
 }
+# Every panel that shows the selected host.
+_HOST_PANELS = ("gpus", "models", "jobs", "weights", "link")
 
 # From this width on the host list stands beside the dashboard.
 WIDE_COLUMNS = 110
+# From this height on the weights panel is shown without asking (w toggles it).
+TALL_ROWS = 40
 
 
-# The binding that sends each bus command: every command is a key (a test holds them to
-# the contract's list).
-COMMAND_BINDINGS = {
-    CommandName.SWITCH: "model.switch",
-    CommandName.LOAD: "model.load",
-    CommandName.UNLOAD: "model.unload",
-    CommandName.PLAN: "model.plan",
-    CommandName.INSTALL: "weights.install",
-    CommandName.UNINSTALL: "weights.uninstall",
-    CommandName.CANCEL: "job.cancel",
-    CommandName.STATUS: "host.status",
-}
-
-
-class ModelbusApp(App[int]):
+class ModelbusApp(CommandKeys):
     TITLE = "modelbus"
     CSS = """
     #link { height: 1; padding: 0 1; background: $panel; }
@@ -88,23 +75,68 @@ class ModelbusApp(App[int]):
     }
     #main { height: 1fr; }
     """
+    # The key bar's order: what fits at 80 columns comes first; ? lists them all and
+    # quitting is always shown.
     BINDINGS = [
-        Binding("s", "switch", "Switch", id="model.switch"),
-        Binding("l", "load", "Load", id="model.load"),
-        Binding("u", "unload", "Unload", id="model.unload"),
-        Binding("p", "plan", "Plan", id="model.plan"),
-        Binding("i", "install", "Install", id="weights.install"),
-        Binding("x", "uninstall", "Uninstall", show=False, id="weights.uninstall"),
-        Binding("r", "status", "Ask status", show=False, id="host.status"),
-        Binding("c", "cancel_job", "Cancel", id="job.cancel"),
-        # Shown in the header when something was skipped; the footer has no room at 80.
-        Binding("d", "debug", "Debug", show=False, id="view.debug"),
-        Binding("g", "toggle_processes", "Processes", show=False, id="view.processes"),
-        Binding("e", "events", "Events", show=False, id="view.events"),
-        Binding("right_square_bracket", "next_host(1)", "Next host", show=False, id="host.next"),
-        Binding("left_square_bracket", "next_host(-1)", "Prev host", show=False, id="host.prev"),
-        Binding("q", "quit", "Quit", id="app.quit"),
-        Binding("ctrl+c", "quit", "Quit", show=False, priority=True, id="app.quit_ctrl_c"),
+        Binding("s", "switch", "switch", tooltip="plan, confirm, switch", id="model.switch"),
+        Binding("l", "load", "load", tooltip="beside what runs", id="model.load"),
+        Binding("u", "unload", "unload", tooltip="asks before forcing", id="model.unload"),
+        Binding(
+            "c",
+            "cancel_job",
+            "cancel",
+            tooltip="the running job, or the one selected",
+            id="job.cancel",
+        ),
+        Binding(
+            "e", "events", "events", tooltip="all events and answers, in full", id="view.events"
+        ),
+        Binding("d", "debug", "debug", tooltip="messages skipped as unusable", id="view.debug"),
+        Binding(
+            "g",
+            "toggle_processes",
+            "procs",
+            tooltip="each GPU's processes, and whose",
+            id="view.processes",
+        ),
+        Binding(
+            "w",
+            "toggle_weights",
+            "weights",
+            tooltip="installed weights and the disk",
+            id="view.weights",
+        ),
+        Binding("p", "plan", "plan", tooltip="what a switch would stop", id="model.plan"),
+        Binding("i", "install", "install", tooltip="Hugging Face weights", id="weights.install"),
+        Binding(
+            "x",
+            "uninstall",
+            "uninstall",
+            tooltip="delete weights (asks first)",
+            id="weights.uninstall",
+        ),
+        Binding("r", "status", "status", tooltip="ask the agent itself", id="host.status"),
+        Binding(
+            "left_square_bracket",
+            "next_host(-1)",
+            "host",
+            key_display="[",
+            tooltip="previous host",
+            id="host.prev",
+        ),
+        Binding(
+            "right_square_bracket",
+            "next_host(1)",
+            "host",
+            key_display="]",
+            tooltip="next host",
+            id="host.next",
+        ),
+        Binding(
+            "question_mark", "keys", "keys", key_display="?", tooltip="this list", id="app.keys"
+        ),
+        Binding("q", "quit", "quit", id="app.quit"),
+        Binding("ctrl+c", "quit", "quit", show=False, priority=True, id="app.quit_ctrl_c"),
     ]
 
     def __init__(
@@ -123,10 +155,11 @@ class ModelbusApp(App[int]):
         self.link = link or Link(LinkState.CONNECTING, "the broker")
         self._now = now
         self._redraw_interval_s = redraw_interval_s
-        self._dirty: set[str] = {"hosts", "gpus", "models", "jobs", "events", "link"}
+        self._dirty: set[str] = {"hosts", "events", *_HOST_PANELS}
         self._refused_told = False
         self._listed_hosts: set[str] = set()
         self._drew_gpus = False
+        self._weights_toggled = False
 
     # -- wiring ---------------------------------------------------------------------
 
@@ -144,7 +177,9 @@ class ModelbusApp(App[int]):
         self.gpus = GpuPanel(id="gpus")
         self.models = ModelsTable(id="models")
         self.jobs = JobsTable(id="jobs")
+        self.weights = WeightsPanel(id="weights")
         self.events_panel = EventsPanel(id="events")
+        self.outcome = OutcomeLine(id="outcome")
         yield self.link_line
         with Horizontal():
             yield self.hosts
@@ -153,11 +188,18 @@ class ModelbusApp(App[int]):
                 yield self.gpus
                 yield self.models
                 yield self.jobs
+                yield self.weights
                 yield self.events_panel
-        yield Footer()
+        yield self.outcome
+        shown = [b for b in self.BINDINGS if isinstance(b, Binding) and b.show]
+        keys = {b.id: Key(b.key_display or b.key, b.description) for b in shown}
+        always = [keys.pop(name) for name in ("app.keys", "app.quit")]
+        yield KeyBar(list(keys.values()), always, id="keys")
 
     def on_resize(self, event: events.Resize) -> None:
         self.hosts.display = event.size.width >= WIDE_COLUMNS
+        if not self._weights_toggled:  # until w says otherwise, shown where there is room
+            self._show_weights(event.size.height >= TALL_ROWS)
 
     def on_mount(self) -> None:
         self.models.focus()
@@ -197,7 +239,7 @@ class ModelbusApp(App[int]):
     # -- drawing --------------------------------------------------------------------
 
     def _clock_tick(self) -> None:
-        self._dirty.update(("models", "jobs", "link", "hosts"))
+        self._dirty.update(("models", "jobs", "link", "hosts", "weights"))
 
     def _redraw(self) -> None:
         if not self._dirty:
@@ -206,7 +248,7 @@ class ModelbusApp(App[int]):
         views = self.store.hosts()
         if self.selected_host is None and views:
             self.selected_host = views[0].host_id
-            dirty.update(("gpus", "models", "jobs"))
+            dirty.update(_HOST_PANELS)
         view = self.store.host(self.selected_host) if self.selected_host else None
         now = self._now()
         if "link" in dirty:
@@ -231,6 +273,8 @@ class ModelbusApp(App[int]):
         if "jobs" in dirty:
             jobs = self.store.active_jobs(view.host_id) if view else []
             self.jobs.show(jobs, now)
+        if "weights" in dirty and self.weights.shown:
+            self.weights.show(view.weights if view else None, now)
         if "events" in dirty:
             self.events_panel.show(self.store.events())
 
@@ -255,7 +299,7 @@ class ModelbusApp(App[int]):
         host = event.option.id
         if host is not None and host != self.selected_host:
             self.selected_host = host
-            self._dirty.update(("gpus", "models", "jobs", "link"))
+            self._dirty.update(_HOST_PANELS)
             self._redraw()
 
     def action_next_host(self, step: int) -> None:
@@ -264,175 +308,10 @@ class ModelbusApp(App[int]):
             return
         current = ids.index(self.selected_host) if self.selected_host in ids else 0
         self.selected_host = ids[(current + step) % len(ids)]
-        self._dirty.update(("hosts", "gpus", "models", "jobs", "link"))
+        self._dirty.update(("hosts", *_HOST_PANELS))
         self._redraw()
 
     # -- commands -------------------------------------------------------------------
-
-    def _selected_model(self) -> tuple[str, ModelState] | None:
-        host = self.selected_host
-        view = self.store.host(host) if host else None
-        name = selected_key(self.models)
-        if host is None or view is None or name is None or name not in view.models:
-            self.notify("Select a model in the models table first.", severity="warning")
-            return None
-        return host, view.models[name]
-
-    async def _send(
-        self, host: str, command: CommandName, fields: dict[str, Any]
-    ) -> Reply[Any] | None:
-        if self.bridge is None:
-            self.notify("Not connected to a broker.", severity="error")
-            return None
-        return await self.bridge.send(host, command, fields)
-
-    def _tell(self, reply: Reply[Any] | None, host: str) -> None:
-        if reply is None:
-            return
-        ok, sentence = describe_reply(reply)
-        self.notify(
-            sentence,
-            title=f"{host}: {reply.command}",
-            severity="information" if ok else "error",
-            timeout=6 if ok else 12,
-        )
-
-    def action_load(self) -> None:
-        picked = self._selected_model()
-        if picked:
-            self._command(picked[0], CommandName.LOAD, {"model": picked[1].name})
-
-    @work(group="commands")
-    async def _command(self, host: str, command: CommandName, fields: dict[str, Any]) -> None:
-        self._tell(await self._send(host, command, fields), host)
-
-    @work(group="commands")
-    async def action_unload(self) -> None:
-        picked = self._selected_model()
-        if not picked:
-            return
-        host, model = picked
-        view = self.store.host(host)
-        reason = force_reason(model, view.jobs.values() if view else ())
-        fields: dict[str, Any] = {"model": model.name}
-        if reason is not None:
-            question = f"{reason}. Force-unload it anyway?"
-            if not await self.push_screen_wait(ConfirmScreen("Force unload", question)):
-                self.notify(f"{model.name} left running.")
-                return
-            fields["force"] = True
-        self._tell(await self._send(host, CommandName.UNLOAD, fields), host)
-
-    async def _plan(self) -> tuple[str, ModelState, PlanSummary] | None:
-        """Ask the selected model's host what a switch would do; None (and the error
-        told) when there is no selection or no answer."""
-        picked = self._selected_model()
-        if not picked:
-            return None
-        host, model = picked
-        reply = await self._send(host, CommandName.PLAN, {"model": model.name})
-        if reply is None or reply.status == "error":
-            self._tell(reply, host)
-            return None
-        return host, model, summarize_plan(model.name, reply.data)
-
-    @work(group="commands")
-    async def action_plan(self) -> None:
-        planned = await self._plan()
-        if planned:
-            host, _, summary = planned
-            self.notify(
-                summary.message,
-                title=f"{host}: plan",
-                severity="information" if summary.fits else "warning",
-            )
-
-    @work(group="commands")
-    async def action_switch(self) -> None:
-        """Plan first; the operator sees what would be stopped and confirms."""
-        planned = await self._plan()
-        if not planned:
-            return
-        host, model, summary = planned
-        if not summary.fits:
-            self.notify(summary.message, title=f"{host}: cannot switch", severity="error")
-            return
-        if summary.already_loaded:
-            self.notify(summary.message, title=f"{host}: switch")
-            return
-        title = f"Switch {host} to {model.name}"
-        if not await self.push_screen_wait(ConfirmScreen(title, summary.message, yes="Switch")):
-            self.notify("Switch not sent.")
-            return
-        self._tell(await self._send(host, CommandName.SWITCH, {"model": model.name}), host)
-
-    @work(group="commands")
-    async def action_install(self) -> None:
-        host = self._chosen_host()
-        if host is None:
-            return
-        repo = await self.push_screen_wait(
-            AskScreen(f"Install weights on {host}: Hugging Face repo", "org/name")
-        )
-        if repo:
-            self._tell(await self._send(host, CommandName.INSTALL, {"repo": repo}), host)
-
-    @work(group="commands")
-    async def action_cancel_job(self) -> None:
-        """The selected job when the jobs table has focus, else the host's running one;
-        confirmed first, naming it."""
-        host = self.selected_host
-        view = self.store.host(host) if host else None
-        if host is None or view is None:
-            self.notify("No host selected.", severity="warning")
-            return
-        job = job_to_cancel(view.jobs, selected_key(self.jobs), table_focused=self.jobs.has_focus)
-        if job is None:
-            where = "selected" if self.jobs.has_focus else "running or queued"
-            self.notify(f"No {where} job on {host} to cancel.", severity="warning")
-            return
-        question = describe_cancel(job)
-        if not await self.push_screen_wait(
-            ConfirmScreen(f"Cancel a job on {host}", question, yes="Cancel job")
-        ):
-            self.notify("Cancel not sent.")
-            return
-        self._tell(await self._send(host, CommandName.CANCEL, {"job_id": job.job_id}), host)
-
-    @work(group="commands")
-    async def action_uninstall(self) -> None:
-        """Ask which weights, confirm (the files are deleted), send ``uninstall``."""
-        host = self._chosen_host()
-        if host is None:
-            return
-        name = await self.push_screen_wait(
-            AskScreen(f"Uninstall weights on {host}: their name", "as P/H/weights lists it")
-        )
-        if not name:
-            return
-        question = (
-            f"Delete the weights {name!r} from {host}'s disk? Installing again downloads them."
-        )
-        if not await self.push_screen_wait(
-            ConfirmScreen(f"Uninstall on {host}", question, yes="Delete")
-        ):
-            self.notify("Uninstall not sent.")
-            return
-        self._tell(await self._send(host, CommandName.UNINSTALL, {"name": name}), host)
-
-    @work(group="commands")
-    async def action_status(self) -> None:
-        """Ask the agent itself (not the retained topics): does it answer, and what runs."""
-        host = self._chosen_host()
-        if host is None:
-            return
-        self._tell(await self._send(host, CommandName.STATUS, {}), host)
-
-    def _chosen_host(self) -> str | None:
-        """The selected host; None (and the operator told) when there is none."""
-        if self.selected_host is None:
-            self.notify("No host selected.", severity="warning")
-        return self.selected_host
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         """Enter on a job or a model: it in full."""
@@ -446,7 +325,43 @@ class ModelbusApp(App[int]):
             self.push_screen(DetailScreen(render_model_detail(view.models[key], self._now())))
 
     def action_events(self) -> None:
-        self.push_screen(DetailScreen(render_events_detail(self.store.events())))
+        said = render_said(list(self.outcome.said))
+        events = render_events_detail(self.store.events())
+        self.push_screen(DetailScreen(Text("\n").join([said, events])))
+
+    def action_keys(self) -> None:
+        """Every key with what it does (Textual's key panel); ``?`` again hides it."""
+        if self.screen.query("HelpPanel"):
+            self.action_hide_help_panel()
+        else:
+            self.action_show_help_panel()
+
+    def action_toggle_weights(self) -> None:
+        """Show the weights panel and move into it; from inside it, hide it."""
+        self._weights_toggled = True
+        if self.weights.shown and self.weights.table.has_focus:
+            self._show_weights(False)
+            self.models.focus()
+            return
+        self._show_weights(True)
+        self.weights.table.focus()
+
+    def _show_weights(self, shown: bool) -> None:
+        self.weights.set_class(shown, "-shown")
+        self._dirty.add("weights")
+        self._redraw()
+
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity: SeverityLevel = "information",
+        timeout: float | None = None,
+        markup: bool = True,
+    ) -> None:
+        """On the outcome line, not as a toast over the panels (``e`` keeps them all)."""
+        self.outcome.say(Said(self._now(), severity, title, message))
 
     def action_toggle_processes(self) -> None:
         self.gpus.processes = not self.gpus.processes

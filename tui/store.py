@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -29,6 +29,7 @@ from shared.messages import (
     JobStatus,
     ModelLifecycle,
     ModelState,
+    WeightsState,
 )
 from shared.topics import (
     JOB_ID_PATTERN,
@@ -43,9 +44,9 @@ MAX_PAYLOAD_BYTES = 256 * 1024
 _MAX_DETAIL_CHARS = 200
 
 # Kinds a watcher sees but does not show: commands and replies are other clients'
-# conversations; weights have no screen yet (the jobs panel shows installs).
-_IGNORED_KINDS = frozenset({"cmd", "reply", "weights"})
-_SINGLE_KINDS = frozenset({"status", "info", "state", "events"})
+# conversations.
+_IGNORED_KINDS = frozenset({"cmd", "reply"})
+_SINGLE_KINDS = frozenset({"status", "info", "state", "weights", "events"})
 _KEYED_KINDS = frozenset({"gpu", "models", "jobs"})
 _GPU_INDEX = re.compile(r"[0-9]{1,4}")
 _JOB_ID = re.compile(JOB_ID_PATTERN)
@@ -59,7 +60,7 @@ _V = TypeVar("_V")
 @dataclass(frozen=True, slots=True)
 class Change:
     """What one message changed. ``kind`` is the topic kind (``status``, ``info``,
-    ``gpu``, ``state``, ``models``, ``jobs``, ``events``); ``key`` is the GPU index,
+    ``gpu``, ``state``, ``models``, ``jobs``, ``weights``, ``events``); ``key`` is the GPU index,
     model name or job id for the keyed kinds and None otherwise."""
 
     host: str
@@ -72,14 +73,6 @@ class Problem:
     topic: str
     reason: str
     detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class Segment:
-    label: str
-    mb: int
-    # A model being stopped whose processes are gone: memory the driver has yet to return.
-    stopping: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +125,7 @@ class HostView:
     state: HostState | None = None
     models: dict[str, ModelState] = field(default_factory=dict)
     jobs: dict[str, JobState] = field(default_factory=dict)
+    weights: WeightsState | None = None
     last_seen: float = 0.0
     # (clock, requests forwarded by all its models) at each model update, for req/s.
     traffic: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=TRAFFIC_SAMPLES))
@@ -246,7 +240,9 @@ class BusStore:
                 return self._apply_status(host, topic, payload)
             if kind == "info":
                 return self._apply_info(host, topic, payload)
-            return self._apply_state(host, topic, payload)
+            if kind == "weights":
+                return self._apply_whole(host, kind, WeightsState, topic, payload)
+            return self._apply_whole(host, kind, HostState, topic, payload)
         if kind == "gpu":
             return self._apply_gpu(host, arg, topic, payload)
         if kind == "models":
@@ -285,17 +281,19 @@ class BusStore:
         view.info = info
         return Change(host, "info")
 
-    def _apply_state(self, host: str, topic: str, payload: bytes) -> Change | None:
-        state = self._decode(HostState, "state", topic, payload) if payload else None
-        if payload and state is None:
+    def _apply_whole(
+        self, host: str, kind: str, model: type[BaseModel], topic: str, payload: bytes
+    ) -> Change | None:
+        """A topic whose payload replaces the view's attribute of the same name (``state``,
+        ``weights``); an empty payload clears it."""
+        value = self._decode(model, kind, topic, payload) if payload else None
+        if payload and value is None:
             return None
         view = self._touch(host) if payload else self._known(host)
-        if view is None:
+        if view is None or getattr(view, kind) == value:
             return None
-        if view.state == state:
-            return None
-        view.state = state
-        return Change(host, "state")
+        setattr(view, kind, value)
+        return Change(host, kind)
 
     def _apply_gpu(self, host: str, arg: str | None, topic: str, payload: bytes) -> Change | None:
         if arg is None or _GPU_INDEX.fullmatch(arg) is None:
@@ -417,54 +415,6 @@ def _put(table: dict[_K, _V], key: _K, value: _V, change: Change) -> Change | No
 
 def _pop(table: dict[_K, _V], key: _K, change: Change) -> Change | None:
     return change if table.pop(key, None) is not None else None
-
-
-def vram_segments(gpu: GpuState, stopping: Mapping[str, int] | None = None) -> list[Segment]:
-    """The GPU's memory as bar segments: one per model (by name), ``other``, ``free``.
-
-    ``other`` is memory of processes no model owns plus used memory no process
-    accounts for. The segments always add up to ``memory_total_mb`` (the last ones
-    are cut if processes claim more than the total); a GPU without a known total,
-    such as a lost one, has no segments. Empty segments are left out.
-    """
-    total = gpu.memory_total_mb
-    if total is None or total <= 0:
-        return []
-    by_model: dict[str, int] = {}
-    unowned = 0
-    for proc in gpu.processes:
-        mb = max(proc.used_mb or 0, 0)
-        if proc.model is None:
-            unowned += mb
-        else:
-            by_model[proc.model] = by_model.get(proc.model, 0) + mb
-    in_processes = unowned + sum(by_model.values())
-    if gpu.memory_used_mb is not None:
-        used = gpu.memory_used_mb
-    elif gpu.memory_free_mb is not None:
-        used = total - gpu.memory_free_mb
-    else:
-        used = in_processes
-    wanted = [Segment(name, by_model[name]) for name in sorted(by_model)]
-    unexplained = max(used - in_processes, 0)
-    # Memory no process holds any more is, up to what it held, the stopping model's.
-    for name, held in sorted((stopping or {}).items()):
-        if name in by_model:
-            continue
-        taken = min(held, unexplained)
-        unexplained -= taken
-        wanted.append(Segment(name, taken, stopping=True))
-    wanted.append(Segment("other", unowned + unexplained))
-    segments: list[Segment] = []
-    left = total
-    for seg in wanted:
-        mb = min(seg.mb, left)
-        if mb > 0:
-            segments.append(Segment(seg.label, mb, seg.stopping))
-            left -= mb
-    if left > 0:
-        segments.append(Segment("free", left))
-    return segments
 
 
 def _remember(view: HostView, gpu: GpuState, now: float) -> None:

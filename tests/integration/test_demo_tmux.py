@@ -195,6 +195,46 @@ def test_demo_tui_switches_a_model_by_keys_and_quits_cleanly(tmux: Tmux, tmp_pat
         assert any("devtools.simserver" in args for args in started.values()), started
         workdir = workdir_of(started)
 
+        # A switch to wan2.1-14b (5 s to load) cancelled half-way with c, without first
+        # moving to the jobs table: the confirmation names the job, the job ends
+        # cancelled, and qwen3-vl-30b, evicted for it, comes back.
+        tmux.keys("Down", "s")
+        wait_until(
+            lambda: "Switch demo to wan2.1-14b" in tmux.screen(),
+            timeout=20,
+            what="the switch confirmation for wan2.1-14b",
+            show=tmux.last_screen,
+        )
+        tmux.keys("y")
+        wait_until(
+            lambda: re.search(r"wan2\.1-14b\s+◐ loading", tmux.screen()) is not None,
+            timeout=30,
+            what="wan2.1-14b to be loading",
+            show=tmux.last_screen,
+        )
+        tmux.keys("c")
+        wait_until(
+            lambda: "Cancel switch wan2.1-14b (job " in " ".join(tmux.lines()),
+            timeout=20,
+            what="the cancel confirmation naming the switch",
+            show=tmux.last_screen,
+        )
+        tmux.keys("y")
+        wait_until(
+            lambda: re.search(r"switch wan2\.1-14b\s+⊘ cancelled", tmux.screen()) is not None,
+            timeout=30,
+            what="the switch to show cancelled in the jobs table",
+            show=tmux.last_screen,
+        )
+        wait_until(
+            lambda: re.search(r"qwen3-vl-30b\s+● ready", tmux.screen()) is not None,
+            timeout=30,
+            what="qwen3-vl-30b, evicted for the cancelled switch, to be ready again",
+            show=tmux.last_screen,
+        )
+        assert re.search(r"wan2\.1-14b\s+○ stopped", tmux.screen()), tmux.screen()
+        started = descendants(shell)
+
         tmux.keys("q")
         assert exit_code(exit_file, tmux, "the demo to exit after q") == "0", tmux.last_screen()
         wait_until(

@@ -20,13 +20,16 @@ from shared.messages import (
     GpuState,
     HostInfo,
     HostState,
+    InstalledWeights,
     JobPhase,
     JobState,
     JobStatus,
     LoadedModel,
     ModelLifecycle,
     ModelState,
+    PartialWeights,
     Severity,
+    WeightsState,
     encode,
 )
 from shared.topics import HostTopics
@@ -210,6 +213,46 @@ def _gpu1_messages(t: HostTopics) -> list[tuple[str, bytes]]:
             finished_at=ago(seconds=6),
             ts=ago(seconds=6),
         ),
+        # Older ones the agent still keeps: a tall screen shows them below the rest.
+        JobState(
+            job_id="j-0005",
+            command="install",
+            repo="Qwen/Qwen3-VL-30B-A3B-Instruct",
+            state=JobStatus.SUCCEEDED,
+            phase=JobPhase.DONE,
+            progress=1.0,
+            message="installed Qwen/Qwen3-VL-30B-A3B-Instruct (58.2 GiB)",
+            created_at=ago(minutes=42),
+            started_at=ago(minutes=42),
+            finished_at=ago(minutes=25),
+            ts=ago(minutes=25),
+        ),
+        JobState(
+            job_id="j-0003",
+            command="unload",
+            model="wan2.1-14b",
+            state=JobStatus.SUCCEEDED,
+            phase=JobPhase.DONE,
+            progress=1.0,
+            message="wan2.1-14b unloaded",
+            created_at=ago(minutes=50),
+            started_at=ago(minutes=50),
+            finished_at=ago(minutes=50),
+            ts=ago(minutes=50),
+        ),
+        JobState(
+            job_id="j-0004",
+            command="switch",
+            model="qwen3-vl-30b",
+            state=JobStatus.SUCCEEDED,
+            phase=JobPhase.DONE,
+            progress=1.0,
+            message="qwen3-vl-30b is ready",
+            created_at=ago(minutes=21),
+            started_at=ago(minutes=21),
+            finished_at=ago(minutes=20),
+            ts=ago(minutes=20),
+        ),
     ]
     events = [
         Event(
@@ -273,7 +316,43 @@ def _gpu1_messages(t: HostTopics) -> list[tuple[str, bytes]]:
     messages += [(t.model(m.name), encode(m)) for m in models]
     messages += [(t.job(j.job_id), encode(j)) for j in jobs]
     messages += [(t.events, encode(e)) for e in events]
+    messages.append((t.weights, encode(_weights())))
     return messages
+
+
+def _weights() -> WeightsState:
+    return WeightsState(
+        weights=[
+            InstalledWeights(
+                name="Qwen--Qwen3-VL-30B-A3B-Instruct",
+                repo="Qwen/Qwen3-VL-30B-A3B-Instruct",
+                size_mb=59597,
+                path="/var/lib/modelbus/weights/Qwen--Qwen3-VL-30B-A3B-Instruct",
+                used_by=["qwen3-vl-30b"],
+                installed_at=ago(minutes=25),
+            ),
+            InstalledWeights(
+                name="openai--whisper-large-v3",
+                repo="openai/whisper-large-v3",
+                size_mb=2950,
+                path="/var/lib/modelbus/weights/openai--whisper-large-v3",
+                installed_at=ago(days=3),
+            ),
+        ],
+        partial=[
+            PartialWeights(
+                name="Wan-AI--Wan2.1-T2V-14B",
+                repo="Wan-AI/Wan2.1-T2V-14B",
+                size_mb=20480,
+                path="/var/lib/modelbus/weights/.partial/Wan-AI--Wan2.1-T2V-14B",
+            )
+        ],
+        weights_dir="/var/lib/modelbus/weights",
+        used_mb=83027,
+        disk_total_mb=1907729,
+        disk_free_mb=412876,
+        ts=ago(minutes=25),
+    )
 
 
 def _gpu2_messages(t: HostTopics) -> list[tuple[str, bytes]]:

@@ -18,13 +18,15 @@ from tests.support.agent_process import AgentProcess, write_agent_config
 from tests.support.bus import client_settings, watch
 from tests.support.fake_hub import FakeHub
 from tests.support.models import budget_catalog
-from tui.app import COMMAND_BINDINGS, ModelbusApp, build_app
+from tui.app import ModelbusApp, build_app
 from tui.bridge import LinkState
+from tui.command_keys import COMMAND_BINDINGS
 from tui.screens import AskScreen, ConfirmScreen, DebugScreen, DetailScreen
 from tui.widgets.hosts import HostList
 from tui.widgets.jobs import JobsTable
 from tui.widgets.models import ModelsTable
 from tui.widgets.vram_bar import GpuPanel
+from tui.widgets.weights import WeightsPanel
 
 pytestmark = pytest.mark.broker
 HOST = "lab"
@@ -40,7 +42,8 @@ async def until(pilot: Pilot[int], condition: Callable[[], object], timeout: flo
 
 
 def notes(app: ModelbusApp) -> list[str]:
-    return [f"{n.severity}: {n.title}: {n.message}" for n in app._notifications]
+    """What the outcome line has said, newest first."""
+    return [f"{n.severity}: {n.title}: {n.message}" for n in app.outcome.said]
 
 
 def gpu_text(app: ModelbusApp) -> str:
@@ -431,5 +434,20 @@ async def test_install_key_shows_live_download_progress(
                 await until(pilot, lambda: "install big" in row() and partly.search(row()))
                 await until(pilot, lambda: "succeeded" in row(), timeout=30)
                 assert any("install accepted as job" in n for n in notes(app))
+
+                # w: the weights panel lists them; x there uninstalls the selected row,
+                # asking only to confirm.
+                await pilot.press("w")
+                panel = app.query_one(WeightsPanel)
+                await until(pilot, lambda: panel.table.row_count == 1)
+                assert panel.table.has_focus
+                cells = [str(cell) for cell in panel.table.get_row_at(0)]
+                assert cells[:3] == ["big", "8M", "unused"] and cells[4] == "acme/big", cells
+                assert "free of" in str(panel.summary.render())
+                question = await question_after(pilot, app, "x")
+                assert "'big'" in question
+                await pilot.press("y")
+                await until(pilot, lambda: panel.table.row_count == 0)
+                assert any("uninstall" in n and "error" not in n for n in notes(app))
         finally:
             process.close()

@@ -4,7 +4,6 @@ new pictures and accept them with ``pytest tests/tui --snapshot-update``."""
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -12,16 +11,18 @@ from typing import Any
 import pytest
 from rich.text import Text
 from textual.widget import Widget
-from textual.widgets import DataTable, Footer, Static
-from textual.widgets._footer import FooterKey
+from textual.widgets import DataTable, Static
 
 from tests.tui.dashboard_fixture import FIXED_NOW, LINK, dashboard_store
 from tui.app import ModelbusApp
 from tui.widgets.events import EventsPanel
 from tui.widgets.hosts import HostList
 from tui.widgets.jobs import JobsTable
+from tui.widgets.keybar import KeyBar
 from tui.widgets.models import ModelsTable
+from tui.widgets.outcome import OutcomeLine
 from tui.widgets.vram_bar import GpuPanel
+from tui.widgets.weights import WeightsPanel
 
 SnapCompare = Callable[..., bool]
 
@@ -51,7 +52,13 @@ def test_dashboard_80x24(snap_compare: SnapCompare) -> None:
 
 
 def test_dashboard_160x48(snap_compare: SnapCompare) -> None:
+    """Tall enough for the finished jobs the agent keeps and for the weights panel."""
     assert snap_compare(dashboard(), terminal_size=(160, 48))
+
+
+def test_processes_80x24(snap_compare: SnapCompare) -> None:
+    """``g``: each GPU's processes under its bar, and whose they are."""
+    assert snap_compare(dashboard(), press=["g"], terminal_size=(80, 24))
 
 
 def test_offline_host_80x24(snap_compare: SnapCompare) -> None:
@@ -78,7 +85,8 @@ async def test_every_panel_is_on_the_80x24_screen() -> None:
             "models": app.query_one(ModelsTable),
             "jobs": app.query_one(JobsTable),
             "events": app.query_one(EventsPanel),
-            "footer": app.query_one(Footer),
+            "outcome": app.query_one(OutcomeLine),
+            "keys": app.query_one(KeyBar),
         }
         for name, widget in panels.items():
             assert widget.display, f"{name} is hidden"
@@ -95,11 +103,14 @@ async def test_every_panel_is_on_the_80x24_screen() -> None:
             "wan2.1-14b",
             "whisperx",
         ]
-        assert row_keys(app.query_one(JobsTable)) == ["j-0007", "j-0008", "j-0006"]
+        # Running, queued, the one that failed seconds ago, then older finished ones, as
+        # many as a quarter of the dashboard holds (the older ones need more room).
+        assert row_keys(app.query_one(JobsTable)) == ["j-0007", "j-0008", "j-0006", "j-0004"]
+        assert not app.query_one(WeightsPanel).display
         # One host at a time at 80 columns: the header names it and how to move on.
         assert not app.query_one(HostList).display
         assert app.query_one(HostList).option_count == 2
-        assert "gpu1 1/2 [ ]" in str(app.query_one("#link").render())
+        assert "host gpu1 1/2 ([ ])" in str(app.query_one("#link").render())
         assert len(str(app.query_one(EventsPanel).render()).splitlines()) >= 3
 
 
@@ -112,19 +123,45 @@ async def test_wide_terminals_list_the_hosts_beside_the_dashboard() -> None:
         assert [hosts.get_option_at_index(i).id for i in range(2)] == ["gpu1", "gpu2"]
 
 
-async def test_footer_shows_every_binding_at_80x24() -> None:
+async def test_the_key_bar_fits_and_always_offers_every_key() -> None:
+    """At 80 columns the most used keys, debug among them; ``?`` lists every one and
+    ``q`` quits, whatever the width; at 160 columns every key is on the bar."""
+    for width, expected in ((80, "s l u c e d g ? q"), (160, "s l u c e d g w p i x r [ ] ? q")):
+        app = dashboard()
+        async with app.run_test(size=(width, 24 if width == 80 else 48)) as pilot:
+            await pilot.pause()
+            bar = app.query_one(KeyBar)
+            text = bar.render()
+            assert text.cell_len <= bar.content_region.width, width
+            keys = [span for span in text.spans if "reverse" in str(span.style)]
+            assert " ".join(text.plain[k.start : k.end] for k in keys) == expected, width
+
+
+async def test_the_jobs_table_never_scrolls_sideways() -> None:
+    """A long message is cut with an ellipsis at the table's edge (Enter shows it all):
+    a horizontal scrollbar took a row between the jobs and the events at 80x24."""
     app = dashboard()
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.pause()
-        footer = app.query_one(Footer)
-        keys = {key.key: key for key in app.query(FooterKey)}
-        # "d" (skipped messages) is offered in the header when there is something to see.
-        for key in ("s", "l", "u", "p", "i", "c", "q"):
-            assert key in keys, f"the footer does not offer {key!r}"
-        shown = sorted(keys.values(), key=lambda k: k.region.x)
-        for left, right in itertools.pairwise(shown):
-            assert left.region.right <= right.region.x, f"{right.key!r} covers {left.key!r}"
-        assert footer.virtual_size.width <= footer.region.width
+        await pilot.pause()  # the cells fitted at the first layout are measured at the next
+        table = app.query_one(JobsTable)
+        assert table.virtual_size.width <= table.scrollable_content_region.width
+        phase = str(table.get_row("j-0006")[-1])
+        assert phase.endswith("…") and phase[:-1] in "server exited with code 137"
+
+
+async def test_a_tall_screen_shows_older_finished_jobs() -> None:
+    app = dashboard()
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.pause()
+        assert row_keys(app.query_one(JobsTable)) == [
+            "j-0007",
+            "j-0008",
+            "j-0006",
+            "j-0004",
+            "j-0005",
+            "j-0003",
+        ]
 
 
 async def test_models_table_fits_at_80x24() -> None:

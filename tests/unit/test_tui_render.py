@@ -6,18 +6,22 @@ from datetime import UTC, datetime, timedelta
 
 from hypothesis import given
 from hypothesis import strategies as st
+from rich.text import Text
 
 from shared.messages import (
     GpuProcess,
     GpuState,
+    InstalledWeights,
     JobPhase,
     JobState,
     JobStatus,
     ModelLifecycle,
     ModelState,
+    PartialWeights,
+    WeightsState,
 )
 from tui.format import ago, duration, gib, size, used_of_total
-from tui.store import Segment
+from tui.memory import Segment
 from tui.widgets.jobs import (
     FADE_AFTER_S,
     job_row,
@@ -25,8 +29,11 @@ from tui.widgets.jobs import (
     render_job_detail,
     visible_jobs,
 )
+from tui.widgets.keybar import Key, key_bar
 from tui.widgets.models import render_model_detail
+from tui.widgets.outcome import Said, render_said
 from tui.widgets.sparkline import sparkline
+from tui.widgets.tables import fit_last_column
 from tui.widgets.vram_bar import (
     FREE_GLYPH,
     OTHER_GLYPH,
@@ -34,6 +41,7 @@ from tui.widgets.vram_bar import (
     render_gpu,
     render_processes,
 )
+from tui.widgets.weights import PARTIAL_MARK, disk_summary, weights_rows
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -233,3 +241,54 @@ def test_a_models_detail_has_its_whole_error_and_its_traffic() -> None:
     for line in ("aliases  org/qwen-30b", "gpus  0,1", "requests  42", "queued  3", "31.2 s"):
         assert line in text, line
     assert "in flight" not in text  # nothing to say: left out
+
+
+def test_the_key_bar_keeps_keys_whole_and_always_shows_help_and_quit() -> None:
+    keys = [Key("s", "switch"), Key("x", "uninstall"), Key("g", "procs")]
+    always = [Key("?", "keys"), Key("q", "quit")]
+    assert key_bar(keys, always, 80).plain == "s switch x uninstall g procs ? keys q quit"
+    # 33 columns: "x uninstall" does not fit; the smaller "g procs" after it still does.
+    assert key_bar(keys, always, 33).plain == "s switch g procs ? keys q quit"
+    assert key_bar(keys, always, 5).plain == "? keys q quit"
+
+
+def test_the_last_column_is_cut_to_the_tables_width() -> None:
+    rows = [("a", ["job one", Text("a long message that goes on")]), ("b", ["j", "short"])]
+    fitted = fit_last_column(("Job", "Phase"), rows, width=24)
+    # "job one" is 7 wide; each of the two columns has 1 cell of padding either side.
+    assert [str(cells[-1]) for _, cells in fitted] == ["a long messa…", "short"]
+    assert fit_last_column(("Job", "Phase"), rows, width=1000)[0][1][-1].plain.endswith("on")
+
+
+def test_the_weights_panel_lists_installed_then_partial_weights() -> None:
+    weights = WeightsState(
+        weights=[
+            InstalledWeights(name="b--two", repo="b/two", size_mb=2950, path="/w/b", used_by=[]),
+            InstalledWeights(
+                name="a--one", repo="a/one", size_mb=8, path="/w/a", used_by=["m1", "m2"]
+            ),
+        ],
+        partial=[PartialWeights(name="c--three", repo="c/three", size_mb=512, path="/w/.p/c")],
+        weights_dir="/w",
+        used_mb=3470,
+        disk_total_mb=1024 * 100,
+        disk_free_mb=1024 * 40,
+        ts=T0,
+    )
+    rows = weights_rows(weights, T0)
+    assert [key for key, _ in rows] == ["a--one", "b--two", PARTIAL_MARK + "c--three"]
+    assert [str(cell) for cell in rows[0][1][:3]] == ["a--one", "8M", "m1, m2"]
+    assert [str(cell) for cell in rows[1][1][:3]] == ["b--two", "2.9G", "unused"]
+    assert [str(cell) for cell in rows[2][1][:3]] == ["c--three", "512M", "partial download"]
+    summary = disk_summary(weights).plain
+    assert "40.0G free of 100.0G" in summary and "1 partial" in summary
+    assert "not published" in disk_summary(None).plain
+    assert weights_rows(None, T0) == []
+
+
+def test_the_outcome_line_says_the_last_answer_on_one_line() -> None:
+    said = Said(T0, "error", "gpu1: install", "install refused\n(invalid_payload):  bad")
+    line = said.line().plain
+    assert line.endswith("✖ gpu1: install: install refused (invalid_payload): bad")
+    listing = render_said([said, Said(T0, "information", "", "Switch not sent.")]).plain
+    assert "(2, newest first)" in listing and "Switch not sent." in listing

@@ -14,22 +14,18 @@ from shared.messages import (
     GpuState,
     HostInfo,
     HostState,
+    InstalledWeights,
     JobPhase,
     JobState,
     JobStatus,
     ModelLifecycle,
     ModelState,
     Severity,
+    WeightsState,
 )
 from shared.topics import HostTopics
-from tui.store import (
-    MAX_PAYLOAD_BYTES,
-    BusStore,
-    Change,
-    Segment,
-    request_rate,
-    vram_segments,
-)
+from tui.memory import Segment, vram_segments
+from tui.store import MAX_PAYLOAD_BYTES, BusStore, Change, request_rate
 from tui.widgets.models import requests_text
 
 PREFIX = "test/store"
@@ -297,7 +293,9 @@ def test_arbitrary_topics_and_bytes_never_raise(levels: list[str], payload: byte
 
 
 @given(
-    kind=st.sampled_from(["status", "info", "state", "events", "gpu/0", "models/m", "jobs/j"]),
+    kind=st.sampled_from(
+        ["status", "info", "state", "weights", "events", "gpu/0", "models/m", "jobs/j"]
+    ),
     payload=st.one_of(
         st.binary(max_size=200),
         st.recursive(
@@ -462,3 +460,27 @@ def test_each_gpus_last_ten_minutes_are_kept_for_its_sparklines(
     assert memory[0][1] == pytest.approx(16304 / gpu_state().memory_total_mb)  # type: ignore[operator]
     assert [busy for _, busy in view.utilization_history(0)][-1] == pytest.approx(0.7)
     assert view.memory_history(5) == []
+
+
+def test_a_hosts_weights_are_kept_and_cleared(store: BusStore) -> None:
+    weights = WeightsState(
+        weights=[
+            InstalledWeights(
+                name="acme--big", repo="acme/big", size_mb=8, path="/w/acme--big", used_by=["m"]
+            )
+        ],
+        weights_dir="/w",
+        used_mb=8,
+        disk_total_mb=100,
+        disk_free_mb=60,
+        ts=T0,
+    )
+    assert store.apply(GPU1.weights, enc(weights), retained=True) == Change("gpu1", "weights")
+    assert store.apply(GPU1.weights, enc(weights)) is None  # the same again
+    view = store.host("gpu1")
+    assert view is not None and view.weights == weights
+    assert store.apply(GPU1.weights, b"[]") is None
+    assert store.skipped["invalid_payload:weights"] == 1
+    assert view.weights == weights  # a bad message changes nothing
+    assert store.apply(GPU1.weights, b"") == Change("gpu1", "weights")
+    assert view.weights is None

@@ -30,10 +30,10 @@ def link_text(
         text.append(f" │ {link.detail}", style="yellow")
     ids = [v.host_id for v in views]
     if selected in ids:
-        where = f"{ids.index(selected) + 1}/{len(ids)}" if len(ids) > 1 else ""
-        text.append(" │ ")
+        text.append(" │ host ")
         text.append(selected, style="bold")
-        text.append(f" {where} [ ]" if where else "")
+        if len(ids) > 1:
+            text.append(f" {ids.index(selected) + 1}/{len(ids)} ([ ])", style="dim")
         rate = views[ids.index(selected)].requests_per_s(now)
         if rate > 0:
             text.append(f" │ {rate:.1f} req/s", style="cyan")

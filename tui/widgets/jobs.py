@@ -1,19 +1,28 @@
-"""Running and queued jobs with progress; finished ones are dimmed, then left out."""
+"""Running and queued jobs with progress; then the finished ones the agent still keeps,
+newest first, dimmed, as many as the table's room holds (the recent ones always)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
 from rich.text import Text
+from textual.widget import Widget
 from textual.widgets import DataTable
 
 from shared.messages import JobState, JobStatus
 from tui.format import duration, size
-from tui.widgets.tables import sync_rows
+from tui.widgets.tables import fit_last_column, sync_rows
 
-# How long a finished job stays on screen (the agent keeps it retained longer).
+# A job finished this recently is shown however little room there is.
 FADE_AFTER_S = 20.0
+# The jobs table takes at most this share of the dashboard's height; the events panel
+# takes what the panels leave.
+MAX_HEIGHT_SHARE = 0.25
 PROGRESS_CELLS = 12
+# The Job column at most: the phase needs the rest at 80 columns.
+TITLE_CELLS = 20
+# The width assumed before the table is laid out.
+UNKNOWN_WIDTH = 1000
 COLUMNS = ("Job", "State", "Progress", "ETA", "Phase")
 _FINISHED_LOOK = {
     JobStatus.SUCCEEDED: ("✔", "dim green"),
@@ -27,17 +36,28 @@ def progress_bar(fraction: float, cells: int = PROGRESS_CELLS) -> str:
     return "━" * filled + "╌" * (cells - filled) + f" {fraction * 100:3.0f}%"
 
 
-def visible_jobs(jobs: list[JobState], now: datetime) -> list[JobState]:
-    """Active jobs and those finished less than FADE_AFTER_S ago."""
-    return [
-        job
-        for job in jobs
-        if job.finished_at is None or (now - job.finished_at).total_seconds() < FADE_AFTER_S
-    ]
+def visible_jobs(jobs: list[JobState], now: datetime, room: int = 0) -> list[JobState]:
+    """Active jobs and those finished less than FADE_AFTER_S ago, then older finished
+    ones (``jobs`` come newest first) while they fit in ``room`` rows."""
+    shown: list[JobState] = []
+    for job in jobs:
+        recent = job.finished_at is None or (now - job.finished_at).total_seconds() < FADE_AFTER_S
+        if recent or len(shown) < room:
+            shown.append(job)
+    return shown
+
+
+def job_title(job: JobState) -> str:
+    """``switch qwen3-vl-30b``; a long repo keeps its end (``install …VL-30B-Instruct``)."""
+    subject = job.model or job.repo or ""
+    room = TITLE_CELLS - len(job.command) - 1
+    if len(subject) > room:
+        subject = "…" + subject[-(room - 1) :]
+    return f"{job.command} {subject}".strip()
 
 
 def job_row(job: JobState) -> list[str | Text]:
-    title = f"{job.command} {job.model or job.repo or ''}".strip()
+    title = job_title(job)
     if job.state in _FINISHED_LOOK:
         glyph, style = _FINISHED_LOOK[job.state]
         message = job.error.message if job.error else (job.message or "")
@@ -46,7 +66,7 @@ def job_row(job: JobState) -> list[str | Text]:
             Text(f"{glyph} {job.state.value}", style=style),
             "",
             "",
-            Text(message[:40], style="dim"),
+            Text(message, style="dim"),
         ]
     if job.state is JobStatus.RUNNING:
         detail = job.message or ""
@@ -57,28 +77,48 @@ def job_row(job: JobState) -> list[str | Text]:
             Text(f"▶ {job.phase.value}"),
             progress_bar(job.progress),
             duration(job.eta_s),
-            detail[:48],
+            detail,
         ]
     position = f"#{job.queue_position}" if job.queue_position else ""
-    return [title, Text(f"… queued {position}"), "", "", (job.message or "")[:40]]
+    return [title, Text(f"… queued {position}"), "", "", job.message or ""]
 
 
 class JobsTable(DataTable[str | Text]):
-    DEFAULT_CSS = """
-    JobsTable { height: auto; max-height: 7; }
-    JobsTable.-empty { display: none; }
+    DEFAULT_CSS = f"""
+    JobsTable {{ height: auto; max-height: {MAX_HEIGHT_SHARE:.0%}; overflow-x: hidden; }}
+    JobsTable.-empty {{ display: none; }}
     """
 
     def on_mount(self) -> None:
+        self._shown: tuple[list[JobState], datetime] | None = None
         self.cursor_type = "row"
         for label in COLUMNS:
             self.add_column(label, key=label)
         self.add_class("-empty")
 
     def show(self, jobs: list[JobState], now: datetime) -> None:
-        shown = visible_jobs(jobs, now)
-        sync_rows(self, [(job.job_id, job_row(job)) for job in shown])
+        self._shown = (jobs, now)
+        shown = visible_jobs(jobs, now, self._room())
+        rows = [(job.job_id, job_row(job)) for job in shown]
+        sync_rows(self, fit_last_column(COLUMNS, rows, self._width()))
         self.set_class(not shown, "-empty")
+
+    def on_resize(self) -> None:
+        if self._shown is not None:
+            self.show(*self._shown)
+
+    def _room(self) -> int:
+        """The rows its share of the dashboard holds, below the header."""
+        height = self.parent.content_size.height if isinstance(self.parent, Widget) else 0
+        return max(0, int(height * MAX_HEIGHT_SHARE) - 1)
+
+    def _width(self) -> int:
+        """The table's width; its container's while hidden (it is, until a first job);
+        before the first layout, room for all (a resize fits it then)."""
+        width = self.scrollable_content_region.width
+        if not width and isinstance(self.parent, Widget):
+            width = self.parent.content_size.width
+        return width or UNKNOWN_WIDTH
 
 
 def render_job_detail(job: JobState) -> Text:

@@ -15,7 +15,8 @@ from textual.widget import Widget
 
 from shared.messages import GpuState
 from tui.format import celsius, gib, percent, used_of_total, watts
-from tui.store import HISTORY_S, HostView, Segment, vram_segments
+from tui.memory import Segment, vram_segments
+from tui.store import HISTORY_S, HostView
 from tui.widgets.sparkline import sparkline
 
 MODEL_GLYPHS = ("█", "▓", "▆", "▚", "▞", "▇")
@@ -96,6 +97,10 @@ def render_legend(segments: Sequence[Segment]) -> Text:
         legend.append(glyph, style=style)
         legend.append(f" {seg.label} {gib(seg.mb)}" + (" stopping" if seg.stopping else ""))
     return legend
+
+
+# The processes' columns, as render_processes lays them out.
+PROCESSES_HEADER = f"    {'pid':>7}  {'mem':>6}  {'process':<24}  belongs to"
 
 
 def render_processes(gpu: GpuState) -> Text:
@@ -219,8 +224,6 @@ class GpuPanel(Widget):
             )
             parts.append(render_gpu(view.gpus[index], width, view.stopping_on(index), history))
             if self.processes:
-                parts.append(
-                    Text("    pid      mem  process                   belongs to", style="bold dim")
-                )
+                parts.append(Text(PROCESSES_HEADER, style="bold dim"))
                 parts.append(render_processes(view.gpus[index]))
         return Text("\n").join(parts)
