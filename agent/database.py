@@ -111,6 +111,16 @@ class ModelFacts:
     last_loaded_at: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class RecordedLoad:
+    """One row of ``loads``: a successful load. ``at`` is ``time.time()`` seconds."""
+
+    model: str
+    vram_mb: int | None
+    load_s: float
+    at: float
+
+
 class Database:
     """The agent's SQLite state. Open with ``Database.open(path)``; every method is
     thread-safe and blocking, so async callers use ``asyncio.to_thread``."""
@@ -209,6 +219,20 @@ class Database:
         with self._locked() as db:
             row = db.execute(f"{_FACTS_QUERY} WHERE model = ?", (model,)).fetchone()
         return None if row is None else _facts(row)
+
+    def recent_loads(self, limit: int, model: str | None = None) -> list[RecordedLoad]:
+        """The newest ``limit`` loads of every model (of ``model`` alone when given),
+        ordered by model, newest first."""
+        with self._locked() as db:
+            rows = db.execute(
+                """SELECT model, vram_mb, load_s, at FROM (
+                    SELECT model, vram_mb, load_s, at, id, row_number() OVER (
+                        PARTITION BY model ORDER BY id DESC) AS newest
+                    FROM loads WHERE :model IS NULL OR model = :model)
+                WHERE newest <= :limit ORDER BY model, id DESC""",
+                {"model": model, "limit": limit},
+            ).fetchall()
+        return [RecordedLoad(*row) for row in rows]
 
     # ---- job history -----------------------------------------------------
 

@@ -99,12 +99,13 @@ def refused_intake(
     correlation_data: bytes | None = None,
     request_id: str | None = None,
 ) -> Intake:
-    """A command refused before it was read: answered on ``P/H/reply/<command>``."""
+    """A command refused before it was read: answered on ``P/H/reply/<command>``
+    (``P/H/reply/private/<command>`` for a private one)."""
     command_name = level if _PLAIN_COMMAND_LEVEL.fullmatch(level) else "unknown"
     return Intake(
         command_name=command_name,
         request_id=request_id or new_request_id(),
-        route=ReplyRoute(topics.reply(command_name), correlation_data),
+        route=ReplyRoute(topics.default_reply(command_name), correlation_data),
         error=error,
     )
 
@@ -134,7 +135,7 @@ def read_command(
     max_bytes: int,
 ) -> Intake:
     command_name = level if _PLAIN_COMMAND_LEVEL.fullmatch(level) else "unknown"
-    default_route = ReplyRoute(topics.reply(command_name), correlation_data)
+    default_route = ReplyRoute(topics.default_reply(command_name), correlation_data)
 
     def failed(code: ErrorCode, message: str) -> Intake:
         return refused_intake(
@@ -150,6 +151,21 @@ def read_command(
             ErrorCode.FORBIDDEN,
             f"response topic {response_topic[:128]!r} is outside {topics.base}/reply/#, "
             "where this host's replies go; the command was not executed",
+        )
+    root = topics.reply_root(command_name)
+    if response_topic is not None and not response_topic.startswith(root):
+        # Inside this host's reply tree, so the refusal (which holds nothing private) can go
+        # where its sender listens.
+        return Intake(
+            command_name=command_name,
+            request_id=request_id_of(payload) or new_request_id(),
+            route=ReplyRoute(response_topic, correlation_data),
+            error=CommandError(
+                ErrorCode.FORBIDDEN,
+                f"{command_name} replies may hold secrets and go only under {root}, which "
+                f"viewers cannot read: use a response topic there, such as {root}<your "
+                "name>; the command was not executed",
+            ),
         )
     if retained:
         return failed(

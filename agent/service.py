@@ -24,6 +24,7 @@ from agent.installer import Installer
 from agent.intake import Intake
 from agent.lifecycle import Lifecycle
 from agent.model_commands import ModelCommands
+from agent.read_commands import ReadCommands
 from agent.runtimes.factory import build_runtimes
 from agent.telemetry import gpu_info, host_state
 from bus.mqtt import (
@@ -139,6 +140,7 @@ class AgentService:
         self.dispatcher.register(
             self.model_commands.handlers(), beside=self.model_commands.slow_commands
         )
+        self.dispatcher.register(ReadCommands(self.lifecycle.registry, self.store).handlers())
         self.discovery = DiscoveryPublisher(
             ha,
             self.topics,

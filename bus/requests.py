@@ -6,7 +6,8 @@ request id, an MQTT 5 response topic under the commanded host's reply tree
 (``P/H/reply/<name>``, which only that host's agent may write) and the request id again as
 correlation data. Under MQTT 3.1.1 there are no response topics: the agent answers on
 ``P/H/reply/<command>``, which every client of that host shares, and the request id tells
-ours apart. Pure: what to publish, what to subscribe to, and which message answers.
+ours apart. A private command's replies (``logs``) go under ``P/H/reply/private/`` either
+way. Pure: what to publish, what to subscribe to, and which message answers.
 """
 
 from __future__ import annotations
@@ -86,6 +87,6 @@ class Requests:
             request_id=request_id,
             topic=topics.command(command),
             payload=json.dumps({**(fields or {}), "request_id": request_id}),
-            response_topic=topics.reply(self.name),
-            default_reply_topic=topics.reply(command),
+            response_topic=topics.client_reply(command, self.name),
+            default_reply_topic=topics.default_reply(command),
         )

@@ -19,6 +19,7 @@ crashes while loading when S is shorter than the load; the memory is not release
 simulator reclaims it when it notices the death, as a driver would), ``--overuse-mb N``
 (holds N MiB more than ``--vram-mb``) and ``--fail-health-after S`` (``/health`` answers 500
 once the server has been ready for S seconds, while the process keeps running).
+``--say-every S`` prints a numbered line every S seconds once ready: a log that grows.
 
 SIGTERM or SIGINT stops serving, releases the memory (it comes back after the simulator's
 release delay) and exits 0, whatever phase the server is in.
@@ -67,6 +68,7 @@ ENV_OVERUSE_MB = "MODELBUS_SIM_OVERUSE_MB"
 ENV_FAIL_HEALTH_AFTER = "MODELBUS_SIM_FAIL_HEALTH_AFTER"
 ENV_TOKENS_PER_S = "MODELBUS_SIM_TOKENS_PER_S"
 ENV_ANSWER_TOKENS = "MODELBUS_SIM_ANSWER_TOKENS"
+ENV_SAY_EVERY = "MODELBUS_SIM_SAY_EVERY"
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_MODEL = "sim-model"
@@ -107,6 +109,7 @@ class SimServerOptions:
     fail_health_after_s: float | None = None
     tokens_per_s: float = DEFAULT_TOKENS_PER_S
     answer_tokens: int | None = DEFAULT_ANSWER_TOKENS
+    say_every_s: float | None = None
 
     def allocation_mb(self) -> dict[int, int]:
         """MiB to hold on each GPU once loaded: the total split evenly, the remainder going
@@ -144,6 +147,13 @@ def _non_negative_seconds(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{text} is not a number of seconds 0 or more")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _non_negative_seconds(text)
+    if value == 0:
+        raise ValueError(f"{text!r} must be more than 0 seconds")
     return value
 
 
@@ -231,6 +241,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"tokens in every answer (env {ENV_ANSWER_TOKENS}; default: one sentence)",
     )
+    add(
+        "--say-every",
+        metavar="S",
+        help=f"once ready, print a numbered line every S seconds, so that its log grows "
+        f"(env {ENV_SAY_EVERY})",
+    )
     return parser
 
 
@@ -304,6 +320,7 @@ def parse_options(
             _non_negative_int,
             DEFAULT_ANSWER_TOKENS,
         ),
+        say_every_s=pick("--say-every", args.say_every, ENV_SAY_EVERY, _positive_seconds),
     )
 
 
@@ -429,7 +446,7 @@ class _SimServer:
                 self._pause_until(ready_at + self.options.fail_health_after_s)
                 self.http.status = Status(Phase.UNHEALTHY, 1.0)
                 _complain("simulated health failure: /health answers 500 from now on")
-            self._pause_until(math.inf)
+            self._idle()
             raise AssertionError("unreachable: only a signal or a crash ends the wait")
         except _Stop:
             _record_timing(self.options.model, "term")
@@ -451,6 +468,18 @@ class _SimServer:
                 self.client.release()
             self.client.close()
             _record_timing(self.options.model, "exit")
+
+    def _idle(self) -> None:
+        """Serve until a signal or a crash; with --say-every, printing a line that often."""
+        every = self.options.say_every_s
+        if every is None:
+            self._pause_until(math.inf)
+            return
+        said, next_at = 0, time.monotonic()
+        while True:
+            said, next_at = said + 1, next_at + every
+            self._pause_until(next_at)
+            _say(f"{self.options.model}: line {said}")
 
     def _load(self) -> None:
         """Raise the memory step by step, publishing the progress; return once it is all

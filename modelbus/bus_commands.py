@@ -60,6 +60,7 @@ from shared.messages import (
     Event,
     JobState,
     JobStatus,
+    Reply,
 )
 from shared.replies import (
     PLAN_RESULT,
@@ -145,21 +146,12 @@ async def run_request(
     try:
         answer = await send(session, host, request.command, request.fields, reply_deadline)
     except TimeoutError:
-        waited = request.timeout_s or DEFAULT_REPLY_TIMEOUT_S
-        raise ClientExit(
-            EXIT_TIMEOUT, f"no reply from {host} within {waited:g} s; {_why_silent(session, host)}"
-        ) from None
+        raise no_reply(session, host, request.timeout_s or DEFAULT_REPLY_TIMEOUT_S) from None
     reply = answer.reply
     if request.json_output and not (request.wait and reply.status == "ok" and reply.job_id):
         print(json.dumps(answer.raw), file=out, flush=True)
     if reply.status == "error":
-        error = reply.error
-        if error is None:
-            print(f"modelbus {name}: error reply without details", file=err, flush=True)
-            return EXIT_ERROR
-        print(f"modelbus {name}: {error.code}: {error.message}", file=err, flush=True)
-        # The agent refused a value of the command: a usage error, as if refused here.
-        return EXIT_USAGE if error.code is ErrorCode.INVALID_PAYLOAD else EXIT_ERROR
+        return refused(name, reply, err)
     if request.command is CommandName.PLAN:
         plan = read_data(PLAN_RESULT.validate_python, reply.data, "plan")
         if isinstance(plan, PlanRefused):
@@ -199,6 +191,23 @@ async def run_request(
     what = f"{error.code}: {error.message}" if error else job.message or "no details"
     print(f"modelbus {name}: job {job_id} {job.state}: {what}", file=err, flush=True)
     return EXIT_ERROR
+
+
+def no_reply(session: Session, host: str, waited_s: float) -> ClientExit:
+    return ClientExit(
+        EXIT_TIMEOUT, f"no reply from {host} within {waited_s:g} s; {_why_silent(session, host)}"
+    )
+
+
+def refused(name: str, reply: Reply[Any], err: TextIO) -> int:
+    """Say why the agent refused the command; the exit code for it."""
+    error = reply.error
+    if error is None:
+        print(f"modelbus {name}: error reply without details", file=err, flush=True)
+        return EXIT_ERROR
+    print(f"modelbus {name}: {error.code}: {error.message}", file=err, flush=True)
+    # The agent refused a value of the command: a usage error, as if refused here.
+    return EXIT_USAGE if error.code is ErrorCode.INVALID_PAYLOAD else EXIT_ERROR
 
 
 def _ignore(_job: JobState) -> None:
@@ -261,6 +270,9 @@ async def stream_events(
 # -- entry points ----------------------------------------------------------------------
 
 
+RequestRunner = Callable[[Session, Request, TextIO, TextIO, float | None], Awaitable[int]]
+
+
 def run_command(
     settings: ConnectionSettings,
     prefix: str,
@@ -268,8 +280,11 @@ def run_command(
     *,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    runner: RequestRunner | None = None,
+    interrupted: int = EXIT_INTERRUPTED,
 ) -> int:
-    """Send one command (and follow its job with ``wait``); the process's exit code."""
+    """Send one command (and follow its job with ``wait``), or run ``runner`` (``logs -f``,
+    whose Ctrl-C is its ``interrupted`` exit code); the process's exit code."""
     out = out or sys.stdout
     err = err or sys.stderr
     name = request.command.value
@@ -280,10 +295,10 @@ def run_command(
         return EXIT_USAGE
 
     async def body(session: Session, deadline: float | None) -> int:
-        return await run_request(session, request, out, err, deadline)
+        return await (runner or run_request)(session, request, out, err, deadline)
 
-    return _run(
-        settings, prefix, name, body, err, timeout_s=request.timeout_s, interrupted=EXIT_INTERRUPTED
+    return run_connected(
+        settings, prefix, name, body, err, timeout_s=request.timeout_s, interrupted=interrupted
     )
 
 
@@ -314,10 +329,12 @@ def run_events(
             err=err,
         )
 
-    return _run(settings, prefix, "events", body, err, timeout_s=timeout_s, interrupted=EXIT_OK)
+    return run_connected(
+        settings, prefix, "events", body, err, timeout_s=timeout_s, interrupted=EXIT_OK
+    )
 
 
-def _run(
+def run_connected(
     settings: ConnectionSettings,
     prefix: str,
     name: str,

@@ -2,10 +2,10 @@
 
 Exit codes: 0 ok; 1 runtime failure (no GPU, broker refused the agent, the demo's broker or
 agent died) or, for the client commands (status, load, unload, switch, plan, install,
-uninstall, cancel, events), an error reply, a failed job, a plan that cannot be carried out or
-a host that is not online; 2 usage or configuration error (for the client commands also a value
-the contract refuses); 3 timeout (client commands); 4 broker unreachable or refusing the client
-(client commands). See docs/client.md.
+uninstall, cancel, logs, history, events), an error reply, a failed job, a plan that cannot
+be carried out or a host that is not online; 2 usage or configuration error (for the client
+commands also a value the contract refuses); 3 timeout (client commands); 4 broker
+unreachable or refusing the client (client commands). See docs/client.md.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
 
 CLIENT_COMMANDS = frozenset(
     {"status", "load", "unload", "switch", "plan", "install", "uninstall", "cancel", "events"}
+    | {"logs", "history"}
 )
 
 
@@ -201,6 +202,17 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     uninstall.add_argument("name", metavar="NAME")
     cancel = add("cancel", "cancel a queued or running job")
     cancel.add_argument("job_id", metavar="JOB_ID")
+    logs = add("logs", "print a model server's last output lines; -f follows them")
+    logs.add_argument("model", metavar="MODEL")
+    logs.add_argument("-n", "--lines", type=_count, metavar="N", help="how many (default 200)")
+    logs.add_argument(
+        "-f", "--follow", action="store_true", help="then print new lines as they come (Ctrl-C)"
+    )
+    history = add("history", "print the last load times of each model, or of MODEL")
+    history.add_argument("model", metavar="MODEL", nargs="?")
+    history.add_argument(
+        "-n", "--limit", type=_count, metavar="N", help="loads per model (default 20)"
+    )
     events = add("events", "print events as they arrive (Ctrl-C stops)")
     events.add_argument("--count", type=_count, metavar="N", help="stop after N events")
 
@@ -216,6 +228,8 @@ def _client_fields(args: argparse.Namespace) -> dict[str, Any]:
         "install": ("repo", "revision", "include", "exclude", "name"),
         "uninstall": ("name",),
         "cancel": ("job_id",),
+        "logs": ("model", "lines"),
+        "history": ("model", "limit"),
     }[args.command]
     values = {name: getattr(args, name) for name in names}
     return {name: value for name, value in values.items() if value not in (None, False)}
@@ -361,6 +375,7 @@ def run_client(args: argparse.Namespace) -> int:
     from bus.settings import ConfigError, load_bus_config
     from modelbus.bus_commands import run_command, run_events
     from modelbus.client_session import Request
+    from modelbus.log_follow import follow_log
     from shared.topics import CommandName
 
     overrides = {"broker.url": args.broker, "prefix": args.prefix}
@@ -390,6 +405,9 @@ def run_client(args: argparse.Namespace) -> int:
         json_output=args.json,
         timeout_s=args.timeout,
     )
+    if args.command == "logs" and args.follow:
+        # Ctrl-C is how a follow ends: exit 0, as events.
+        return run_command(settings, config.prefix, request, runner=follow_log, interrupted=EXIT_OK)
     return run_command(settings, config.prefix, request)
 
 

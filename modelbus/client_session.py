@@ -71,6 +71,7 @@ class Session:
         self.seen: list[Message] = []
         self._queue: asyncio.Queue[Message | BaseException] = asyncio.Queue()
         self._pump_task: asyncio.Task[None] | None = None
+        self._subscribed: set[str] = set()
 
     async def __aenter__(self) -> Session:
         self._pump_task = asyncio.create_task(self._pump())
@@ -101,7 +102,11 @@ class Session:
         return self.connection.protocol
 
     async def subscribe(self, *filters: str) -> None:
-        await self.connection.subscribe([Subscription(f, qos=1) for f in filters])
+        """Subscribe to the filters not subscribed to yet (a follow asks every second)."""
+        new = [f for f in dict.fromkeys(filters) if f not in self._subscribed]
+        if new:
+            await self.connection.subscribe([Subscription(f, qos=1) for f in new])
+            self._subscribed.update(new)
 
     async def next(self, deadline: float | None) -> Message:
         """The next message; TimeoutError at ``deadline`` (the loop's clock)."""

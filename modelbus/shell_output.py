@@ -28,6 +28,8 @@ from shared.replies import (
     JobAccepted,
     JobOutcome,
     JobsQueued,
+    LoadHistory,
+    LogLines,
     PlanFits,
     PlanRefused,
     Uninstalled,
@@ -160,6 +162,10 @@ def format_reply(host: str, answer: Answer, fields: Mapping[str, Any] | None = N
         return format_status(host, read_data(HostStatus.model_validate, reply.data, "status"))
     if command == CommandName.PLAN:
         return format_plan(read_data(PLAN_RESULT.validate_python, reply.data, "plan"))
+    if command == CommandName.LOGS:
+        return read_data(LogLines.model_validate, reply.data, "logs").lines
+    if command == CommandName.HISTORY:
+        return format_history(read_data(LoadHistory.model_validate, reply.data, "history"))
     if command == CommandName.UNINSTALL:
         gone = read_data(Uninstalled.model_validate, reply.data, "uninstall")
         return [f"uninstalled {gone.name} from {host}: freed {gone.freed_mb} MiB"]
@@ -266,3 +272,23 @@ def format_plan(plan: PlanFits | PlanRefused) -> list[str]:
             f" + freed {freed} MiB -> {left} MiB left"
         )
     return lines
+
+
+def format_history(history: LoadHistory) -> list[str]:
+    """One row per load, newest first within each model; a model never loaded gets dashes."""
+    rows = [("model", "loaded at", "load", "VRAM")]
+    for entry in history.models:
+        rows += [
+            (
+                entry.model,
+                load.loaded_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+                f"{load.load_s:.1f} s",
+                f"{_mb(load.vram_used_mb)} MiB",
+            )
+            for load in entry.loads
+        ] or [(entry.model, "-", "-", "-")]
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    return [
+        f"{model:<{widths[0]}}  {when:<{widths[1]}}  {took:>{widths[2]}}  {vram:>{widths[3]}}"
+        for model, when, took, vram in rows
+    ]

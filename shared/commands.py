@@ -50,6 +50,13 @@ RepoId = Annotated[
     AfterValidator(_no_double_separators),
 ]
 GlobPattern = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+# A logs reply's cursor, passed back as it came: opaque to clients, read by the agent.
+LogCursorText = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,128}$")]
+LOG_LINES_DEFAULT = 200
+LOG_LINES_MAX = 1000
+HISTORY_LIMIT_DEFAULT = 20
+# The agent keeps the last 100 loads of each model (agent/database.py).
+HISTORY_LIMIT_MAX = 100
 GpuIndex = Annotated[int, Field(ge=0, le=63)]
 
 
@@ -145,6 +152,34 @@ class StatusCommand(CommandBase):
     main_argument = None
 
 
+class LogsCommand(CommandBase):
+    command_name = CommandName.LOGS
+    main_argument = "model"
+    model: ModelName
+    lines: int = Field(
+        default=LOG_LINES_DEFAULT,
+        ge=1,
+        le=LOG_LINES_MAX,
+        description="at most this many lines: the last ones, or with since the first after it",
+    )
+    since: LogCursorText | None = Field(
+        default=None,
+        description="the cursor of an earlier logs reply: answer the lines after it",
+    )
+
+
+class HistoryCommand(CommandBase):
+    command_name = CommandName.HISTORY
+    main_argument = "model"
+    model: ModelName | None = Field(default=None, description="one model; every model when absent")
+    limit: int = Field(
+        default=HISTORY_LIMIT_DEFAULT,
+        ge=1,
+        le=HISTORY_LIMIT_MAX,
+        description="the newest loads of each model, at most",
+    )
+
+
 COMMAND_MODELS: dict[CommandName, type[CommandBase]] = {
     model.command_name: model
     for model in (
@@ -156,6 +191,8 @@ COMMAND_MODELS: dict[CommandName, type[CommandBase]] = {
         UninstallCommand,
         CancelCommand,
         StatusCommand,
+        LogsCommand,
+        HistoryCommand,
     )
 }
 

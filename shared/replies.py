@@ -3,6 +3,7 @@ and read by every client through the same model (never by hand)."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter
@@ -90,6 +91,55 @@ class Uninstalled(Published):
     freed_mb: int
 
 
+# A logs reply cuts longer lines there, and says so at the end of each line it cut.
+LOG_LINE_MAX_BYTES = 8192
+LOG_LINE_CUT = f" [line cut at {LOG_LINE_MAX_BYTES} bytes]"
+
+
+class LogLines(Published):
+    """``logs``: a model server's output, oldest line first. Follow it by passing
+    ``cursor`` back as ``since``."""
+
+    model: str
+    lines: list[str] = Field(
+        description=f"oldest first; a line longer than {LOG_LINE_MAX_BYTES} bytes is cut, "
+        f"ending in {LOG_LINE_CUT!r}"
+    )
+    cursor: str = Field(description="pass it as since to get the lines after these")
+    more: bool = Field(
+        default=False, description="more lines after these are already there: ask again at once"
+    )
+    restarted: bool = Field(
+        default=False,
+        description="since came from an earlier run of the server: the log restarted, and "
+        "these lines start at the beginning of the run now logged",
+    )
+    cut_lines: int = Field(default=0, description="how many of these lines were cut")
+
+
+class LoadRecord(Published):
+    """One load of a model, as the agent measured it."""
+
+    loaded_at: datetime = Field(description="when the server became healthy")
+    load_s: float = Field(description="start to healthy")
+    vram_used_mb: int | None = Field(default=None, description="null when it was not measured")
+
+
+class ModelLoads(Published):
+    model: str
+    loads: list[LoadRecord] = Field(description="newest first")
+
+
+class LoadHistory(Published):
+    """``history``: each model's last loads, from the agent's database."""
+
+    models: list[ModelLoads]
+    limit: int = Field(
+        description="loads per model at most; less than asked where many models share one "
+        "reply, whose size is bounded"
+    )
+
+
 # The ``data`` of each command's ``ok`` reply (job commands: JobAccepted, or with ``wait``
 # JobOutcome; an error reply's ``data`` is JobOutcome when it names a job, else null).
 REPLY_DATA: dict[CommandName, Any] = {
@@ -101,4 +151,6 @@ REPLY_DATA: dict[CommandName, Any] = {
     CommandName.PLAN: PlanResult,
     CommandName.CANCEL: JobOutcome,
     CommandName.UNINSTALL: Uninstalled,
+    CommandName.LOGS: LogLines,
+    CommandName.HISTORY: LoadHistory,
 }

@@ -32,6 +32,15 @@ class CommandName(StrEnum):
     UNINSTALL = "uninstall"
     CANCEL = "cancel"
     STATUS = "status"
+    LOGS = "logs"
+    HISTORY = "history"
+
+
+# Commands whose replies may hold secrets (a server's output can print keys and tokens):
+# they are answered only under ``P/H/reply/private/``, which the shipped ACL keeps from
+# viewers (mosquitto/acl).
+PRIVATE_COMMANDS = frozenset({CommandName.LOGS})
+PRIVATE_REPLY_LEVEL = "private"
 
 
 def is_host_id(value: str) -> bool:
@@ -113,6 +122,22 @@ class HostTopics:
         """``P/H/reply/<name>``: the default reply topic of a command, or a client's own
         response topic (``tui-<random>``) for commands to this host."""
         return f"{self.base}/reply/{name}"
+
+    def reply_root(self, command: CommandName | str) -> str:
+        """Where the replies to ``command`` may go, ending in ``/``: ``P/H/reply/private/``
+        for a private command (``logs``), ``P/H/reply/`` for every other."""
+        if command in PRIVATE_COMMANDS:
+            return f"{self.base}/reply/{PRIVATE_REPLY_LEVEL}/"
+        return f"{self.base}/reply/"
+
+    def default_reply(self, command: CommandName | str) -> str:
+        """Where the reply to ``command`` goes without a response topic:
+        ``P/H/reply/<command>``, or ``P/H/reply/private/<command>`` for a private one."""
+        return self.reply_root(command) + command
+
+    def client_reply(self, command: CommandName | str, client: str) -> str:
+        """The response topic a client named ``client`` gives ``command``."""
+        return self.reply_root(command) + client
 
     @property
     def command_filter(self) -> str:

@@ -5,13 +5,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
 from shared.commands import describe_validation_error
 from shared.messages import JobState, JobStatus, ModelLifecycle, ModelState, Reply
-from shared.replies import PLAN_RESULT, HostStatus, JobAccepted, PlanRefused, Uninstalled
+from shared.replies import (
+    PLAN_RESULT,
+    HostStatus,
+    JobAccepted,
+    LoadHistory,
+    LogLines,
+    PlanRefused,
+    Uninstalled,
+)
 from tui.format import gib
 
 _BUSY_STATES = frozenset({ModelLifecycle.LOADING, ModelLifecycle.UNLOADING})
@@ -99,6 +107,22 @@ def describe_reply(reply: Reply[Any]) -> tuple[bool, str]:
             return True, "uninstall: ok"
         return True, f"uninstalled {gone.name} ({gone.was}): {gib(gone.freed_mb)} freed"
     return True, f"{reply.command}: ok"
+
+
+_Data = TypeVar("_Data", LogLines, LoadHistory)
+
+
+def reply_data(reply: Reply[Any] | None, model: type[_Data]) -> _Data | str:
+    """A ``logs`` or ``history`` reply's data, or the sentence that says why there is none
+    (no connection, an error reply, data of another shape)."""
+    if reply is None:
+        return "not connected to a broker"
+    if reply.status == "error":
+        return describe_reply(reply)[1]
+    try:
+        return model.model_validate(reply.data)
+    except ValidationError as exc:
+        return f"could not read the agent's {reply.command} reply: {describe_validation_error(exc)}"
 
 
 def _describe_status(data: Any) -> str:

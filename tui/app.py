@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from rich.text import Text
-from textual import events
+from textual import events, work
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -34,7 +34,7 @@ from tui.widgets.header import link_text, waiting_note
 from tui.widgets.hosts import HostList
 from tui.widgets.jobs import JobsTable, render_job_detail
 from tui.widgets.keybar import Key, KeyBar
-from tui.widgets.models import ModelsTable, render_model_detail
+from tui.widgets.models import ModelsTable, render_loads, render_log_tail, render_model_detail
 from tui.widgets.outcome import OutcomeLine, Said, render_said
 from tui.widgets.vram_bar import GpuPanel
 from tui.widgets.weights import WeightsPanel
@@ -60,6 +60,9 @@ _HOST_PANELS = ("gpus", "models", "jobs", "weights", "link")
 
 # From this width on the host list stands beside the dashboard.
 WIDE_COLUMNS = 110
+# What Enter on a model asks its agent for beside what the bus already said.
+DETAIL_LOADS = 10
+DETAIL_LOG_LINES = 15
 # From this height on the weights panel is shown without asking (w toggles it).
 TALL_ROWS = 40
 
@@ -91,6 +94,9 @@ class ModelbusApp(CommandKeys):
         Binding(
             "e", "events", "events", tooltip="all events and answers, in full", id="view.events"
         ),
+        Binding(
+            "L", "logs", "logs", tooltip="the selected model's output, followed", id="model.logs"
+        ),
         Binding("d", "debug", "debug", tooltip="messages skipped as unusable", id="view.debug"),
         Binding(
             "g",
@@ -114,6 +120,9 @@ class ModelbusApp(CommandKeys):
             "uninstall",
             tooltip="delete weights (asks first)",
             id="weights.uninstall",
+        ),
+        Binding(
+            "h", "history", "history", tooltip="the selected model's last loads", id="model.history"
         ),
         Binding("r", "status", "status", tooltip="ask the agent itself", id="host.status"),
         Binding(
@@ -322,7 +331,17 @@ class ModelbusApp(CommandKeys):
         if event.data_table is self.jobs and key in view.jobs:
             self.push_screen(DetailScreen(render_job_detail(view.jobs[key])))
         elif event.data_table is self.models and key in view.models:
-            self.push_screen(DetailScreen(render_model_detail(view.models[key], self._now())))
+            detail = DetailScreen(render_model_detail(view.models[key], self._now()))
+            self.push_screen(detail)
+            self._complete_model_detail(detail, view.host_id, key)
+
+    @work(group="details")
+    async def _complete_model_detail(self, detail: DetailScreen, host: str, model: str) -> None:
+        """What the agent is asked for: the model's last loads and log lines."""
+        loads = await self.model_loads(host, model, limit=DETAIL_LOADS)
+        logs = await self.model_logs(host, model, lines=DETAIL_LOG_LINES)
+        if detail.is_attached:
+            detail.extend(render_loads(loads, self._now()) + render_log_tail(logs))
 
     def action_events(self) -> None:
         said = render_said(list(self.outcome.said))
@@ -382,6 +401,8 @@ class ModelbusApp(CommandKeys):
             ("Install weights", "download a Hugging Face repo", self.action_install),
             ("Uninstall weights", "delete installed weights (asks first)", self.action_uninstall),
             ("Ask the agent for its status", "does it answer, and what runs", self.action_status),
+            ("Follow the selected model's log", "its server's output, live", self.action_logs),
+            ("The selected model's last loads", "how long each took", self.action_history),
             (
                 "Cancel a job",
                 "the running one, or the one selected in the jobs table",

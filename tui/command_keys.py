@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.text import Text
 from textual import work
 from textual.app import App
 
-from shared.messages import ModelState, Reply
+from shared.messages import ModelState, Reply, utc_now
+from shared.replies import LoadHistory, LogLines, ModelLoads
 from shared.topics import CommandName
 from tui.actions import (
     PlanSummary,
@@ -20,13 +22,14 @@ from tui.actions import (
     describe_reply,
     force_reason,
     job_to_cancel,
+    reply_data,
     summarize_plan,
 )
 from tui.bridge import BusBridge
-from tui.screens import AskScreen, ConfirmScreen
+from tui.screens import AskScreen, ConfirmScreen, DetailScreen, LogScreen
 from tui.store import BusStore
 from tui.widgets.jobs import JobsTable
-from tui.widgets.models import ModelsTable
+from tui.widgets.models import ModelsTable, render_loads
 from tui.widgets.tables import selected_key
 from tui.widgets.weights import WeightsPanel
 
@@ -41,7 +44,13 @@ COMMAND_BINDINGS = {
     CommandName.UNINSTALL: "weights.uninstall",
     CommandName.CANCEL: "job.cancel",
     CommandName.STATUS: "host.status",
+    CommandName.LOGS: "model.logs",
+    CommandName.HISTORY: "model.history",
 }
+
+
+# How many of a model's last loads ``h`` shows (the agent keeps 100).
+HISTORY_SHOWN = 20
 
 
 class CommandKeys(App[int]):
@@ -221,6 +230,47 @@ class CommandKeys(App[int]):
         if host is None:
             return
         self._tell(await self._send(host, CommandName.STATUS, {}), host)
+
+    def action_logs(self) -> None:
+        """The selected model's log, followed live."""
+        picked = self._selected_model()
+        if picked:
+            host, model = picked[0], picked[1].name
+            self.push_screen(
+                LogScreen(
+                    f"{model} on {host}: its server's output",
+                    lambda since: self.model_logs(host, model, since=since),
+                )
+            )
+
+    @work(group="commands")
+    async def action_history(self) -> None:
+        """The selected model's last loads, as the agent's database has them."""
+        picked = self._selected_model()
+        if picked:
+            host, model = picked[0], picked[1].name
+            title = Text(f"{model} on {host}", style="bold")
+            loads = await self.model_loads(host, model, limit=HISTORY_SHOWN)
+            self.push_screen(DetailScreen(title + render_loads(loads, utc_now())))
+
+    async def model_logs(
+        self, host: str, model: str, *, lines: int = 200, since: str | None = None
+    ) -> LogLines | str:
+        """``logs`` of ``model``: its lines, or why there are none."""
+        fields: dict[str, Any] = {"model": model, "lines": lines}
+        if since is not None:
+            fields["since"] = since
+        return reply_data(await self._send(host, CommandName.LOGS, fields), LogLines)
+
+    async def model_loads(self, host: str, model: str, *, limit: int) -> ModelLoads | str:
+        """``history`` of ``model``: its last loads, or why there are none."""
+        fields = {"model": model, "limit": limit}
+        history = reply_data(await self._send(host, CommandName.HISTORY, fields), LoadHistory)
+        if isinstance(history, str):
+            return history
+        return next(
+            (m for m in history.models if m.model == model), ModelLoads(model=model, loads=[])
+        )
 
     def _selected_partial_repo(self, host: str) -> str | None:
         """The repo of the partial download under the weights panel's cursor, if any."""

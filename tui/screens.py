@@ -1,15 +1,27 @@
-"""Modal questions (confirm, ask for a repo) and the debug view of skipped messages."""
+"""Modal questions (confirm, ask for a repo), the detail and debug views, and a model's
+log followed live."""
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
 
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Static
+from textual.widgets import Button, Input, Label, Log, Static
 
+from shared.replies import LogLines
 from tui.store import BusStore
+
+# Asks for the lines after a cursor (None: the last ones): the lines, or why none came.
+LogFetch = Callable[[str | None], Awaitable[LogLines | str]]
+# How often a followed log is asked for what it wrote since.
+FOLLOW_INTERVAL_S = 1.0
+# The log view keeps this many lines.
+LOG_VIEW_LINES = 5000
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -103,6 +115,88 @@ class DetailScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with VerticalScroll():
             yield Static(self.body, id=self.body_id)
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+    def extend(self, more: Text) -> None:
+        """Add to what is shown (what had to be asked for comes after the rest)."""
+        self.body = Text.assemble(self.body, more)
+        self.query_one(f"#{self.body_id}", Static).update(self.body)
+
+
+class LogScreen(ModalScreen[None]):
+    """A model's log (the ``logs`` command), followed: what it writes appears within
+    FOLLOW_INTERVAL_S; ``f`` pauses and resumes following."""
+
+    DEFAULT_CSS = """
+    LogScreen { align: center middle; }
+    LogScreen > Vertical {
+        width: 95%; height: 90%; border: thick $accent; background: $surface;
+    }
+    LogScreen #log-title { height: 1; padding: 0 1; }
+    LogScreen Log { height: 1fr; }
+    """
+    BINDINGS = [
+        Binding("escape,q", "close", "Close", id="logs.close"),
+        Binding("f", "toggle_follow", "Follow", id="logs.follow"),
+    ]
+
+    def __init__(
+        self, title: str, fetch: LogFetch, *, interval_s: float = FOLLOW_INTERVAL_S
+    ) -> None:
+        super().__init__()
+        self.title_text = title
+        self.fetch = fetch
+        self.interval_s = interval_s
+        self.following = True
+        self.lines_shown = 0
+        self.problem: str | None = None
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Static(id="log-title")
+            yield Log(max_lines=LOG_VIEW_LINES, auto_scroll=True)
+
+    def on_mount(self) -> None:
+        self._show_title()
+        self.run_worker(self._follow(), name="follow-log", exclusive=True)
+
+    async def _follow(self) -> None:
+        log = self.query_one(Log)
+        cursor: str | None = None
+        while True:
+            if cursor is None or self.following:
+                got = await self.fetch(cursor)
+                if isinstance(got, str):
+                    self.problem = got
+                else:
+                    self.problem = None
+                    if got.restarted:
+                        log.write_line("── the server restarted: its new log from the start ──")
+                    if got.lines:
+                        log.write_lines(got.lines)
+                        self.lines_shown += len(got.lines)
+                    cursor = got.cursor
+                    if got.more:
+                        continue
+                self._show_title()
+            await asyncio.sleep(self.interval_s)
+
+    def _show_title(self) -> None:
+        text = Text(self.title_text, style="bold")
+        if self.following:
+            text.append("  following (f pauses)", style="green")
+        else:
+            text.append("  paused (f follows)", style="yellow")
+        text.append(f"  {self.lines_shown} lines  Esc closes", style="dim")
+        if self.problem:
+            text.append(f"  {self.problem}", style="bold red")
+        self.query_one("#log-title", Static).update(text)
+
+    def action_toggle_follow(self) -> None:
+        self.following = not self.following
+        self._show_title()
 
     def action_close(self) -> None:
         self.dismiss(None)

@@ -26,11 +26,17 @@ from agent.gateway.handlers import (
     read_small,
     require,
 )
-from agent.gateway.keys import Role
+from agent.gateway.keys import Role, command_role
 from agent.intake import local_intake, new_request_id
-from shared.commands import MAX_COMMAND_BYTES
+from shared.commands import (
+    HISTORY_LIMIT_DEFAULT,
+    HISTORY_LIMIT_MAX,
+    LOG_LINES_DEFAULT,
+    LOG_LINES_MAX,
+    MAX_COMMAND_BYTES,
+)
 from shared.messages import ErrorCode, ErrorInfo, Reply, encode
-from shared.replies import JobAccepted, JobsQueued
+from shared.replies import JobAccepted, JobsQueued, LoadHistory
 from shared.topics import CommandName
 
 API = "/api/v1"
@@ -49,11 +55,6 @@ _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
 
 
-def command_role(command: CommandName) -> Role:
-    """``status`` reads; every other command is an operator's, as on the broker."""
-    return Role.VIEWER if command == CommandName.STATUS else Role.OPERATOR
-
-
 class ControlApi:
     def __init__(self, view: HostView, catalog_names: Callable[[], list[str]]) -> None:
         self._view = view
@@ -66,6 +67,8 @@ class ControlApi:
             for part in STATUS_PARTS:
                 router.add_get(f"{prefix}/{part}", self._for_host(self._status_part(part)))
             router.add_get(f"{prefix}/models/{{name}}", self._for_host(self._model))
+            router.add_get(f"{prefix}/models/{{name}}/logs", self._for_host(self._model_logs))
+            router.add_get(f"{prefix}/models/{{name}}/loads", self._for_host(self._model_loads))
             router.add_get(f"{prefix}/jobs/{{job_id}}", self._for_host(self._job))
             router.add_get(f"{prefix}/weights", self._for_host(self._weights))
             router.add_get(f"{prefix}/history", self._for_host(self._history))
@@ -136,6 +139,34 @@ class ControlApi:
         if not found:
             raise errors.unknown_model(name, self._catalog_names())
         return json_model(found[0])
+
+    async def _model_logs(self, request: web.Request) -> web.Response:
+        """The bus's ``logs`` data: ``?lines=`` (200, at most 1000), ``?since=`` a cursor."""
+        require(request, command_role(CommandName.LOGS))
+        lines = _limit(request.query.get("lines"), LOG_LINES_DEFAULT, LOG_LINES_MAX, "lines")
+        fields: dict[str, Any] = {"model": request.match_info["name"], "lines": lines}
+        if "since" in request.query:
+            fields["since"] = request.query["since"]
+        return json_model(await self._read(CommandName.LOGS, fields))
+
+    async def _model_loads(self, request: web.Request) -> web.Response:
+        """The bus's ``history`` data for one model: ``?limit=`` (20, at most 100)."""
+        require(request, command_role(CommandName.HISTORY))
+        limit = _limit(request.query.get("limit"), HISTORY_LIMIT_DEFAULT, HISTORY_LIMIT_MAX)
+        history = await self._read(
+            CommandName.HISTORY, {"model": request.match_info["name"], "limit": limit}
+        )
+        assert isinstance(history, LoadHistory)
+        return json_model(history.models[0])
+
+    async def _read(self, command: CommandName, fields: dict[str, Any]) -> Any:
+        """A reading command's ``data``, run as the bus runs it; its refusal as an error."""
+        reply = await self._view.call(local_intake(command, json.dumps(fields).encode()))
+        if reply.error is not None:
+            if reply.error.code == ErrorCode.UNKNOWN_MODEL:
+                raise errors.unknown_model(fields["model"], self._catalog_names())
+            raise errors.refused(reply.error.code, reply.error.message)
+        return reply.data
 
     async def _job(self, request: web.Request) -> web.Response:
         require(request, Role.VIEWER)
@@ -234,11 +265,11 @@ def _flag(request: web.Request, name: str) -> bool | None:
     raise errors.bad_request(f"?{name}= takes true or false, not {value[:32]!r}", param=name)
 
 
-def _limit(value: str | None, default: int, most: int) -> int:
+def _limit(value: str | None, default: int, most: int, param: str = "limit") -> int:
     if value is None:
         return default
     if not (value.isascii() and value.isdigit() and len(value) <= 6) or not 1 <= int(value) <= most:
-        raise errors.bad_request(f"?limit= takes a whole number from 1 to {most}", param="limit")
+        raise errors.bad_request(f"?{param}= takes a whole number from 1 to {most}", param=param)
     return int(value)
 
 

@@ -71,6 +71,13 @@ def bad_request(message: str, *, param: str | None = None) -> GatewayError:
     return GatewayError(HTTPStatus.BAD_REQUEST, message, "invalid_request", param=param)
 
 
+def refused(code: ErrorCode, message: str) -> GatewayError:
+    """A bus command's refusal on a route that answers its data, not its reply envelope."""
+    status = COMMAND_STATUS.get(code, HTTPStatus.INTERNAL_SERVER_ERROR)
+    kind = "server_error" if status >= HTTPStatus.INTERNAL_SERVER_ERROR else "invalid_request_error"
+    return GatewayError(status, message, code.value, kind=kind)
+
+
 def not_found(what: str) -> GatewayError:
     return GatewayError(HTTPStatus.NOT_FOUND, f"{what} does not exist here", "not_found")
 

@@ -12,6 +12,8 @@ from enum import IntEnum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shared.topics import CommandName
+
 # The environment's form: "name:role:key" entries separated by commas.
 ENV_SEPARATOR = ","
 MIN_KEY_CHARS = 16
@@ -37,6 +39,16 @@ class Role(IntEnum):
     @property
     def label(self) -> str:
         return self.name.lower()
+
+
+# The commands that only read what every viewer may see; the others (logs included: a
+# server's output can hold secrets) are an operator's, as on the broker.
+VIEWER_COMMANDS = frozenset({CommandName.STATUS, CommandName.HISTORY})
+
+
+def command_role(command: CommandName) -> Role:
+    """The role a bus command needs over HTTP."""
+    return Role.VIEWER if command in VIEWER_COMMANDS else Role.OPERATOR
 
 
 class ApiKey(BaseModel):

@@ -13,11 +13,11 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter
 
 from agent import __version__
-from agent.gateway.keys import Role
+from agent.gateway.keys import Role, command_role
 from agent.gateway.paths import FORM_ROUTES, INFERENCE_ROUTES, UPSTREAM_ROUTE
 from shared.commands import COMMAND_MODELS
 from shared.messages import GpuState, JobState, ModelState, Reply, WeightsState
-from shared.replies import REPLY_DATA, HostStatus
+from shared.replies import REPLY_DATA, HostStatus, LogLines, ModelLoads
 from shared.topics import CommandName
 
 REF = "#/components/schemas/{model}"
@@ -25,7 +25,9 @@ _PARAMETER = re.compile(r"{(\w+)(?::[^}]*)?}")
 # Query parameters the routes take, described once.
 QUERY = {
     "wait": "true: answer once the job has ended (200 and data.job); false: at once (202)",
-    "limit": "how many jobs, newest first (1-1000; 100)",
+    "limit": "how many, newest first: jobs 1-1000 (100), a model's loads 1-100 (20)",
+    "lines": "how many lines at most (1-1000; 200): the last ones, or the first after since",
+    "since": "the cursor of an earlier answer: the lines after it",
     "topics": "comma-separated levels to follow: status, info, state, gpu, models, jobs, "
     "weights, events (all when absent)",
     "target_model": "the catalog model to switch to",
@@ -101,6 +103,12 @@ def _native_routes(root: str) -> list[Route]:
                   answer=list[ModelState]),
             Route("GET", f"{prefix}/models/{{name}}", Role.VIEWER, "one model", "control",
                   answer=ModelState),
+            Route("GET", f"{prefix}/models/{{name}}/logs", command_role(CommandName.LOGS),
+                  "its server's output (the bus's logs)", "control", answer=LogLines,
+                  query=("lines", "since")),
+            Route("GET", f"{prefix}/models/{{name}}/loads", command_role(CommandName.HISTORY),
+                  "its last loads (the bus's history)", "control", answer=ModelLoads,
+                  query=("limit",)),
             Route("GET", f"{prefix}/gpus", Role.VIEWER, "every GPU", "control",
                   answer=list[GpuState]),
             Route("GET", f"{prefix}/jobs", Role.VIEWER, "active and recent jobs", "control",
@@ -120,7 +128,7 @@ def _native_routes(root: str) -> list[Route]:
                 Route(
                     "POST",
                     f"{prefix}/{command}",
-                    Role.VIEWER if command == CommandName.STATUS else Role.OPERATOR,
+                    command_role(command),
                     f"the bus's {command} command",
                     "commands",
                     body=COMMAND_MODELS[command],

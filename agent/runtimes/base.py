@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from agent.catalog import ModelSpec
+from agent.log_lines import LogCursor, LogRead
 
 
 class RuntimeFailure(Exception):
@@ -61,6 +62,17 @@ class Runtime(Protocol):
     async def logs(self, instance: Instance, lines: int = 20) -> list[str]:
         """Its last output lines, for error reports; never raises (an empty list when
         they cannot be read), and never blocks the event loop."""
+        ...
+
+    async def read_log(
+        self, spec: ModelSpec, since: LogCursor | None, lines: int, *, live: bool
+    ) -> LogRead:
+        """The ``logs`` command's answer: the last ``lines`` lines of the model's server
+        output, or the first after ``since`` (log_lines.py). The last run's output is
+        answered as long as the runtime still has it; a model never run has no lines.
+        ``live``: a server runs now (its last line may still be written). Raises
+        BadCursor for a ``since`` of another kind, RuntimeFailure when the output cannot
+        be read; never blocks the event loop."""
         ...
 
     async def adopt(self, specs: dict[str, ModelSpec]) -> list[Instance]:

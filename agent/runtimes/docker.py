@@ -24,7 +24,9 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from agent.catalog import DockerLaunch, ModelSpec
+from agent.log_lines import LogCursor, LogRead
 from agent.runtimes.base import ExitStatus, Instance, RuntimeFailure
+from agent.runtimes.docker_logs import read_container_log
 
 T = TypeVar("T")
 
@@ -119,6 +121,22 @@ class DockerRuntime:
         except RuntimeFailure:
             return []
         return output.decode(errors="replace").splitlines()[-lines:]
+
+    async def read_log(
+        self, spec: ModelSpec, since: LogCursor | None, lines: int, *, live: bool
+    ) -> LogRead:
+        return await self._run(
+            f"read the log of model '{spec.name}'", self._read_log, spec, since, lines
+        )
+
+    def _read_log(self, spec: ModelSpec, since: LogCursor | None, lines: int) -> LogRead:
+        # By name: the container of a stopped model is found as long as it exists.
+        name = _launch(spec).container or container_name(self.host_id, spec.name)
+        try:
+            container = self.client.containers.get(name)
+        except self._docker.errors.NotFound:
+            container = None
+        return read_container_log(container, since, lines)
 
     def _tail(self, instance: Instance, lines: int) -> bytes:
         container = self._container(instance)

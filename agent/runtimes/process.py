@@ -9,7 +9,8 @@ to be adopted by the next agent.
 What the next agent needs to find it again lives in ``<state_dir>/pids/<model>.json``:
 the pid, the process start time and the boot id (``agent.processes``), so that a pid the
 kernel has since given to another process is never mistaken for the server. Output is
-in ``<state_dir>/logs/<model>.log``. Every file and ``/proc`` read runs off the event loop.
+in ``<state_dir>/logs/<model>.log``, with the run it holds marked beside it
+(``runtimes/log_file.py``). Every file and ``/proc`` read runs off the event loop.
 
 Nothing here goes through a shell: argv is executed as given, after macro expansion.
 """
@@ -27,10 +28,13 @@ from pathlib import Path
 
 from agent import processes
 from agent.catalog import ModelSpec
+from agent.log_lines import LogCursor, LogRead
 from agent.runtimes.base import ExitStatus, Instance, RuntimeFailure
+from agent.runtimes.log_file import LogFile
 from shared.topics import is_model_name
 
-# logs() reads at most this much of the end of a log, however large it has grown.
+# logs() (error reports) reads at most this much of the end of a log, however large it has
+# grown; read_log() (the logs command) reads what one reply can carry.
 LOG_TAIL_BYTES = 64 * 1024
 # How often stop() looks whether the group leader has gone (one small /proc read).
 LEADER_POLL_S = 0.05
@@ -144,7 +148,7 @@ class ProcessRuntime:
             raise RuntimeFailure(
                 f"{spec.name} has no 'process:' block, so the process runtime cannot start it"
             )
-        pid_path, log_path = self._pid_path(spec.name), self._log_path(spec.name)
+        pid_path, log = self._pid_path(spec.name), self._log_file(spec.name)
         previous = await asyncio.to_thread(self._read_pid_file, spec.name)
         if previous is not None and await asyncio.to_thread(self._is_current, previous):
             raise RuntimeFailure(
@@ -159,7 +163,7 @@ class ProcessRuntime:
                 "(process.cwd in the catalog)"
             )
         try:
-            log_fd = await asyncio.to_thread(self._open_log, log_path)
+            log_fd = await asyncio.to_thread(self._open_log, log)
         except OSError as exc:
             raise RuntimeFailure(
                 f"cannot start {spec.name}: cannot write its log under {self.state_dir} "
@@ -253,22 +257,14 @@ class ProcessRuntime:
     async def logs(self, instance: Instance, lines: int = 20) -> list[str]:
         if lines <= 0 or not is_model_name(instance.model):
             return []
-        return await asyncio.to_thread(self._tail, instance, lines)
+        log = self._log_file(instance.model)
+        return await asyncio.to_thread(log.tail, lines, LOG_TAIL_BYTES)
 
-    def _tail(self, instance: Instance, lines: int) -> list[str]:
-        try:
-            with self._log_path(instance.model).open("rb") as log:
-                size = log.seek(0, os.SEEK_END)
-                # One byte more than the tail, to know whether it starts on a line.
-                start = max(0, size - LOG_TAIL_BYTES - 1)
-                log.seek(start)
-                data = log.read(LOG_TAIL_BYTES + 1)
-        except OSError:
-            return []
-        if start > 0:
-            # Drop the first line, cut by the window (unless the window has no line break).
-            data = data[data.find(b"\n") + 1 :]
-        return data.decode("utf-8", errors="replace").splitlines()[-lines:]
+    async def read_log(
+        self, spec: ModelSpec, since: LogCursor | None, lines: int, *, live: bool
+    ) -> LogRead:
+        log = self._log_file(spec.name)
+        return await asyncio.to_thread(log.read, since, lines, complete=not live)
 
     async def adopt(self, specs: dict[str, ModelSpec]) -> list[Instance]:
         adopted: list[Instance] = []
@@ -382,17 +378,14 @@ class ProcessRuntime:
             raise RuntimeFailure(f"{model!r} is not a valid model name")
         return self._pid_dir / f"{model}.json"
 
-    def _log_path(self, model: str) -> Path:
+    def _log_file(self, model: str) -> LogFile:
         if not is_model_name(model):
             raise RuntimeFailure(f"{model!r} is not a valid model name")
-        return self._log_dir / f"{model}.log"
+        return LogFile(self._log_dir / f"{model}.log")
 
-    def _open_log(self, path: Path) -> int:
+    def _open_log(self, log: LogFile) -> int:
         self._pid_dir.mkdir(parents=True, exist_ok=True)
-        self._log_dir.mkdir(parents=True, exist_ok=True)
-        # O_APPEND: the server's children share this descriptor, and appends never
-        # overwrite each other.
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        return log.begin_run()
 
     def _current_pid_file(self, model: str) -> _PidRecord | None:
         """The pid file of a server of ``model`` that runs now; a stale one is removed."""

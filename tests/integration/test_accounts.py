@@ -210,3 +210,48 @@ async def test_a_write_the_role_does_not_grant_is_dropped(
     assert code == 0, (out, err)
     await observer.wait_topic(barrier_topic, after=mark)
     assert not [m for m in observer.messages if m.topic == topic and m.payload == forged.encode()]
+
+
+async def test_logs_replies_reach_operators_and_never_viewers(
+    broker: MosquittoBroker, gpu1: AgentProcess, observer: BusWatcher
+) -> None:
+    """A server's output can hold secrets: its replies go under reply/private/, which the
+    shipped ACL keeps from a viewer even when it reads all of modelbus/#."""
+    private = "modelbus/gpu1/reply/private/"
+    viewer = {"username": "viewer", "password": TEST_USERS["viewer"]}
+    async with watch(broker.auth_port, "modelbus/#", **viewer) as watching:
+        await watching.wait_topic(GPU1.status, raw=True)  # subscribed: the retained status came
+        mark = len(observer.messages)
+        # An operator asks with the real mosquitto_rr, and gets the reply.
+        code, out, err = await client(
+            "mosquitto_rr", *auth(broker, "operator"), "-t", GPU1.command("logs"),
+            "-e", f"{private}op-logs", "-m", "whisperx", "-W", "10",
+        )  # fmt: skip
+        assert code == 0, (out, err)
+        answer = json.loads(out)
+        assert (answer["command"], answer["status"]) == ("logs", "ok")
+        assert answer["data"]["model"] == "whisperx" and "cursor" in answer["data"]
+        # MQTT 3.1.1 (no response topic): the private default topic.
+        code, out, err = await client(
+            "mosquitto_rr", *auth(broker, "operator"), "-V", "311", "-t", GPU1.command("logs"),
+            "-e", f"{private}logs", "-m", '{"model": "whisperx", "request_id": "v311"}',
+            "-W", "10",
+        )  # fmt: skip
+        assert code == 0 and json.loads(out)["request_id"] == "v311", (out, err)
+        # A response topic outside reply/private/ is refused there, naming where it must be.
+        code, out, err = await client(
+            "mosquitto_rr", *auth(broker, "operator"), "-t", GPU1.command("logs"),
+            "-e", GPU1.reply("op-public"), "-m", "whisperx", "-W", "10",
+        )  # fmt: skip
+        assert code == 0, (out, err)
+        refused = json.loads(out)
+        assert refused["status"] == "error" and refused["error"]["code"] == "forbidden"
+        assert private in refused["error"]["message"] and refused["data"] is None
+        # A status reply after them all reaches the viewer: had a logs reply reached it,
+        # it would have come first (one publisher, one subscriber: in order).
+        await rr_status(broker, "operator", "after-logs")
+        await watching.wait_topic(GPU1.reply("after-logs"), after=0)
+    sent = [m.topic for m in observer.messages[mark:] if m.topic.startswith(private)]
+    assert sent == [f"{private}op-logs", f"{private}logs"]
+    assert not [m for m in watching.messages if m.topic.startswith(private)]
+    assert [m for m in watching.messages if m.topic == GPU1.reply("op-public")]

@@ -231,6 +231,86 @@ async def test_replies_are_matched_under_mqtt_3_1_1(
     assert json.loads(switch.stdout)["state"] == "succeeded"
 
 
+# -- logs and history ------------------------------------------------------------------
+
+SAID = re.compile(r"^talker: line (\d+)$")
+
+
+@pytest.fixture
+async def talker(start_host: Callable[..., AgentProcess], host: Host) -> Host:
+    """An agent with a model whose server says a numbered line every 50 ms once ready."""
+    talking = sim_model(2048, load_s=0.1, extra=["--say-every", "0.05"])
+    start_host({"talker": talking, "quiet": sim_model(1024)})
+    await host.online()
+    assert (await host.ask("load", {"model": "talker", "wait": True})).status == "ok"
+    return host
+
+
+async def test_logs_prints_the_last_lines_and_history_a_table(
+    talker: Host, bus_args: tuple[str, ...]
+) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        result = await modelbus("logs", "talker", "-n", "3", "--host", HOST, *bus_args)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        if len(lines) == 3 and all(SAID.match(line) for line in lines):
+            break
+        assert time.monotonic() < deadline, lines
+    numbers = [int(match[1]) for line in lines if (match := SAID.match(line))]
+    assert numbers == list(range(numbers[0], numbers[0] + 3))
+    too_many = await modelbus("logs", "talker", "-n", "5000", "--host", HOST, *bus_args)
+    assert too_many.returncode == 2 and "'lines'" in too_many.stderr, too_many
+    unknown = await modelbus("logs", "nope", "--host", HOST, *bus_args)
+    assert unknown.returncode == 1 and "unknown_model" in unknown.stderr, unknown
+
+    history = await modelbus("history", "--host", HOST, *bus_args)
+    assert history.returncode == 0, history.stderr
+    header, *rows = history.stdout.splitlines()
+    assert header.split() == ["model", "loaded", "at", "load", "VRAM"]
+    assert [row.split()[0] for row in rows] == ["quiet", "talker"]
+    assert rows[0].split()[1:] == ["-", "-", "-"]
+    assert rows[1].endswith(" s  2048 MiB") and rows[1].split()[1][:2] == "20"
+    one = await modelbus("history", "talker", "-n", "1", "--json", "--host", HOST, *bus_args)
+    data = json.loads(one.stdout)["data"]
+    assert data["limit"] == 1 and [m["model"] for m in data["models"]] == ["talker"]
+
+
+async def test_logs_follow_prints_new_lines_and_says_when_the_log_restarted(
+    talker: Host, bus_args: tuple[str, ...]
+) -> None:
+    async with spawned("logs", "talker", "-f", "-n", "1", "--host", HOST, *bus_args) as process:
+        stdout, stderr = process.stdout, process.stderr
+        assert stdout is not None and stderr is not None
+
+        async def line() -> str:
+            async with asyncio.timeout(20):
+                return (await stdout.readline()).decode().rstrip("\n")
+
+        printed = [await line()]
+        while len(said := [n for text in printed if (n := SAID.match(text))]) < 15:
+            printed.append(await line())
+        numbers = [int(match[1]) for match in said]
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), printed
+
+        assert (await talker.ask("unload", {"model": "talker", "wait": True})).status == "ok"
+        assert (await talker.ask("load", {"model": "talker", "wait": True})).status == "ok"
+        while not (text := await line()).startswith("loading talker"):
+            printed.append(text)
+        while text != "talker: line 2":
+            text = await line()
+        async with asyncio.timeout(20):
+            notice = (await stderr.readline()).decode()
+        assert notice.startswith("modelbus logs: the log of talker restarted"), notice
+        process.send_signal(signal.SIGINT)
+        async with asyncio.timeout(20):
+            await process.wait()
+    assert process.returncode == 0
+    # Nothing of the first run was printed twice, nor skipped.
+    numbers = [int(match[1]) for text in printed if (match := SAID.match(text))]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), printed
+
+
 # -- every row of docs/client.md's exit-code table, with the real command ---------------
 
 

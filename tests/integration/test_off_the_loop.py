@@ -1,4 +1,4 @@
-"""The known blocking calls (SQLite, NVML, deleting files, the docker SDK) run off the
+"""The known blocking calls (SQLite, NVML, deleting files, log files, the docker SDK) run off the
 event loop's thread, where a slow disk or a hung dockerd cannot freeze keepalive,
 telemetry and every other command. Each call is recorded where it runs, not timed."""
 
@@ -53,7 +53,10 @@ async def test_sqlite_nvml_and_deletions_run_off_the_loop(
         for command, payload in [
             ("load", {"model": "alpha", "wait": True}),
             ("status", {}),
+            ("logs", {"model": "alpha"}),
+            ("history", {}),
             ("unload", {"model": "alpha", "wait": True}),
+            ("logs", {"model": "alpha", "lines": 5}),
             ("uninstall", {"name": "leftover"}),
         ]:
             reply = await host.ask(command, payload)
@@ -64,6 +67,6 @@ async def test_sqlite_nvml_and_deletions_run_off_the_loop(
         agent.close()
     seen = json.loads(record.read_text())
     # The watch saw each kind of call (so an empty list below means something)...
-    assert {"sqlite", "nvml", "delete"} <= set(seen["calls"]), seen
+    assert {"sqlite", "nvml", "delete", "logfile"} <= set(seen["calls"]), seen
     # ...and none of them on the event loop's thread.
     assert seen["on_loop"] == []

@@ -178,6 +178,7 @@ def test_every_recipe_is_exercised() -> None:
         "models",
         "rr-status",
         "rr-switch",
+        "rr-logs",
         "rr-311",
         "replies",
         "pub-status",
@@ -219,6 +220,13 @@ async def test_mosquitto_rr_recipes_command_the_host(
 
     v311 = await run(broker, "rr-311")
     assert (v311.returncode, v311.stdout.strip()) == (0, "ok"), v311
+
+    # The server's output, on a reply topic only operators can read.
+    logs = await run(broker, "rr-logs")
+    assert logs.returncode == 0, logs
+    lines = logs.stdout.splitlines()
+    assert lines[0].startswith(f"loading {MODEL}") and f"ready: {MODEL}" in logs.stdout, logs
+    assert observer.on(TOPICS.client_reply("logs", "me"))
 
 
 async def test_pub_and_sub_recipes_switch_and_unload(

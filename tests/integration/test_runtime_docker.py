@@ -19,6 +19,7 @@ import docker
 import pytest
 
 from agent.catalog import ModelSpec
+from agent.log_lines import BadCursor, LogCursor, LogRead
 from agent.runtimes.base import ExitStatus, Instance, RuntimeFailure
 from agent.runtimes.docker import DockerRuntime, container_name
 from devtools.brokers import free_port
@@ -203,6 +204,66 @@ async def test_image_mode_start_logs_stop(
     assert await runtime.pids(instance) == frozenset()
     assert await runtime.logs(instance) == []
     await runtime.stop(instance, timeout_s=5)  # idempotent
+
+
+# Says 300 numbered lines at once, then one a second; a TERM ends it within that second.
+TALKER = (
+    "trap 'exit 0' TERM; i=0; while [ $i -lt 300 ]; do i=$((i+1)); echo line $i; done; "
+    "while true; do i=$((i+1)); echo line $i; sleep 1; done"
+)
+
+
+def numbers(lines: tuple[str, ...]) -> list[int]:
+    return [int(line.split()[1]) for line in lines]
+
+
+async def test_read_log_follows_a_container_by_its_timestamps(
+    runtime: DockerRuntime, client: Any
+) -> None:
+    talker = image_spec("talker", command=["sh", "-c", TALKER])
+    never = await runtime.read_log(talker, None, 10, live=False)
+    assert never.lines == () and not never.more
+    instance = await runtime.start(talker, {})
+
+    async def said(count: int) -> LogRead | None:
+        read = await runtime.read_log(talker, None, count, live=True)
+        return read if len(read.lines) == count and numbers(read.lines)[-1] >= 300 else None
+
+    last = await eventually(lambda: said(5), "300 lines")
+    assert numbers(last.lines) == list(range(numbers(last.lines)[0], numbers(last.lines)[0] + 5))
+    # From the start, 70 at a time (timestamps a microsecond apart or less): each line once.
+    cursor, seen, mores = LogCursor(last.cursor.run, "0-0"), [], []
+    while len(seen) < 302:
+        step = await runtime.read_log(talker, cursor, 70, live=True)
+        assert len(step.lines) <= 70 and not step.restarted
+        if step.lines:
+            mores.append(step.more)
+        else:
+            await asyncio.sleep(0.1)
+        seen += numbers(step.lines)
+        cursor = step.cursor
+    assert seen == list(range(1, len(seen) + 1))
+    # Four full replies said more was there; then the lines came as they were said.
+    assert mores[:4] == [True] * 4 and not any(mores[4:]), mores
+    with pytest.raises(BadCursor):
+        await runtime.read_log(talker, LogCursor(cursor.run, "123"), 10, live=True)
+
+    # The runtime removes the container it made when it stops it: its log goes with it.
+    await runtime.stop(instance, timeout_s=5)
+    gone = await runtime.read_log(talker, cursor, 10, live=False)
+    assert gone.lines == () and gone.cursor == cursor
+    again = await runtime.start(talker, {})
+    restarted = await eventually(
+        lambda: _lines_from(runtime, talker, cursor), "the new container's first lines"
+    )
+    assert restarted.restarted and numbers(restarted.lines)[:3] == [1, 2, 3]
+    assert restarted.cursor.run != cursor.run
+    await runtime.stop(again, timeout_s=5)
+
+
+async def _lines_from(runtime: DockerRuntime, spec: ModelSpec, cursor: LogCursor) -> LogRead | None:
+    read = await runtime.read_log(spec, cursor, 10, live=True)
+    return read if len(read.lines) >= 3 else None
 
 
 async def test_existing_container_is_started_and_stopped_not_removed(
@@ -447,6 +508,7 @@ async def test_the_agent_talks_to_dockerd_off_the_event_loop(
             for command, payload in [
                 ("load", {"model": "boxed", "wait": True}),
                 ("status", {}),
+                ("logs", {"model": "boxed"}),
                 ("unload", {"model": "boxed", "wait": True}),
             ]:
                 reply = await host.ask(command, payload)

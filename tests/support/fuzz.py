@@ -18,12 +18,14 @@ from shared.topics import CommandName, HostTopics
 
 VERBS = [command.value for command in CommandName]
 FIELDS = ["model", "gpu", "priority", "wait", "exclusive", "force", "all", "repo", "revision",
-          "include", "exclude", "name", "job_id", "request_id"]  # fmt: skip
+          "include", "exclude", "name", "job_id", "request_id", "lines", "since",
+          "limit"]  # fmt: skip
 ODD_TEXT = [
     "", " ", "\u0000", "\u202e", "\ufeff", "\U0001f600", "Ω" * 70, "a" * 5000, "../../etc/passwd",
     "..", "/", "qwen/../../x", "C:\\Windows", "%2e%2e%2f", "name with spaces", "\t\n", "null",
     "whisperx\u0000", "whisperx ", "WHISPERX", "$(reboot)", "`id`", "'; DROP TABLE jobs; --",
     "\udcff-escaped-by-json", "\u00e9\u0301", "\u3000", "-" * 65, "+", "#", "modelbus/+/cmd/#",
+    "0.0", "18f3a.99999999999999999999s", "run.1-1", "a" * 81 + ".0",
 ]  # fmt: skip
 ODD_NUMBERS = [
     -1, 0, 1, 63, 64, 2**31, -(2**31), 2**63, 2**64 + 1, 10**300, -(10**300), 1.5, -0.0,
@@ -66,7 +68,8 @@ class HostileCommands:
     def cases(self, count: int) -> Iterator[Case]:
         for number in range(count):
             kind, make = self.rng.choice(self._makers)
-            yield Case(number, self._level(), make(), self._response_topic(number), kind)
+            level = self._level()
+            yield Case(number, level, make(), self._response_topic(number, level), kind)
 
     # -- where it goes -------------------------------------------------------------
 
@@ -80,9 +83,10 @@ class HostileCommands:
                "cmd", "..", "status.json", "ẞ" * 40]  # fmt: skip
         return self.rng.choice(odd)
 
-    def _response_topic(self, number: int) -> str | None:
+    def _response_topic(self, number: int, level: str) -> str | None:
         roll = self.rng.random()
-        mine = self.topics.reply(f"fuzz/{number}")
+        # Under the private tree for a private command (logs); elsewhere it is refused.
+        mine = self.topics.client_reply(level, f"fuzz/{number}")
         if roll < 0.7:
             return mine
         if roll < 0.8:
@@ -96,6 +100,8 @@ class HostileCommands:
             f"{self.topics.base}/reply",
             "elsewhere/" + "x" * 600,
             f"{self.topics.base}/reply/\u202e",
+            self.topics.reply(f"fuzz/{number}"),  # outside the private tree (logs)
+            f"{self.topics.base}/reply/private",
         ]
         return self.rng.choice(outside)
 
@@ -139,12 +145,12 @@ class HostileCommands:
     def _odd_numbers(self) -> bytes:
         digits = self.rng.choice([5000, 4301, 400, 30])
         number = ("-" if self.rng.random() < 0.3 else "") + "9" * digits
-        field = self.rng.choice(["gpu", "priority", "model", "request_id", "job_id"])
+        field = self.rng.choice(["gpu", "priority", "model", "request_id", "job_id", "lines"])
         return f'{{"model": "whisperx", "{field}": {number}}}'.encode()
 
     def _nan_infinity(self) -> bytes:
         token = self.rng.choice(["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "1e-999"])
-        field = self.rng.choice(["gpu", "priority", "wait"])
+        field = self.rng.choice(["gpu", "priority", "wait", "lines", "limit"])
         return f'{{"model": "whisperx", "{field}": {token}}}'.encode()
 
     def _deep_nesting(self) -> bytes:

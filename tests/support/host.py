@@ -30,7 +30,8 @@ class Host:
             if isinstance(payload, str)
             else json.dumps({**payload, "request_id": request_id})
         )
-        reply_topic = self.topics.reply(request_id)
+        # Under the private tree for a private command (logs), as every client does.
+        reply_topic = self.topics.client_reply(command, request_id)
         mark = len(self.bus.messages)
         await self.bus.connection.publish(
             self.topics.command(command), body, qos=1, response_topic=reply_topic

@@ -1,6 +1,7 @@
 """The real ``modelbus agent``, with the blocking calls it makes watched: every SQLite
-method, every NVML call (a fake pynvml, one 24 GB GPU), every file deletion and every
-request of the docker SDK records whether it ran on the thread of a running event loop.
+method, every NVML call (a fake pynvml, one 24 GB GPU), every file deletion, every start and
+read of a process server's log and every request of the docker SDK records whether it ran on
+the thread of a running event loop.
 At exit the record goes to ``$MODELBUS_TEST_LOOP_CALLS`` as JSON:
 ``{"calls": {kind: count}, "on_loop": [kind.name, ...]}``.
 Run as ``python -m tests.support.loop_watch_agent agent --config ...``; the product
@@ -67,6 +68,11 @@ _watch_class(
     Database,
     [n for n in vars(Database) if not n.startswith("_") and callable(vars(Database)[n])],
 )
+
+# A process server's log: starting a run, reading it for logs and for error reports.
+from agent.runtimes.log_file import LogFile  # noqa: E402
+
+_watch_class("logfile", LogFile, ["begin_run", "read", "tail"])
 
 # Deleting files: the weights' tree and single files.
 shutil.rmtree = watched("delete", "rmtree", shutil.rmtree)  # type: ignore[assignment]

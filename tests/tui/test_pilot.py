@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from textual.pilot import Pilot
+from textual.widgets import Log
 
 from devtools.brokers import MosquittoBroker, free_port
 from shared.topics import CommandName, HostTopics
@@ -17,11 +18,11 @@ from tests.conftest import TEST_USERS
 from tests.support.agent_process import AgentProcess, write_agent_config
 from tests.support.bus import client_settings, watch
 from tests.support.fake_hub import FakeHub
-from tests.support.models import budget_catalog
+from tests.support.models import budget_catalog, sim_model
 from tui.app import ModelbusApp, build_app
 from tui.bridge import LinkState
 from tui.command_keys import COMMAND_BINDINGS
-from tui.screens import AskScreen, ConfirmScreen, DebugScreen, DetailScreen
+from tui.screens import AskScreen, ConfirmScreen, DebugScreen, DetailScreen, LogScreen
 from tui.widgets.hosts import HostList
 from tui.widgets.jobs import JobsTable
 from tui.widgets.models import ModelsTable
@@ -451,3 +452,65 @@ async def test_install_key_shows_live_download_progress(
                 assert any("uninstall" in n and "error" not in n for n in notes(app))
         finally:
             process.close()
+
+
+async def test_logs_key_follows_a_models_output_and_history_and_enter_show_its_loads(
+    broker: MosquittoBroker, prefix: str, tmp_path: Path
+) -> None:
+    """L opens the selected model's log and new lines appear as its server writes them;
+    h lists its last loads; Enter on it adds those and its last log lines to the rest."""
+    chatty = sim_model(2048, load_s=0.3, extra=["--say-every", "0.3"])
+    config = write_agent_config(
+        tmp_path / "agent.yaml",
+        broker_url=broker.url,
+        host_id=HOST,
+        prefix=prefix,
+        interval_s=0.2,
+        models={"chatty": chatty},
+    )
+    process = AgentProcess(config)
+    try:
+        app = tui(broker, prefix)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await until(pilot, lambda: app.query_one(ModelsTable).row_count == 1)
+            app.query_one(ModelsTable).move_cursor(row=0)
+            await pilot.press("l")
+            await until(pilot, lambda: model_state(app, "chatty") == "ready")
+
+            await pilot.press("L")
+            await until(pilot, lambda: isinstance(app.screen, LogScreen))
+            screen = app.screen
+            assert isinstance(screen, LogScreen)
+            log = screen.query_one(Log)
+
+            def numbered() -> list[int]:
+                return [int(n) for n in re.findall(r"chatty: line (\d+)", "\n".join(log.lines))]
+
+            await until(pilot, lambda: len(numbered()) >= 2)
+            first = numbered()
+            # Following: lines the server writes after the view opened come in, each once.
+            await until(pilot, lambda: len(numbered()) >= len(first) + 3)
+            seen = numbered()
+            assert seen == list(range(seen[0], seen[0] + len(seen))), seen
+            assert screen.following and "following" in str(screen.query_one("#log-title").render())
+            await pilot.press("f")
+            assert "paused" in str(screen.query_one("#log-title").render())
+            await pilot.press("escape")
+            await until(pilot, lambda: not isinstance(app.screen, LogScreen))
+
+            await pilot.press("h")
+            await until(pilot, lambda: isinstance(app.screen, DetailScreen))
+            loads = app.screen.body.plain  # type: ignore[attr-defined]
+            assert "Last loads" in loads and "1 loads" in loads, loads
+            await pilot.press("escape")
+            await until(pilot, lambda: not isinstance(app.screen, DetailScreen))
+
+            await pilot.press("enter")
+            await until(pilot, lambda: isinstance(app.screen, DetailScreen))
+            detail = app.screen
+            await until(pilot, lambda: "Last log lines" in detail.body.plain)  # type: ignore[attr-defined]
+            shown = detail.body.plain  # type: ignore[attr-defined]
+            assert shown.startswith("chatty  ● ready") and "Last loads" in shown
+            assert "chatty: line" in shown.split("Last log lines")[1], shown
+    finally:
+        process.close()

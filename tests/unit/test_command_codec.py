@@ -10,8 +10,10 @@ from shared.commands import (
     COMMAND_MODELS,
     MAX_COMMAND_BYTES,
     CommandError,
+    HistoryCommand,
     InstallCommand,
     LoadCommand,
+    LogsCommand,
     StatusCommand,
     SwitchCommand,
     decode_command,
@@ -38,6 +40,14 @@ def test_json_object_with_all_fields() -> None:
     payload = {"model": "wan2.1-14b", "gpu": 1, "priority": 5, "wait": True, "request_id": "r1"}
     command = decode_command("load", json.dumps(payload).encode())
     assert command == LoadCommand(**payload)
+
+
+def test_logs_and_history_defaults_and_bare_text() -> None:
+    assert decode_command("logs", b"whisperx") == LogsCommand(model="whisperx", lines=200)
+    since = decode_command("logs", b'{"model": "w", "lines": 1000, "since": "18f3a.1024s"}')
+    assert since == LogsCommand(model="w", lines=1000, since="18f3a.1024s")
+    assert decode_command("history", b"") == HistoryCommand(limit=20)
+    assert decode_command("history", b"whisperx") == HistoryCommand(model="whisperx")
 
 
 def test_empty_status() -> None:
@@ -76,6 +86,19 @@ def error_of(command: str, payload: bytes) -> CommandError:
         ("load", b"x" * (MAX_COMMAND_BYTES + 1), ErrorCode.PAYLOAD_TOO_LARGE, "limited"),
         ("cancel", b'{"job_id": "a/b"}', ErrorCode.INVALID_PAYLOAD, "field 'job_id'"),
         ("load", b'{"model": "x", "request_id": ""}', ErrorCode.INVALID_PAYLOAD, "request_id"),
+        ("logs", b'{"model": "x", "lines": 0}', ErrorCode.INVALID_PAYLOAD, "field 'lines'"),
+        ("logs", b'{"model": "x", "lines": 1001}', ErrorCode.INVALID_PAYLOAD, "field 'lines'"),
+        ("logs", b'{"model": "x", "lines": "5"}', ErrorCode.INVALID_PAYLOAD, "field 'lines'"),
+        ("logs", b'{"model": "x", "lines": true}', ErrorCode.INVALID_PAYLOAD, "field 'lines'"),
+        ("logs", b'{"model": "x", "since": 5}', ErrorCode.INVALID_PAYLOAD, "field 'since'"),
+        ("logs", b'{"model": "x", "since": "a/b"}', ErrorCode.INVALID_PAYLOAD, "field 'since'"),
+        ("logs", b'{"model": "x", "since": ""}', ErrorCode.INVALID_PAYLOAD, "field 'since'"),
+        ("logs", b'{"model": "x", "tail": 5}', ErrorCode.INVALID_PAYLOAD, "unknown field 'tail'"),
+        ("logs", b"{}", ErrorCode.INVALID_PAYLOAD, "missing field 'model'"),
+        ("logs", b"../x", ErrorCode.INVALID_PAYLOAD, "field 'model'"),
+        ("history", b'{"limit": 101}', ErrorCode.INVALID_PAYLOAD, "field 'limit'"),
+        ("history", b'{"limit": 0}', ErrorCode.INVALID_PAYLOAD, "field 'limit'"),
+        ("history", b'{"model": "x", "n": 1}', ErrorCode.INVALID_PAYLOAD, "unknown field 'n'"),
     ],
 )
 def test_bad_payloads_name_what_is_wrong(

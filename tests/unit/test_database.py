@@ -17,6 +17,7 @@ from agent.database import (
     SCHEMA_VERSION,
     Database,
     ModelFacts,
+    RecordedLoad,
     StoreError,
 )
 from shared.messages import ErrorCode, ErrorInfo, JobPhase, JobState, JobStatus
@@ -242,6 +243,24 @@ def test_only_the_newest_loads_are_kept_per_model(store: Database, db_path: Path
     assert kept_loads(db_path, "ovi-11b") == [(1, 1.0, 0.0)]
     facts = store.model_facts("whisperx")
     assert facts is not None and facts.load_count == total  # the summary counts all
+
+
+def test_recent_loads_are_each_models_newest_first(store: Database) -> None:
+    for index in range(LOADS_KEPT_PER_MODEL + 5):
+        store.record_load("whisperx", index, index / 10, at=1000.0 + index)
+    store.record_load("ovi-11b", None, 40.0, at=5.0)
+    store.record_load("ovi-11b", 22000, 38.5, at=9.0)
+    newest = LOADS_KEPT_PER_MODEL + 4
+    assert store.recent_loads(2) == [
+        RecordedLoad("ovi-11b", 22000, 38.5, 9.0),
+        RecordedLoad("ovi-11b", None, 40.0, 5.0),
+        RecordedLoad("whisperx", newest, newest / 10, 1000.0 + newest),
+        RecordedLoad("whisperx", newest - 1, (newest - 1) / 10, 1000.0 + newest - 1),
+    ]
+    only = store.recent_loads(LOADS_KEPT_PER_MODEL, "whisperx")
+    assert len(only) == LOADS_KEPT_PER_MODEL and {row.model for row in only} == {"whisperx"}
+    assert [row.vram_mb for row in only] == list(range(newest, newest - LOADS_KEPT_PER_MODEL, -1))
+    assert store.recent_loads(5, "never-loaded") == []
 
 
 def test_concurrent_loads_from_many_threads_are_all_counted(store: Database, db_path: Path) -> None:

@@ -18,6 +18,7 @@ async def test_listeners_get_the_hosts_topics_in_order_without_replies_or_comman
             "modelbus/gpu1/gpu/0",
             "modelbus/gpu1/models/qwen",
             "modelbus/gpu1/reply/me",
+            "modelbus/gpu1/reply/private/logs",
             "modelbus/gpu1/cmd/switch",
             "modelbus/gpu2/models/qwen",
             "modelbus/gpu1/modelsx",

@@ -52,6 +52,31 @@ def test_forbidden_response_topic_is_refused_on_the_default_topic() -> None:
     assert intake.route.topic == "modelbus/gpu1/reply/status"
 
 
+def test_a_private_command_replies_only_under_the_private_tree() -> None:
+    default = read("logs", b"whisperx")
+    assert default.command is not None and default.route.topic == "modelbus/gpu1/reply/private/logs"
+    mine = read("logs", b"whisperx", response_topic="modelbus/gpu1/reply/private/me")
+    assert mine.command is not None and mine.route.topic == "modelbus/gpu1/reply/private/me"
+    # A response topic in the host's reply tree but not the private one: refused there,
+    # naming where it must be, and not executed.
+    public = read(
+        "logs", b'{"model": "w", "request_id": "r1"}', response_topic="modelbus/gpu1/reply/me"
+    )
+    assert public.command is None and public.error is not None
+    assert public.error.code == ErrorCode.FORBIDDEN
+    assert "modelbus/gpu1/reply/private/" in public.error.message
+    assert public.route.topic == "modelbus/gpu1/reply/me" and public.request_id == "r1"
+    # Outside the host's tree altogether: refused on the private default topic.
+    outside = read("logs", b"whisperx", response_topic="elsewhere/x")
+    assert outside.error is not None and outside.error.code == ErrorCode.FORBIDDEN
+    assert outside.route.topic == "modelbus/gpu1/reply/private/logs"
+    retained = read("logs", b"whisperx", retained=True)
+    assert retained.route.topic == "modelbus/gpu1/reply/private/logs"
+    # Any command may still be answered under the private tree.
+    status = read("status", response_topic="modelbus/gpu1/reply/private/me")
+    assert status.command is not None and status.route.topic == "modelbus/gpu1/reply/private/me"
+
+
 def test_retained_commands_are_refused() -> None:
     intake = read("switch", b"qwen", retained=True)
     assert intake.command is None and intake.error is not None

@@ -31,6 +31,13 @@ def test_a_request_names_its_reply_topic_under_the_commanded_host() -> None:
     assert first.reply_filter("3.1.1") == "modelbus/gpu1/reply/switch"
 
 
+def test_a_private_command_is_answered_under_the_private_reply_tree() -> None:
+    requests = Requests("modelbus", "cli")
+    logs = requests.make("gpu1", CommandName.LOGS, {"model": "whisperx"})
+    assert logs.response_topic == f"modelbus/gpu1/reply/private/{requests.name}"
+    assert logs.reply_filter("3.1.1") == "modelbus/gpu1/reply/private/logs"
+
+
 def test_only_the_reply_to_this_request_answers_it() -> None:
     request = Requests("modelbus", "cli").make("gpu1", CommandName.STATUS)
     answer = request.answer(reply_message(request.response_topic, request.request_id))

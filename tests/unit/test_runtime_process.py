@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from agent.catalog import ModelSpec, ProcessLaunch
+from agent.log_lines import BadCursor, LogCursor
 from agent.runtimes.base import ExitStatus, Instance, RuntimeFailure
 from agent.runtimes.process import LOG_TAIL_BYTES, ProcessRuntime
 
@@ -198,6 +199,50 @@ async def test_logs_are_the_last_lines_of_a_bounded_tail(runtime: ProcessRuntime
     first = int(everything[0].split()[1])
     assert everything[:-1] == [f"line {i}" for i in range(first, 100_000)]
     assert await runtime.logs(instance, 0) == []
+
+
+async def test_read_log_follows_a_run_and_tells_the_next_one(
+    runtime: ProcessRuntime, state_dir: Path
+) -> None:
+    code = (
+        "import sys, time\nfor i in range(5): print(f'line {i}', flush=True)\n"
+        "sys.stdout.write('half'); sys.stdout.flush()\ntime.sleep(120)"
+    )
+    spec = make_spec(code)
+    first = await runtime.start(spec, {})
+    await logged(runtime, first, "half")
+    last = await runtime.read_log(spec, None, 2, live=True)
+    assert last.lines == ("line 3", "line 4") and not last.more and not last.restarted
+    run = last.cursor.run
+    start = await runtime.read_log(spec, LogCursor(run, "0"), 2, live=True)
+    assert start.lines == ("line 0", "line 1") and start.more
+    rest = await runtime.read_log(spec, start.cursor, 10, live=True)
+    # "half" has no newline yet: it waits while its writer may still end it.
+    assert rest.lines == ("line 2", "line 3", "line 4") and not rest.more
+    assert (await runtime.read_log(spec, rest.cursor, 10, live=True)).lines == ()
+    await runtime.stop(first, 0.5)
+
+    # The server is gone: its last line is whole, and the log stays readable, also to a
+    # restarted agent, as the same run.
+    ended = await runtime.read_log(spec, rest.cursor, 10, live=False)
+    assert ended.lines == ("half",) and ended.cursor.run == run and not ended.restarted
+    again = await ProcessRuntime(state_dir).read_log(spec, rest.cursor, 10, live=False)
+    assert again == ended
+
+    second = await runtime.start(make_spec(SLEEPER), {})
+    await logged(runtime, second, "ready")
+    restarted = await runtime.read_log(spec, ended.cursor, 10, live=True)
+    assert restarted.restarted and restarted.lines == ("ready",)
+    assert restarted.cursor.run != run
+    # Emptied under the same run (logrotate's copytruncate): read again from its start.
+    (state_dir / "logs" / "m1.log").write_bytes(b"")
+    emptied = await runtime.read_log(spec, restarted.cursor, 10, live=True)
+    assert emptied.restarted and emptied.lines == () and emptied.cursor.position == "0"
+    with pytest.raises(BadCursor):
+        await runtime.read_log(spec, LogCursor(run, "1749892503-2"), 10, live=True)
+    never = await runtime.read_log(make_spec(SLEEPER, name="never"), None, 10, live=False)
+    assert never.lines == () and not never.more
+    await runtime.stop(second, 0.5)
 
 
 async def test_logs_replace_undecodable_bytes_and_restart_truncates(

@@ -365,6 +365,19 @@ def test_fail_health_after_answers_500_while_running(servers: Servers) -> None:
     assert chat is not None and chat[0] == 500
 
 
+def test_say_every_makes_its_log_grow_once_ready(servers: Servers) -> None:
+    server = servers.start("--vram-mb", "100", "--model", "talker", "--say-every", "0.05")
+    server.wait_health(200)
+
+    wait_for(lambda: "talker: line 3\n" in server.stdout, "three lines said")
+    lines = server.stdout.splitlines()
+    said = [line for line in lines if line.startswith("talker: line ")]
+    assert said == [f"talker: line {n}" for n in range(1, len(said) + 1)]
+    assert lines.index(said[0]) > next(
+        i for i, line in enumerate(lines) if line.startswith("ready")
+    )
+
+
 def test_environment_variables_replace_the_flags(
     servers: Servers, backend: SimBackend, state: Path
 ) -> None:
@@ -447,6 +460,7 @@ def test_failure_knobs_read_from_the_environment() -> None:
         (["--state", "/s", "--port", "1", "--gpus", "0,0"], {}, "--gpus:"),
         (["--state", "/s", "--port", "1", "--utilization", "150"], {}, "not a percentage"),
         (["--state", "/s", "--port", "1"], {"MODELBUS_SIM_HANG": "maybe"}, "MODELBUS_SIM_HANG"),
+        (["--state", "/s", "--port", "1", "--say-every", "0"], {}, "--say-every:"),
     ],
 )
 def test_bad_options_exit_2_naming_the_source(

@@ -3,6 +3,8 @@ from __future__ import annotations
 import pytest
 
 from shared.topics import (
+    PRIVATE_COMMANDS,
+    CommandName,
     HostTopics,
     all_hosts_filter,
     is_host_id,
@@ -85,6 +87,18 @@ def test_response_topics_must_stay_in_the_reply_tree() -> None:
         "",
     ]:
         assert not t.is_allowed_response_topic(bad), bad
+
+
+def test_private_replies_have_a_tree_of_their_own() -> None:
+    t = HostTopics("modelbus", "gpu1")
+    assert t.reply_root("logs") == "modelbus/gpu1/reply/private/"
+    assert t.default_reply(CommandName.LOGS) == "modelbus/gpu1/reply/private/logs"
+    assert t.client_reply(CommandName.LOGS, "cli-1") == "modelbus/gpu1/reply/private/cli-1"
+    for command in set(CommandName) - PRIVATE_COMMANDS:
+        assert t.default_reply(command) == t.reply(command)
+        assert t.client_reply(command, "cli-1") == "modelbus/gpu1/reply/cli-1"
+    # The private tree lies inside the host's reply tree.
+    assert t.is_allowed_response_topic(t.client_reply("logs", "me"))
 
 
 def test_parse_topic() -> None:

@@ -8,7 +8,9 @@ from rich.text import Text
 from textual.widgets import DataTable
 
 from shared.messages import ModelLifecycle, ModelState
+from shared.replies import LogLines, ModelLoads
 from tui.format import ago, gib
+from tui.widgets.sparkline import sparkline
 from tui.widgets.tables import sync_rows
 
 # Glyph + style, so states stand out with colour and without it.
@@ -99,4 +101,38 @@ def render_model_detail(model: ModelState, now: datetime) -> Text:
         text.append(f"\n{'error':>14}  ", style="dim")
         text.append(model.error, style="bold red")
         text.append("\n")
+    return text
+
+
+def render_loads(loads: ModelLoads | str, now: datetime) -> Text:
+    """A model's last loads (the ``history`` command): how long each took, oldest to
+    newest as blocks, then each newest first; or why they could not be read."""
+    text = Text("\nLast loads", style="bold")
+    if isinstance(loads, str):
+        return text.append(f"\n  {loads}\n", style="yellow")
+    if not loads.loads:
+        return text.append("\n  never loaded on this host (as far as its database knows)\n")
+    seconds = [record.load_s for record in reversed(loads.loads)]
+    longest = max(seconds) or 1.0
+    blocks = sparkline(
+        [(i, s / longest) for i, s in enumerate(seconds)], len(seconds), len(seconds), len(seconds)
+    )
+    text.append(f"  {blocks}  ", style="cyan")
+    text.append(f"{len(seconds)} loads, {min(seconds):.1f} to {longest:.1f} s\n", style="dim")
+    for record in loads.loads:
+        vram = f"  {gib(record.vram_used_mb)}" if record.vram_used_mb else ""
+        text.append(f"  {ago(record.loaded_at, now):>7} ago  {record.load_s:6.1f} s{vram}\n")
+    return text
+
+
+def render_log_tail(logs: LogLines | str) -> Text:
+    """The last lines of a model's log, or why they could not be read."""
+    text = Text("\nLast log lines", style="bold")
+    if isinstance(logs, str):
+        return text.append(f"\n  {logs}\n", style="yellow")
+    if not logs.lines:
+        return text.append("\n  none (it has not written any)\n", style="dim")
+    text.append(" (L follows the whole log)\n", style="dim")
+    for line in logs.lines:
+        text.append(f"  {line}\n")
     return text
