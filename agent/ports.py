@@ -22,8 +22,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from agent import processes
 
 # The kernel's TCP socket tables of this network namespace (IPv4, IPv6): the fallback.
@@ -37,7 +35,9 @@ _NLM_F_REQUEST_DUMP = 0x301
 _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port id
 _REQUEST = struct.Struct("=BBBxI48x")  # inet_diag_req_v2: family, protocol, ext, states, id
-_SPORT_AT, _INODE_AT = 4, 68  # in inet_diag_msg: id.idiag_sport (big-endian), idiag_inode
+_SPORT_AT, _INODE_AT = 4, 68
+# The kernel answers at once; a wait this long means it will not.
+_ANSWER_WITHIN_S = 1.0  # in inet_diag_msg: id.idiag_sport (big-endian), idiag_inode
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +60,7 @@ def listener(port: int, tables: Iterable[Path] = SOCKET_TABLES) -> Listener | No
     inodes = listening_sockets(port, tables)
     if not inodes:
         return None
-    holders = [pid for pid in psutil.pids() if processes.socket_inodes(pid) & inodes]
+    holders = [pid for pid in processes.pids() if processes.socket_inodes(pid) & inodes]
     return Listener(port, frozenset(holders))
 
 
@@ -84,6 +84,7 @@ def listening_sockets(port: int, tables: Iterable[Path] = SOCKET_TABLES) -> froz
 def _from_netlink(port: int) -> frozenset[int]:
     found: set[int] = set()
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as diag:
+        diag.settimeout(_ANSWER_WITHIN_S)
         for family in (socket.AF_INET, socket.AF_INET6):
             request = _REQUEST.pack(family, socket.IPPROTO_TCP, 0, 1 << _TCP_LISTEN)
             header = _HEADER.pack(
@@ -94,25 +95,35 @@ def _from_netlink(port: int) -> frozenset[int]:
     return frozenset(found)
 
 
-def _dump(diag: socket.socket) -> Iterable[tuple[int, int]]:
-    """(port, inode) of each socket of one dump's answer, until it is done."""
-    while True:
-        data = diag.recv(65536)
-        offset = 0
-        while offset + _HEADER.size <= len(data):
-            length, kind = _HEADER.unpack_from(data, offset)[:2]
-            if kind == _NLMSG_DONE:
-                return
-            body = offset + _HEADER.size
-            if kind == _NLMSG_ERROR:
-                error = -struct.unpack_from("=i", data, body)[0]
-                raise OSError(error, "socket diagnostics refused")
-            (sport,) = struct.unpack_from("!H", data, body + _SPORT_AT)
-            (inode,) = struct.unpack_from("=I", data, body + _INODE_AT)
-            yield sport, inode
-            offset += (length + 3) & ~3
-        if not data:
-            return
+def _dump(diag: socket.socket) -> list[tuple[int, int]]:
+    """(port, inode) of each socket of one dump's answer. A dump the kernel could not make
+    (``tcp_diag`` not loaded: a negative errno in its last message), a malformed or cut
+    answer and no answer in time are an OSError: the caller reads the tables instead."""
+    found: list[tuple[int, int]] = []
+    try:
+        while True:
+            data = diag.recv(65536)
+            if not data:
+                raise OSError("socket diagnostics closed before the dump ended")
+            offset = 0
+            while offset + _HEADER.size <= len(data):
+                length, kind = _HEADER.unpack_from(data, offset)[:2]
+                if length < _HEADER.size:
+                    raise OSError(f"a malformed socket diagnostics message ({length} bytes)")
+                body = offset + _HEADER.size
+                if kind in (_NLMSG_DONE, _NLMSG_ERROR):
+                    (status,) = struct.unpack_from("=i", data, body)
+                    if status < 0:
+                        raise OSError(-status, "socket diagnostics refused")
+                    if kind == _NLMSG_DONE:
+                        return found
+                else:
+                    (sport,) = struct.unpack_from("!H", data, body + _SPORT_AT)
+                    (inode,) = struct.unpack_from("=I", data, body + _INODE_AT)
+                    found.append((sport, inode))
+                offset += (length + 3) & ~3
+    except struct.error as exc:
+        raise OSError(f"a cut socket diagnostics message: {exc}") from None
 
 
 def _from_tables(port: int, tables: Iterable[Path]) -> frozenset[int] | None:

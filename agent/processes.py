@@ -1,6 +1,7 @@
-"""Facts about local processes, through psutil (this module is the one reader of a
-process's ``/proc`` entries): whether a pid is still the process it was, who belongs to
-a process group or session, a name, the sockets it holds.
+"""Facts about local processes, this module the one reader of them: mostly through
+psutil (whether a pid is still the process it was, who belongs to a process group or
+session, a name), and from ``/proc/<pid>/fd`` the sockets a process holds, which psutil
+ties to processes only together with the kernel's whole connection table.
 
 A process is known by its pid and its start time. psutil gives the start time as the
 ticks since boot plus the boot time; the boot time the kernel reports may move by up
@@ -76,11 +77,15 @@ def name(pid: int) -> str | None:
     return found or None
 
 
+def pids() -> list[int]:
+    """Every process's pid, as the system lists them now."""
+    listed: list[int] = psutil.pids()
+    return listed
+
+
 def socket_inodes(pid: int) -> frozenset[int]:
     """The inodes of the sockets ``pid`` holds open (its descriptors' links read
-    ``socket:[inode]``); empty when it is gone or not ours to read. psutil ties sockets
-    to processes only together with the kernel's connection tables, which cost far
-    more to read than the few links of one process."""
+    ``socket:[inode]``); empty when it is gone or not ours to read."""
     fd_dir = f"/proc/{pid}/fd"
     found: set[int] = set()
     try:

@@ -31,7 +31,7 @@ _BLOCK = re.compile(
     r"(<!-- screen: (?P<name>[\w-]+) -->\n```text\n)(?P<body>.*?)(```\n<!-- /screen -->)",
     re.DOTALL,
 )
-# Rich draws a cell 12.2 units wide, starting after one cell of margin.
+# Rich draws a cell 12.2 units wide, column 0 at x=0.
 CELL = 12.2
 
 
@@ -39,7 +39,7 @@ def svg_text(svg: str) -> str:
     """The screen an SVG snapshot shows, as lines of text (trailing blanks dropped)."""
     lines: dict[int, dict[int, str]] = {}
     for run in _RUN.finditer(svg):
-        column = round(float(run["x"]) / CELL) - 1
+        column = round(float(run["x"]) / CELL)
         row = lines.setdefault(int(run["line"]), {})
         for offset, char in enumerate(html.unescape(run["text"]).replace("\xa0", " ")):
             row[column + offset] = char

@@ -5,7 +5,25 @@ it without loading the UI."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
+
+# Escape sequences (CSI, OSC, DCS and the like, whole) and every other control character
+# but the line break: what a model server's output or an agent's message may carry.
+_CONTROLS = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI: colours, cursor moves, clearing the screen
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC: titles, the clipboard, links
+    r"|\x1b[P^_X][^\x1b]*(?:\x1b\\)?"  # DCS, PM, APC, SOS
+    r"|\x1b.?"  # any other escape
+    r"|[\x00-\x09\x0b-\x1f\x7f-\x9f]"
+)
+
+
+def printable(text: str) -> str:
+    """``text`` safe to draw: tabs expanded, escape sequences and control characters
+    removed. Text from elsewhere (a server's log, an agent's message) could otherwise
+    clear the operator's screen or set its clipboard."""
+    return _CONTROLS.sub("", text.expandtabs())
 
 
 def gib(mb: int | None) -> str:

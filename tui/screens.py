@@ -14,6 +14,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Log, Static
 
 from shared.replies import LogLines
+from tui.format import printable
 from tui.store import BusStore
 
 # Asks for the lines after a cursor (None: the last ones): the lines, or why none came.
@@ -154,34 +155,46 @@ class LogScreen(ModalScreen[None]):
         self.problem: str | None = None
 
     def compose(self) -> ComposeResult:
+        # Kept: a reply that comes while the screen is being taken down must not look
+        # its widgets up (they are gone before the worker is).
+        self.title_line = Static(id="log-title")
+        self.log_view = Log(max_lines=LOG_VIEW_LINES, auto_scroll=True)
         with Vertical():
-            yield Static(id="log-title")
-            yield Log(max_lines=LOG_VIEW_LINES, auto_scroll=True)
+            yield self.title_line
+            yield self.log_view
 
     def on_mount(self) -> None:
         self._show_title()
-        self.run_worker(self._follow(), name="follow-log", exclusive=True)
+        self.follower = self.run_worker(self._follow(), name="follow-log", exclusive=True)
 
     async def _follow(self) -> None:
-        log = self.query_one(Log)
         cursor: str | None = None
         while True:
             if cursor is None or self.following:
                 got = await self.fetch(cursor)
-                if isinstance(got, str):
-                    self.problem = got
-                else:
-                    self.problem = None
-                    if got.restarted:
-                        log.write_line("── the server restarted: its new log from the start ──")
-                    if got.lines:
-                        log.write_lines(got.lines)
-                        self.lines_shown += len(got.lines)
-                    cursor = got.cursor
-                    if got.more:
-                        continue
+                if not self.is_attached:
+                    return
+                moved = self._show(got, cursor)
+                cursor = got.cursor if isinstance(got, LogLines) else cursor
                 self._show_title()
+                # Lines already waiting are asked for at once, as long as the cursor moves
+                # (an agent saying "more" without moving it must not make this spin).
+                if moved and isinstance(got, LogLines) and got.more:
+                    continue
             await asyncio.sleep(self.interval_s)
+
+    def _show(self, got: LogLines | str, cursor: str | None) -> bool:
+        """Write what came; whether the cursor moved."""
+        if isinstance(got, str):
+            self.problem = got
+            return False
+        self.problem = None
+        if got.restarted:
+            self.log_view.write_line("── the server restarted: its new log from the start ──")
+        if got.lines:
+            self.log_view.write_lines([printable(line) for line in got.lines])
+            self.lines_shown += len(got.lines)
+        return got.cursor != cursor
 
     def _show_title(self) -> None:
         text = Text(self.title_text, style="bold")
@@ -191,14 +204,15 @@ class LogScreen(ModalScreen[None]):
             text.append("  paused (f follows)", style="yellow")
         text.append(f"  {self.lines_shown} lines  Esc closes", style="dim")
         if self.problem:
-            text.append(f"  {self.problem}", style="bold red")
-        self.query_one("#log-title", Static).update(text)
+            text.append(f"  {printable(self.problem)}", style="bold red")
+        self.title_line.update(text)
 
     def action_toggle_follow(self) -> None:
         self.following = not self.following
         self._show_title()
 
     def action_close(self) -> None:
+        self.follower.cancel()
         self.dismiss(None)
 
 

@@ -32,4 +32,4 @@ def test_runs_of_text_keep_their_spaces_and_places() -> None:
             ]
         )
     )
-    assert svg_text(svg) == "● gpu1 37.1/63.7G\n\n x\n"
+    assert svg_text(svg) == " ● gpu1 37.1/63.7G\n\n  x\n"

@@ -501,7 +501,7 @@ async def test_logs_key_follows_a_models_output_and_history_and_enter_show_its_l
             await pilot.press("h")
             await until(pilot, lambda: isinstance(app.screen, DetailScreen))
             loads = app.screen.body.plain  # type: ignore[attr-defined]
-            assert "Last loads" in loads and "1 loads" in loads, loads
+            assert "Last loads" in loads and "1 load, " in loads, loads
             await pilot.press("escape")
             await until(pilot, lambda: not isinstance(app.screen, DetailScreen))
 

@@ -104,3 +104,51 @@ def test_listens_reads_only_the_given_processes(source: str, listening: int) -> 
     # A pid that is gone is no listener, not an error.
     assert not ports.listens({other.pid}, listening)
     assert processes.socket_inodes(other.pid) == frozenset()
+
+
+class FakeDiag:
+    """The netlink socket's side of a dump: these answers, then nothing."""
+
+    def __init__(self, *answers: bytes) -> None:
+        self.answers = list(answers)
+
+    def recv(self, size: int) -> bytes:
+        return self.answers.pop(0) if self.answers else b""
+
+
+def message(kind: int, body: bytes, length: int | None = None) -> bytes:
+    size = ports._HEADER.size + len(body)
+    return ports._HEADER.pack(size if length is None else length, kind, 2, 0, 0) + body
+
+
+def socket_message(port: int, inode: int) -> bytes:
+    body = bytearray(72)
+    body[ports._SPORT_AT : ports._SPORT_AT + 2] = port.to_bytes(2, "big")
+    body[ports._INODE_AT : ports._INODE_AT + 4] = inode.to_bytes(4, sys.byteorder)
+    return message(20, bytes(body))
+
+
+def done(status: int = 0) -> bytes:
+    return message(ports._NLMSG_DONE, status.to_bytes(4, sys.byteorder, signed=True))
+
+
+def test_a_dump_lists_each_sockets_port_and_inode() -> None:
+    answer = socket_message(8080, 41) + socket_message(9470, 42)
+    assert ports._dump(FakeDiag(answer, done())) == [(8080, 41), (9470, 42)]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "answers",
+    [
+        # The kernel could not make the dump (tcp_diag missing): -ENOENT in its last message.
+        (socket_message(8080, 41), done(-2)),
+        (message(ports._NLMSG_ERROR, (-13).to_bytes(4, sys.byteorder, signed=True)),),
+        (message(20, b"", length=4),),  # a length shorter than its header
+        (socket_message(8080, 41)[:30],),  # cut short
+        (socket_message(8080, 41),),  # the socket closed before the dump ended
+    ],
+)
+def test_a_dump_that_cannot_be_read_is_an_oserror(answers: tuple[bytes, ...]) -> None:
+    """So that the tables are read instead: a refusal must never read as 'nobody listens'."""
+    with pytest.raises(OSError):
+        ports._dump(FakeDiag(*answers))  # type: ignore[arg-type]

@@ -20,7 +20,8 @@ from shared.messages import (
     PartialWeights,
     WeightsState,
 )
-from tui.format import ago, duration, gib, size, used_of_total
+from shared.replies import LoadRecord, ModelLoads
+from tui.format import ago, duration, gib, printable, size, used_of_total
 from tui.memory import Segment
 from tui.widgets.jobs import (
     FADE_AFTER_S,
@@ -30,7 +31,7 @@ from tui.widgets.jobs import (
     visible_jobs,
 )
 from tui.widgets.keybar import Key, key_bar
-from tui.widgets.models import render_model_detail
+from tui.widgets.models import render_loads, render_model_detail
 from tui.widgets.outcome import Said, render_said
 from tui.widgets.sparkline import sparkline
 from tui.widgets.tables import fit_last_column
@@ -292,3 +293,27 @@ def test_the_outcome_line_says_the_last_answer_on_one_line() -> None:
     assert line.endswith("✖ gpu1: install: install refused (invalid_payload): bad")
     listing = render_said([said, Said(T0, "information", "", "Switch not sent.")]).plain
     assert "(2, newest first)" in listing and "Switch not sent." in listing
+
+
+def test_text_from_elsewhere_loses_its_escape_sequences_and_controls() -> None:
+    assert printable("a\x1b[2J\x1b[31mb") == "ab"
+    assert printable("x\x1b]52;c;ZXZpbA==\x07y\x1b]0;title\x1b\\z") == "xyz"
+    assert printable("nul\x00 bell\x07 c1\x9b end") == "nul bell c1 end"
+    assert printable("two\nlines\tand a tab") == "two\nlines   and a tab"
+
+
+def test_a_models_loads_read_as_blocks_and_lines() -> None:
+    loads = ModelLoads(
+        model="m",
+        loads=[
+            LoadRecord(loaded_at=T0 - timedelta(minutes=1), load_s=3.0, vram_used_mb=2048),
+            LoadRecord(loaded_at=T0 - timedelta(minutes=9), load_s=6.0),
+        ],
+    )
+    text = render_loads(loads, T0).plain
+    assert "2 loads, 3.0 to 6.0 s" in text and "█▅" in text
+    assert "1m00s ago     3.0 s  2.0G" in text
+    instant = ModelLoads(model="m", loads=[LoadRecord(loaded_at=T0, load_s=0.0)])
+    assert "1 load, 0.0 to 0.0 s" in render_loads(instant, T0).plain
+    assert "never loaded" in render_loads(ModelLoads(model="m", loads=[]), T0).plain
+    assert "refused" in render_loads("history refused (x): y", T0).plain

@@ -8,7 +8,7 @@ from rich.text import Text
 from textual.widget import Widget
 
 from shared.messages import Severity
-from tui.format import clock
+from tui.format import clock, printable
 from tui.store import HostEvent
 
 SEVERITY_LOOK: dict[Severity, tuple[str, str]] = {
@@ -30,7 +30,7 @@ def render_events(events: Sequence[HostEvent], limit: int) -> Text:
                 (f"{clock(item.event.ts)} ", "dim"),
                 (f"{glyph} {item.event.severity.value:<8}", style),
                 (f" {item.host}: ", "bold"),
-                item.event.message,
+                printable(item.event.message),
             )
         )
     return Text("\n").join(lines)
@@ -68,7 +68,7 @@ def render_events_detail(events: Sequence[HostEvent]) -> Text:
         text.append(f"\n{event.ts.isoformat(timespec='seconds')} ", style="dim")
         text.append(f"{glyph} {event.severity.value} ", style=style)
         text.append(f"{item.host} {event.event_type}\n", style="bold")
-        text.append(f"  {event.message}\n")
+        text.append(f"  {printable(event.message)}\n")
         about = [
             f"{label} {value}"
             for label, value in (("model", event.model), ("gpu", event.gpu), ("job", event.job_id))

@@ -10,7 +10,7 @@ from textual.widget import Widget
 from textual.widgets import DataTable
 
 from shared.messages import JobState, JobStatus
-from tui.format import duration, size
+from tui.format import duration, printable, size
 from tui.widgets.tables import fit_last_column, sync_rows
 
 # A job finished this recently is shown however little room there is.
@@ -60,7 +60,7 @@ def job_row(job: JobState) -> list[str | Text]:
     title = job_title(job)
     if job.state in _FINISHED_LOOK:
         glyph, style = _FINISHED_LOOK[job.state]
-        message = job.error.message if job.error else (job.message or "")
+        message = printable(job.error.message if job.error else (job.message or ""))
         return [
             Text(title, style="dim"),
             Text(f"{glyph} {job.state.value}", style=style),
@@ -69,7 +69,7 @@ def job_row(job: JobState) -> list[str | Text]:
             Text(message, style="dim"),
         ]
     if job.state is JobStatus.RUNNING:
-        detail = job.message or ""
+        detail = printable(job.message or "")
         if job.bytes_total:  # downloads: how much of how much
             detail = f"{size(job.bytes_done or 0)}/{size(job.bytes_total)} {detail}"
         return [
@@ -80,7 +80,7 @@ def job_row(job: JobState) -> list[str | Text]:
             detail,
         ]
     position = f"#{job.queue_position}" if job.queue_position else ""
-    return [title, Text(f"… queued {position}"), "", "", job.message or ""]
+    return [title, Text(f"… queued {position}"), "", "", printable(job.message or "")]
 
 
 class JobsTable(DataTable[str | Text]):
@@ -135,7 +135,7 @@ def render_job_detail(job: JobState) -> Text:
     row("origin", job.origin.value if job.origin else None)
     row("request", job.request_id)
     row("queued", f"#{job.queue_position}" if job.queue_position else None)
-    row("message", job.message)
+    row("message", printable(job.message) if job.message else None)
     if job.bytes_total:
         row("download", f"{size(job.bytes_done or 0)} of {size(job.bytes_total)}")
     row("eta", duration(job.eta_s) if job.eta_s is not None else None)
@@ -146,7 +146,7 @@ def render_job_detail(job: JobState) -> Text:
         row("took", duration((job.finished_at - job.started_at).total_seconds()))
     if job.error is not None:
         text.append(f"\n{'error':>12}  ", style="dim")
-        text.append(f"{job.error.code.value}: {job.error.message}\n", style="bold red")
+        text.append(f"{job.error.code.value}: {printable(job.error.message)}\n", style="bold red")
         for key, value in (job.error.details or {}).items():
             row(str(key), value)
     if job.result is not None:

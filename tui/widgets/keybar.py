@@ -26,7 +26,7 @@ def key_bar(keys: Sequence[Key], always: Sequence[Key], width: int) -> Text:
     def cost(key: Key) -> int:
         return len(key.key) + 1 + len(key.label) + len(_GAP)
 
-    room = width - 2 - sum(cost(key) for key in always)  # the padding
+    room = width - sum(cost(key) for key in always)
     shown = []
     for key in keys:
         if cost(key) > room:
@@ -52,4 +52,4 @@ class KeyBar(Widget):
         self.always = always
 
     def render(self) -> Text:
-        return key_bar(self.keys, self.always, self.size.width)
+        return key_bar(self.keys, self.always, self.content_size.width)

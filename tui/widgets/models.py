@@ -9,7 +9,7 @@ from textual.widgets import DataTable
 
 from shared.messages import ModelLifecycle, ModelState
 from shared.replies import LogLines, ModelLoads
-from tui.format import ago, gib
+from tui.format import ago, gib, printable
 from tui.widgets.sparkline import sparkline
 from tui.widgets.tables import sync_rows
 
@@ -99,7 +99,7 @@ def render_model_detail(model: ModelState, now: datetime) -> Text:
     row("queued", model.waiting)
     if model.error:
         text.append(f"\n{'error':>14}  ", style="dim")
-        text.append(model.error, style="bold red")
+        text.append(printable(model.error), style="bold red")
         text.append("\n")
     return text
 
@@ -113,12 +113,13 @@ def render_loads(loads: ModelLoads | str, now: datetime) -> Text:
     if not loads.loads:
         return text.append("\n  never loaded on this host (as far as its database knows)\n")
     seconds = [record.load_s for record in reversed(loads.loads)]
-    longest = max(seconds) or 1.0
-    blocks = sparkline(
-        [(i, s / longest) for i, s in enumerate(seconds)], len(seconds), len(seconds), len(seconds)
-    )
-    text.append(f"  {blocks}  ", style="cyan")
-    text.append(f"{len(seconds)} loads, {min(seconds):.1f} to {longest:.1f} s\n", style="dim")
+    longest = max(seconds)
+    scale = longest or 1.0  # every load instant: flat blocks, not a division by zero
+    cells = len(seconds)
+    blocks = sparkline([(i, s / scale) for i, s in enumerate(seconds)], cells, cells, cells)
+    text.append(f"\n  {blocks}  ", style="cyan")
+    count = f"{cells} load" + ("s" if cells > 1 else "")
+    text.append(f"{count}, {min(seconds):.1f} to {longest:.1f} s\n", style="dim")
     for record in loads.loads:
         vram = f"  {gib(record.vram_used_mb)}" if record.vram_used_mb else ""
         text.append(f"  {ago(record.loaded_at, now):>7} ago  {record.load_s:6.1f} s{vram}\n")
@@ -134,5 +135,5 @@ def render_log_tail(logs: LogLines | str) -> Text:
         return text.append("\n  none (it has not written any)\n", style="dim")
     text.append(" (L follows the whole log)\n", style="dim")
     for line in logs.lines:
-        text.append(f"  {line}\n")
+        text.append(f"  {printable(line)}\n")
     return text

@@ -11,7 +11,7 @@ from datetime import datetime
 from rich.text import Text
 from textual.widgets import Static
 
-from tui.format import clock
+from tui.format import clock, printable
 
 # The line until something is said.
 HINT = "Enter shows the selected row in full; answers to your commands appear here."
@@ -37,7 +37,7 @@ class Said:
         text = Text.assemble((f"{clock(self.at)} ", "dim"), (f"{glyph} ", style))
         if self.title:
             text.append(f"{self.title}: ", style="bold")
-        text.append(" ".join(self.message.split()), style=style if glyph != "·" else "")
+        text.append(" ".join(printable(self.message).split()), style=style if glyph != "·" else "")
         return text
 
 
