@@ -33,7 +33,6 @@ import asyncio
 import itertools
 import json
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -54,7 +53,7 @@ sys.path.insert(0, str(REPO))
 
 from agent.config import GatewayConfig
 from bench.support import agent_config as bench_agent
-from bench.support import http_up, sim_model
+from bench.support import http_up, sim_model, stop_agent
 from bus.mqtt import Connection, ConnectionSettings, Subscription, connect
 from devtools.brokers import DEMO_CONFIG, MosquittoBroker, free_port
 from shared.topics import HostTopics
@@ -271,8 +270,7 @@ async def run(args: argparse.Namespace) -> None:
             try:
                 await measure(args, broker, agent, port, spec)
             finally:
-                agent.send_signal(signal.SIGTERM)
-                agent.wait(30)
+                stop_agent(agent, config)
 
 
 async def measure(
@@ -426,8 +424,7 @@ async def replay(broker: MosquittoBroker, workdir: Path, max_wait_s: float) -> T
             await asyncio.sleep(0.5)  # the last job's final state
             collector.cancel()
     finally:
-        agent.send_signal(signal.SIGTERM)
-        agent.wait(30)
+        stop_agent(agent, config)
     switches = [job for job in jobs.values() if job["state"] == "succeeded"]
     return TraceRun(list(waits), switches)
 
@@ -474,8 +471,7 @@ async def mixed_load(broker: MosquittoBroker, workdir: Path) -> tuple[dict[str, 
             await asyncio.gather(*(client(plan) for plan in plans))
             rss.append(process.memory_info().rss)
     finally:
-        agent.send_signal(signal.SIGTERM)
-        agent.wait(30)
+        stop_agent(agent, config)
     return statuses, rss
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.support import agent_config as bench_agent
-from bench.support import cpu_seconds, http_up, sim_model
+from bench.support import cpu_seconds, http_up, sim_model, stop_agent
 from devtools.brokers import DEMO_CONFIG, MosquittoBroker, free_port
 
 GPUS = 8
@@ -115,8 +114,7 @@ async def run(args: argparse.Namespace) -> None:
             try:
                 await measure(args, agent.pid, f"http://127.0.0.1:{port}")
             finally:
-                agent.send_signal(signal.SIGTERM)
-                agent.wait(30)
+                stop_agent(agent, config)
 
 
 async def measure(args: argparse.Namespace, pid: int, root: str) -> None:

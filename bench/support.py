@@ -1,18 +1,23 @@
 """What the benches share: a simulated model server's catalog entry, an agent's
-configuration around it, waiting for its HTTP server, and a process's CPU time."""
+configuration around it, stopping that agent and its servers, waiting for its HTTP
+server, and a process's CPU time."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 
 from devtools.brokers import MosquittoBroker, free_port
+from tests.support.agent_process import stop_model_servers
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -51,6 +56,14 @@ def agent_config(
         "http": {"listen": listen},
     }
     return {**config, **sections}
+
+
+def stop_agent(agent: subprocess.Popen[bytes], config: Path, timeout_s: float = 30) -> None:
+    """SIGTERM the agent started with ``config``, then its model servers, which an agent
+    leaves running for the next one to adopt (each bench run left its servers behind)."""
+    agent.send_signal(signal.SIGTERM)
+    agent.wait(timeout_s)
+    stop_model_servers(Path(yaml.safe_load(config.read_text())["state_dir"]))
 
 
 def cpu_seconds(pid: int) -> float:

@@ -24,7 +24,6 @@ import asyncio
 import itertools
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.support import agent_config as bench_agent
-from bench.support import sim_model
+from bench.support import sim_model, stop_agent
 from bus.mqtt import Connection, ConnectionSettings, Subscription, connect
 from devtools.brokers import DEMO_CONFIG, MosquittoBroker
 from shared.topics import HostTopics
@@ -183,8 +182,7 @@ async def measure(
             for n in range(BURST_RUNS if burst_total else 0)
         ]
     finally:
-        agent.send_signal(signal.SIGTERM)
-        agent.wait(30)
+        stop_agent(agent, config)
     times = server_times(workdir / f"{prefix}.timings")
     overheads = []
     for job in jobs:
