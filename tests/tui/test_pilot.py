@@ -7,6 +7,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from textual.pilot import Pilot
@@ -62,21 +63,28 @@ def row_text(app: ModelbusApp, name: str) -> str:
     return " ".join(str(cell) for cell in table.get_row(name))
 
 
-@pytest.fixture
-async def agent(
-    broker: MosquittoBroker, prefix: str, tmp_path: Path
-) -> AsyncIterator[AgentProcess]:
-    catalog = budget_catalog(load_s=1.5)
-    catalog["infinitetalk"]["pinned"] = True
+def pilot_agent(
+    broker: MosquittoBroker, prefix: str, tmp_path: Path, models: dict[str, Any]
+) -> AgentProcess:
+    """An agent on HOST publishing every 0.2 s, with ``models`` in its catalog."""
     config = write_agent_config(
         tmp_path / "agent.yaml",
         broker_url=broker.url,
         host_id=HOST,
         prefix=prefix,
         interval_s=0.2,
-        models=catalog,
+        models=models,
     )
-    process = AgentProcess(config)
+    return AgentProcess(config)
+
+
+@pytest.fixture
+async def agent(
+    broker: MosquittoBroker, prefix: str, tmp_path: Path
+) -> AsyncIterator[AgentProcess]:
+    catalog = budget_catalog(load_s=1.5)
+    catalog["infinitetalk"]["pinned"] = True
+    process = pilot_agent(broker, prefix, tmp_path, catalog)
     try:
         async with watch(broker.port, HostTopics(prefix, HOST).status) as bus:
             await bus.wait_topic(HostTopics(prefix, HOST).status, lambda _: True, timeout=20)
@@ -460,15 +468,7 @@ async def test_logs_key_follows_a_models_output_and_history_and_enter_show_its_l
     """L opens the selected model's log and new lines appear as its server writes them;
     h lists its last loads; Enter on it adds those and its last log lines to the rest."""
     chatty = sim_model(2048, load_s=0.3, extra=["--say-every", "0.3"])
-    config = write_agent_config(
-        tmp_path / "agent.yaml",
-        broker_url=broker.url,
-        host_id=HOST,
-        prefix=prefix,
-        interval_s=0.2,
-        models={"chatty": chatty},
-    )
-    process = AgentProcess(config)
+    process = pilot_agent(broker, prefix, tmp_path, {"chatty": chatty})
     try:
         app = tui(broker, prefix)
         async with app.run_test(size=(120, 40)) as pilot:
