@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from agent.presets import PresetName, SleepApi
 from shared.topics import is_model_name
 
 MACRO = re.compile(r"\$\{(PORT|MODEL|GPUS|HOST)\}")
@@ -48,6 +49,10 @@ class DockerLaunch(_Strict):
         default=True, description="ask Docker for the model's GPUs (NVIDIA container toolkit)"
     )
     network_mode: str | None = None
+    bind: str | None = Field(
+        default=None,
+        description="the host address its ports are published on; default: every address",
+    )
 
     @model_validator(mode="after")
     def _container_or_image(self) -> DockerLaunch:
@@ -56,9 +61,15 @@ class DockerLaunch(_Strict):
         return self
 
 
+StopSignal = Literal["SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGKILL"]
+
+
 class ModelSpec(_Strict):
     name: str
-    runtime: Literal["process", "docker"]
+    runtime: Literal["process", "docker"] = "process"
+    preset: PresetName | None = Field(
+        default=None, description="the server it is (agent/presets.py), which filled the rest"
+    )
     process: ProcessLaunch | None = None
     docker: DockerLaunch | None = None
     port: int = Field(ge=1, le=65535, description="where the server listens (${PORT})")
@@ -75,7 +86,21 @@ class ModelSpec(_Strict):
     weights: str | None = Field(
         default=None, description="the name of installed weights this model serves"
     )
+    model_path: str | None = Field(
+        default=None, description="a file or directory a preset server serves"
+    )
     description: str | None = None
+    stop_signal: StopSignal = Field(default="SIGTERM", description="what asks the server to stop")
+    sleep: SleepApi | None = Field(
+        default=None,
+        description="the API that puts the server to sleep (frees its VRAM, keeps it warm "
+        "in host RAM) and wakes it: vllm or sglang; null: it is stopped instead",
+    )
+    sleep_level: Literal[1, 2] = Field(
+        default=1,
+        description="vLLM's sleep level: 1 keeps the weights in host RAM, 2 discards them "
+        "(no RAM held; waking reloads them)",
+    )
     # The gateway (docs/gateway.md).
     aliases: list[str] = Field(
         default_factory=list, description="other names a request's 'model' may use for it"

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from agent.alerts import AlertsConfig
 from agent.catalog import Catalog, ModelSpec, check_names
 from agent.gateway.keys import ApiKey, parse_env_keys
+from agent.presets import PresetError, PresetName, PresetSettings, expand_entries
 from bus.settings import BUS_ENV_OVERRIDES, BrokerConfig, load_layered
 from shared.topics import DEFAULT_PREFIX, is_host_id, is_prefix, sanitize_host_id
 
@@ -291,7 +292,29 @@ class AgentConfig(Strict):
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    presets: dict[PresetName, PresetSettings] = Field(
+        default_factory=dict,
+        description="where each preset's server lives on this host and what every model of "
+        "it gets (docs/configuration.md#presets)",
+    )
     models: dict[str, ModelSpec] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_presets(cls, data: Any) -> Any:
+        """Entries with ``preset:`` become the full entries they stand for (presets.py),
+        with the host's ``presets:`` settings and weights directory."""
+        if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
+            return data
+        models: dict[str, Any] = data["models"]
+        if not any(isinstance(e, dict) and e.get("preset") is not None for e in models.values()):
+            return data
+        settings = PresetsSection.model_validate({"presets": data.get("presets") or {}}).presets
+        try:
+            expanded = expand_entries(models, settings, raw_weights_dir(data))
+        except PresetError as error:
+            raise ValueError(str(error)) from None
+        return {**data, "models": expanded}
 
     @field_validator("models", mode="before")
     @classmethod
@@ -344,6 +367,19 @@ class AgentConfig(Strict):
     @property
     def sim_state_file(self) -> Path:
         return self.gpu.sim.state_file or self.state_dir / "sim-gpus.bin"
+
+
+class PresetsSection(Strict):
+    presets: dict[PresetName, PresetSettings] = Field(default_factory=dict)
+
+
+def raw_weights_dir(data: Mapping[str, Any]) -> Path:
+    """The weights directory a configuration not yet validated names (or its default)."""
+    weights = data.get("weights")
+    configured = weights.get("dir") if isinstance(weights, dict) else None
+    if configured:
+        return Path(str(configured))
+    return Path(str(data.get("state_dir") or _default_state_dir())) / "weights"
 
 
 def _default_state_dir() -> Path:

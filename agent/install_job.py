@@ -18,6 +18,7 @@ from agent import hub
 from agent.config import WeightsConfig
 from agent.job_worker import JobPublisher, JobUpdate
 from agent.jobs import InstallRequest, Job, JobFailure
+from agent.presets import gguf_file
 from agent.weights import MIB, WeightsDir, manifest_for
 from agent.weights_estimate import estimate_directory, suggest_catalog_entry
 from shared.commands import CommandError
@@ -150,6 +151,7 @@ class Installing:
         job.advance(JobPhase.VERIFYING, 0.99, "reading the safetensors metadata")
         await self.update_job(job)
         estimate = await asyncio.to_thread(estimate_directory, path)
+        gguf = await asyncio.to_thread(gguf_file, path)
         manifest = await asyncio.to_thread(
             manifest_for,
             name,
@@ -183,7 +185,7 @@ class Installing:
                 note=estimate.note,
             ),
             suggested_catalog_entry=suggest_catalog_entry(
-                name, repo, resolved.revision, path, estimate
+                name, repo, resolved.revision, estimate, gguf=gguf is not None
             ),
         )
         job.succeed(result, f"installed {repo} as {name}")

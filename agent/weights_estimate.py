@@ -226,23 +226,23 @@ def suggest_catalog_entry(
     name: str,
     repo: str,
     revision: str | None,
-    path: Path,
     estimate: WeightsEstimate | None,
+    *,
+    gguf: bool,
 ) -> dict[str, Any]:
-    """A ``models:`` catalog entry for freshly installed weights, for an operator to finish.
+    """A ``models:`` catalog entry for freshly installed weights: ``catalog add`` takes it
+    as it is, and so does the file.
 
-    Returns ``{name: {...}}``, JSON-serialisable. The server command is a placeholder
-    (``<your-server>``) and the port a guess; ``vram_mb`` is left out when there is no
+    Returns ``{name: {...}}``, JSON-serialisable: the llama-cpp preset for GGUF files, vLLM's
+    otherwise, serving the installed weights. ``vram_mb`` is left out when there is no
     estimate, so the entry does not validate until the operator supplies one.
     """
     at = f" at {revision[:12]}" if revision else ""
     entry: dict[str, Any] = {
-        "description": f"{repo}{at}",
-        "hf_repo": repo,
+        "preset": "llama-cpp" if gguf else "vllm",
         "weights": name,
-        "runtime": "process",
-        "process": {"argv": ["<your-server>", "--model", str(path), "--port", "${PORT}"]},
-        "port": 8000,
+        "hf_repo": repo,
+        "description": f"{repo}{at}",
     }
     if estimate is not None:
         entry["vram_mb"] = estimate.vram_estimate_mb

@@ -317,7 +317,10 @@ def describe_validation_error(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors()[:3]:
         field = ".".join(str(part) for part in error["loc"]) or "payload"
-        if error["type"] == "extra_forbidden":
+        if error["type"] == "value_error" and not error["loc"]:
+            # A check of the whole payload: its own sentence names the fields.
+            parts.append(str(error["msg"]).removeprefix("Value error, "))
+        elif error["type"] == "extra_forbidden":
             parts.append(f"unknown field {field!r}")
         elif error["type"] == "missing":
             parts.append(f"missing field {field!r}")

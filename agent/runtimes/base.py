@@ -31,6 +31,8 @@ class Instance:
     # Processes that belong to it (the group leader and children; a container's
     # processes), for attributing GPU memory to the model.
     pids: frozenset[int] = field(default_factory=frozenset)
+    # What asks it to stop (the catalog's stop_signal when it was started or adopted).
+    stop_signal: str = "SIGTERM"
 
 
 @dataclass(frozen=True, slots=True)

@@ -171,8 +171,31 @@ class DockerRuntime:
     def _create_and_start(
         self, spec: ModelSpec, launch: DockerLaunch, extra_env: dict[str, str]
     ) -> Instance:
+        options = self.container_options(spec, extra_env)
+        self._remove_previous(options["name"], spec)
+        try:
+            container = self.client.containers.create(launch.image, **options)
+        except self._docker.errors.ImageNotFound:
+            raise RuntimeFailure(
+                f"image '{launch.image}' for model '{spec.name}' is not on this host: "
+                f"docker pull {launch.image}"
+            ) from None
+        try:
+            container.start()
+            container.reload()
+        except BaseException:
+            # A created but unstartable container (no GPU runtime, port taken) would
+            # only be in the way of the next attempt.
+            with contextlib.suppress(self._docker.errors.DockerException):
+                container.remove(force=True)
+            raise
+        return self._instance(spec.name, container)
+
+    def container_options(self, spec: ModelSpec, extra_env: dict[str, str]) -> dict[str, Any]:
+        """What ``containers.create`` is given for a model's image (its ``docker:`` block):
+        name, labels, environment, volumes, command, ports, stop signal, GPU requests."""
+        launch = _launch(spec)
         name = container_name(self.host_id, spec.name)
-        self._remove_previous(name, spec)
         gpus = ",".join(map(str, spec.gpus))
         environment = {key: spec.expand(value) for key, value in launch.env.items()}
         environment.update(extra_env)
@@ -200,30 +223,19 @@ class DockerRuntime:
             options["network_mode"] = launch.network_mode
         if launch.network_mode != "host":
             published = launch.ports or {spec.port: spec.port}
-            options["ports"] = {f"{inside}/tcp": outside for inside, outside in published.items()}
+            options["ports"] = {
+                f"{inside}/tcp": outside if launch.bind is None else (launch.bind, outside)
+                for inside, outside in published.items()
+            }
+        if spec.stop_signal != "SIGTERM":
+            options["stop_signal"] = spec.stop_signal
         if launch.gpu_device_request:
             options["device_requests"] = [
                 self._docker.types.DeviceRequest(
                     device_ids=[str(gpu) for gpu in spec.gpus], capabilities=[["gpu"]]
                 )
             ]
-        try:
-            container = self.client.containers.create(launch.image, **options)
-        except self._docker.errors.ImageNotFound:
-            raise RuntimeFailure(
-                f"image '{launch.image}' for model '{spec.name}' is not on this host: "
-                f"docker pull {launch.image}"
-            ) from None
-        try:
-            container.start()
-            container.reload()
-        except BaseException:
-            # A created but unstartable container (no GPU runtime, port taken) would
-            # only be in the way of the next attempt.
-            with contextlib.suppress(self._docker.errors.DockerException):
-                container.remove(force=True)
-            raise
-        return self._instance(spec.name, container)
+        return options
 
     def _remove_previous(self, name: str, spec: ModelSpec) -> None:
         try:
@@ -326,6 +338,7 @@ class DockerRuntime:
             container_name=container.name,
             started_at=_timestamp(state.get("StartedAt")) or time.time(),
             pids=self._top(container) if pid else frozenset(),
+            stop_signal=(container.attrs.get("Config") or {}).get("StopSignal") or "SIGTERM",
         )
 
     def _container(self, instance: Instance) -> Any:

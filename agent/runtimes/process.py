@@ -59,6 +59,13 @@ def _describe(returncode: int) -> ExitStatus:
     return ExitStatus(returncode, f"killed by {name}")
 
 
+def _signal(name: str) -> signal.Signals:
+    try:
+        return signal.Signals[name]
+    except KeyError:
+        return signal.SIGTERM
+
+
 # ---- bookkeeping ---------------------------------------------------------------
 
 
@@ -228,13 +235,14 @@ class ProcessRuntime:
             pid=pid,
             started_at=started_at,
             pids=frozenset({pid}),
+            stop_signal=spec.stop_signal,
         )
 
     async def stop(self, instance: Instance, timeout_s: float) -> None:
         if instance.pid is None:
             return
         tracked = await self._tracking(instance)
-        await self._terminate(tracked, timeout_s)
+        await self._terminate(tracked, timeout_s, _signal(instance.stop_signal))
         # Still tracked, so that exit_status() can tell how it ended; start() forgets it.
         await asyncio.to_thread(self._remove_pid_file, instance.model, tracked.pid)
 
@@ -286,6 +294,7 @@ class ProcessRuntime:
                     pid=record.pid,
                     started_at=record.started_at,
                     pids=group | {record.pid},
+                    stop_signal=specs[model].stop_signal,
                 )
             )
         return adopted
@@ -302,11 +311,14 @@ class ProcessRuntime:
 
     # -- stopping --
 
-    async def _terminate(self, tracked: _Tracked, timeout_s: float) -> None:
-        """SIGTERM the group, give it ``timeout_s`` to go, then SIGKILL what is left."""
+    async def _terminate(
+        self, tracked: _Tracked, timeout_s: float, stop_signal: signal.Signals = signal.SIGTERM
+    ) -> None:
+        """Signal the group (SIGTERM unless the model asks otherwise), give it ``timeout_s``
+        to go, then SIGKILL what is left."""
         if not await tracked.owns_group():
             return
-        self._signal_group(tracked, signal.SIGTERM)
+        self._signal_group(tracked, stop_signal)
         deadline = time.monotonic() + max(0.0, timeout_s)
         leader_gone = await self._wait_leader(tracked, deadline)
         left = await asyncio.to_thread(processes.members, tracked.pid)

@@ -19,6 +19,7 @@ import docker
 import pytest
 
 from agent.catalog import ModelSpec
+from agent.config import load_config
 from agent.log_lines import BadCursor, LogCursor, LogRead
 from agent.runtimes.base import ExitStatus, Instance, RuntimeFailure
 from agent.runtimes.docker import DockerRuntime, container_name
@@ -371,6 +372,41 @@ async def test_ports_are_published_unless_the_network_is_the_hosts(
         "published": {f"{default.port}/tcp": [str(default.port)]},
         "mapped": {"80/tcp": ["18080"]},
     }
+
+
+async def test_a_preset_container_asks_for_its_gpus_stop_signal_and_loopback_port(
+    runtime: DockerRuntime, client: Any, tmp_path: Path
+) -> None:
+    """What dockerd records for a vLLM preset's container: no GPU can start it here, so the
+    container is created from the runtime's options and inspected; the start itself fails
+    for want of the NVIDIA runtime and leaves nothing behind."""
+    (tmp_path / "weights" / "qwen").mkdir(parents=True)
+    entry = {"preset": "vllm", "runtime": "docker", "weights": "qwen", "vram_mb": 1024}
+    entry.update(image="modelbus-test/busybox:1", gpus=[0, 1])
+    overrides = {"models": {"qwen": entry}, "state_dir": str(tmp_path)}
+    spec = load_config(None, environ={}, overrides=overrides).models["qwen"]
+    options = runtime.container_options(spec, {})
+    created = await asyncio.to_thread(
+        client.containers.create, "modelbus-test/busybox:1", **options
+    )
+    attrs = client.containers.get(created.id).attrs
+    host_config, config = attrs["HostConfig"], attrs["Config"]
+    (request,) = host_config["DeviceRequests"]
+    assert request["DeviceIDs"] == ["0", "1"] and request["Capabilities"] == [["gpu"]]
+    assert config["StopSignal"] == "SIGINT"
+    assert host_config["PortBindings"] == {
+        f"{spec.port}/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(spec.port)}]
+    }
+    assert host_config["Binds"] == [f"{tmp_path / 'weights'}:/models:ro"]
+    assert {"VLLM_SERVER_DEV_MODE=1", "NVIDIA_VISIBLE_DEVICES=0,1"} <= set(config["Env"])
+    assert config["Cmd"][:2] == ["--model", "/models/qwen"]
+    assert "--enable-sleep-mode" in config["Cmd"]
+    assert config["Labels"]["modelbus.model"] == "qwen"
+    created.remove(force=True)
+
+    with pytest.raises(RuntimeFailure, match="gpu_device_request: false"):
+        await runtime.start(spec, {})
+    assert not exists(client, options["name"])
 
 
 async def test_missing_existing_container_is_a_clear_failure(runtime: DockerRuntime) -> None:

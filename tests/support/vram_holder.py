@@ -4,10 +4,11 @@ GPUs: a real server holds no simulated memory, so this wrapper holds the model's
 lives. The agent then sees what it would see on a real card, and a switch between two
 real servers really evicts one for the other.
 
-``python -m tests.support.vram_holder MIB -- ARGV...``: the agent's process runtime passes
-``MODELBUS_SIM_STATE``, ``MODELBUS_GPUS`` and ``MODELBUS_MODEL``. Signals are passed on to
-the server; the wrapper exits with the server's exit code. When the server dies the
-simulator reclaims its memory, as a driver would."""
+``python -m tests.support.vram_holder MIB -- ARGV...`` (or ``-- ARGV...`` with the MiB in
+``MODELBUS_HOLD_MB``, as a preset's ``command`` shared by several models needs): the agent's
+process runtime passes ``MODELBUS_SIM_STATE``, ``MODELBUS_GPUS`` and ``MODELBUS_MODEL``.
+Signals are passed on to the server; the wrapper exits with the server's exit code. When
+the server dies the simulator reclaims its memory, as a driver would."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ from devtools.gpu_sim import SimGpuClient
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--"] and "MODELBUS_HOLD_MB" in os.environ:
+        argv = [os.environ["MODELBUS_HOLD_MB"], *argv]
     if len(argv) < 3 or argv[1] != "--":
-        print("usage: python -m tests.support.vram_holder MIB -- ARGV...", file=sys.stderr)
+        print("usage: python -m tests.support.vram_holder [MIB] -- ARGV...", file=sys.stderr)
         return 2
     total_mb, command = int(argv[0]), argv[2:]
     gpus = [int(g) for g in os.environ.get("MODELBUS_GPUS", "0").split(",")]

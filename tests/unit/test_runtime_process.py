@@ -22,17 +22,25 @@ from agent.runtimes.process import LOG_TAIL_BYTES, ProcessRuntime
 
 PORT = 18123
 
-# Handles SIGTERM; says "ready" once the handler is in place.
-POLITE = """
+
+def polite(stop: str = "SIGTERM") -> str:
+    """Ends on ``stop`` (ignoring SIGTERM if it is another); says "ready" once the handler
+    is in place."""
+    ignore = "" if stop == "SIGTERM" else "signal.signal(signal.SIGTERM, signal.SIG_IGN)"
+    return f"""
 import signal, sys, time
+{ignore}
 def bye(*_):
-    print("got SIGTERM", flush=True)
+    print("got {stop}", flush=True)
     sys.exit(0)
-signal.signal(signal.SIGTERM, bye)
+signal.signal(signal.{stop}, bye)
 print("ready", flush=True)
 while True:
     time.sleep(0.05)
 """
+
+
+POLITE = polite()
 
 # Ignores SIGTERM and starts a child that ignores it too (SIG_IGN survives exec); with
 # "own-group" the child moves to a process group of its own (still in the session).
@@ -273,6 +281,27 @@ async def test_stop_sends_sigterm_and_waits_for_the_exit(
     assert "got SIGTERM" in await runtime.logs(instance)
     assert await runtime.exit_status(instance) == ExitStatus(0, "exited with code 0")
     assert not (state_dir / "pids" / "m1.json").exists()
+
+
+async def test_stop_sends_the_models_stop_signal_also_after_adoption(
+    runtime: ProcessRuntime, state_dir: Path
+) -> None:
+    # Ignores SIGTERM, ends on SIGINT (as vLLM and SGLang prefer to be stopped).
+    spec = make_spec(polite("SIGINT")).model_copy(update={"stop_signal": "SIGINT"})
+    instance = await runtime.start(spec, {})
+    await logged(runtime, instance, "ready")
+    assert instance.stop_signal == "SIGINT"
+    await runtime.stop(instance, 10.0)
+    assert await runtime.exit_status(instance) == ExitStatus(0, "exited with code 0")
+    assert "got SIGINT" in await runtime.logs(instance)
+
+    second = await runtime.start(spec, {})
+    await logged(runtime, second, "ready")
+    (adopted,) = await ProcessRuntime(state_dir).adopt({"m1": spec})
+    assert adopted.stop_signal == "SIGINT"
+    await ProcessRuntime(state_dir).stop(adopted, 10.0)
+    assert second.pid is not None and gone(second.pid)
+    assert "got SIGINT" in await runtime.logs(second)  # asked, not killed
 
 
 @pytest.mark.parametrize("child_group", ["same-group", "own-group"])

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.catalog import ModelSpec
+from agent.config import load_config
 from agent.weights_estimate import (
     DTYPE_BITS,
     MAX_HEADER_BYTES,
@@ -27,6 +28,7 @@ from agent.weights_estimate import (
     suggest_catalog_entry,
     tensor_bytes,
 )
+from bus.settings import ConfigError
 
 GIB = 1024 * MIB
 
@@ -363,29 +365,40 @@ def estimate_of(vram_mb: int) -> WeightsEstimate:
     )
 
 
-def test_suggested_entry_is_a_valid_catalog_entry() -> None:
-    path = Path("/srv/weights/qwen3-8b")
+def test_suggested_entry_is_a_valid_catalog_entry(tmp_path: Path) -> None:
     suggestion = suggest_catalog_entry(
-        "qwen3-8b", "Qwen/Qwen3-8B", "0123456789abcdef", path, estimate_of(18_000)
+        "qwen3-8b", "Qwen/Qwen3-8B", "0123456789abcdef", estimate_of(18_000), gguf=False
     )
 
     assert list(suggestion) == ["qwen3-8b"]
-    entry = suggestion["qwen3-8b"]
     json.dumps(suggestion)  # it travels in a job result
-    spec = ModelSpec(name="qwen3-8b", **entry)
-    assert spec.vram_mb == 18_000
+    spec = _loaded(suggestion, tmp_path)["qwen3-8b"]
+    assert spec.preset == "vllm" and spec.vram_mb == 18_000
     assert spec.hf_repo == "Qwen/Qwen3-8B"
     assert spec.weights == "qwen3-8b"
     assert spec.process is not None
-    assert str(path) in spec.process.argv
-    assert "${PORT}" in spec.process.argv
+    assert str(tmp_path / "weights" / "qwen3-8b") in spec.process.argv
     assert "0123456789ab" in (spec.description or "")
 
 
-def test_without_an_estimate_the_operator_must_supply_vram() -> None:
-    entry = suggest_catalog_entry("m", "org/m", None, Path("/w/m"), None)["m"]
+def test_gguf_weights_are_suggested_for_llama_server(tmp_path: Path) -> None:
+    (tmp_path / "weights" / "m").mkdir(parents=True)
+    (tmp_path / "weights" / "m" / "m-Q4_K_M.gguf").write_bytes(b"GGUF")
+    suggestion = suggest_catalog_entry("m", "org/m-GGUF", None, estimate_of(900), gguf=True)
+    spec = _loaded(suggestion, tmp_path)["m"]
+    assert spec.preset == "llama-cpp" and spec.process is not None
+    assert str(tmp_path / "weights" / "m" / "m-Q4_K_M.gguf") in spec.process.argv
+
+
+def _loaded(models: dict[str, Any], tmp_path: Path) -> dict[str, ModelSpec]:
+    overrides = {"models": models, "state_dir": str(tmp_path)}
+    return load_config(None, environ={}, overrides=overrides).models
+
+
+def test_without_an_estimate_the_operator_must_supply_vram(tmp_path: Path) -> None:
+    entry = suggest_catalog_entry("m", "org/m", None, None, gguf=False)["m"]
 
     assert "vram_mb" not in entry
-    with pytest.raises(ValueError, match="vram_mb"):
-        ModelSpec(name="m", **entry)
-    assert ModelSpec(name="m", **entry, vram_mb=4096).description == "org/m"
+    with pytest.raises(ConfigError, match="vram_mb"):
+        _loaded({"m": entry}, tmp_path)
+    assert _loaded({"m": {**entry, "vram_mb": 4096}}, tmp_path)["m"].description == "org/m"
