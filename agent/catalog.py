@@ -101,6 +101,12 @@ class ModelSpec(_Strict):
         description="vLLM's sleep level: 1 keeps the weights in host RAM, 2 discards them "
         "(no RAM held; waking reloads them)",
     )
+    sleep_ram_mb: int | None = Field(
+        default=None,
+        ge=0,
+        description="host RAM it holds asleep, until a sleep measures it; null: its vram_mb "
+        "at sleep level 1, nothing at level 2",
+    )
     # The gateway (docs/gateway.md).
     aliases: list[str] = Field(
         default_factory=list, description="other names a request's 'model' may use for it"

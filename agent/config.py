@@ -121,6 +121,17 @@ class LifecycleConfig(Strict):
         default=300.0, ge=0, description="finished jobs stay retained this long"
     )
     preload: list[str] = Field(default_factory=list, description="models to load at start")
+    sleep: bool = Field(
+        default=True,
+        description="evicted models whose server can sleep (catalog 'sleep') are put to "
+        "sleep instead of stopped, while host RAM allows",
+    )
+    host_ram_mb: int | None = Field(
+        default=None,
+        gt=0,
+        description="host RAM sleeping models may hold together; null: half of this "
+        "machine's memory",
+    )
 
 
 class WeightsConfig(Strict):

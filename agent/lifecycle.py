@@ -13,6 +13,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Collection
 
+from agent import sleep_api
 from agent.background import Background
 from agent.catalog import Catalog, ModelSpec
 from agent.config import LifecycleConfig
@@ -30,6 +31,8 @@ from agent.model_registry import (
 )
 from agent.planner import Plan, Refusal, plan_switch
 from agent.runtimes.base import Runtime, RuntimeFailure
+from agent.sleep_planner import RestPlan
+from agent.sleeping import Sleeps
 from agent.stopping import ServerStops
 from agent.swap import Swap, check_gpu_override, gpu_memory
 from agent.telemetry import ProcessOwner
@@ -72,9 +75,11 @@ class Lifecycle:
         self.registry = ModelRegistry(catalog, runtimes, store, publisher)
         around = Surroundings(self.registry, config, publisher, sample)
         self.stops = ServerStops(around, self._update_job)
+        self.sleeps = Sleeps(around, self.stops)
         self.swap = Swap(
             around,
             self.stops,
+            self.sleeps,
             self._update_job,
             lambda job: self.worker.submit(job, over_limit=True),
             sim_state_file=sim_state_file,
@@ -164,20 +169,26 @@ class Lifecycle:
 
     async def plan(
         self, model: str, gpu: int | None, exclusive: bool, *, force: bool = False
-    ) -> Plan | Refusal:
-        """What a switch would do now; changes nothing."""
+    ) -> tuple[Plan | Refusal, RestPlan | None]:
+        """What a switch would do now, and which evicted models it would put to sleep
+        (None: it wakes nothing and needs nothing evicted); changes nothing."""
         spec = self.catalog.get(model)
         if spec is None:
             raise self.registry.unknown_model(model)
         check_gpu_override(spec, gpu, self.gpu_indices())
-        return plan_switch(
+        record = self.registry.records[model]
+        waking = record.asleep and gpu in (None, *record.placed_on)
+        result = plan_switch(
             gpu_memory(await self.sample()),
             self.registry.residents(),
-            await self.registry.target(spec, gpu),
+            await self.registry.target(spec, gpu, on=record.placed_on if waking else None),
             exclusive=exclusive,
             force=force,
             headroom_mb=self.config.headroom_mb,
         )
+        if isinstance(result, Refusal):
+            return result, None
+        return result, self.sleeps.plan(result.evict, waking=model if waking else None)
 
     async def evictions(self, spec: ModelSpec) -> frozenset[str] | None:
         """What a gateway switch to ``spec`` would evict were no model busy (a switch
@@ -260,6 +271,9 @@ class Lifecycle:
                 healthy = await probe(record.spec.health) == 200
                 record.state = ModelLifecycle.READY if healthy else ModelLifecycle.LOADING
                 record.health = "ok" if healthy else "starting"
+                if healthy and await sleep_api.is_sleeping(record.spec):
+                    # Put to sleep by the agent before this one: it holds no VRAM.
+                    record.state, record.health = ModelLifecycle.SLEEPING, "asleep"
                 log.info("adopted %s (%s) started before this agent", instance.model, name)
         await registry.refresh_owners()
         samples = await self.sample()

@@ -287,7 +287,7 @@ def _model_metrics(models: Sequence[ModelState]) -> Iterator[Metric]:
     )
     vram = GaugeMetricFamily(
         "modelbus_model_vram_bytes",
-        "GPU memory a model's server holds, as measured (0 when stopped).",
+        "GPU memory a model's server holds, as measured (0 when stopped or asleep).",
         labels=["model"],
     )
     in_flight = GaugeMetricFamily(
@@ -301,7 +301,8 @@ def _model_metrics(models: Sequence[ModelState]) -> Iterator[Metric]:
                 loaded.add_metric([model.name, str(gpu)], 1)
         for lifecycle in ModelLifecycle:
             state.add_metric([model.name, lifecycle.value], int(model.state == lifecycle))
-        held = model.vram_used_mb if model.state != ModelLifecycle.STOPPED else 0
+        holds_none = model.state in (ModelLifecycle.STOPPED, ModelLifecycle.SLEEPING)
+        held = 0 if holds_none else model.vram_used_mb
         vram.add_metric([model.name], _bytes(held) or 0)
         in_flight.add_metric([model.name], model.in_flight)
     yield from (loaded, state, vram, in_flight)

@@ -14,6 +14,7 @@ from agent.intake import Intake
 from agent.jobs import Job, SwapRequest
 from agent.lifecycle import Lifecycle
 from agent.planner import Plan, Refusal
+from agent.sleep_planner import RestPlan
 from shared.commands import (
     CancelCommand,
     CommandError,
@@ -130,10 +131,10 @@ class ModelCommands:
     async def _plan(self, intake: Intake) -> Reply[PlanFits | PlanRefused]:
         command = intake.command
         assert isinstance(command, PlanCommand)
-        result = await self.lifecycle.plan(
+        result, rest = await self.lifecycle.plan(
             command.model, command.gpu, command.exclusive, force=command.force
         )
-        return intake.reply_ok(data=describe_plan(command.model, result))
+        return intake.reply_ok(data=describe_plan(command.model, result, rest))
 
     async def _uninstall(self, intake: Intake) -> Reply[Any]:
         command = intake.command
@@ -154,7 +155,9 @@ class ModelCommands:
         return intake.reply_ok(job_id=job.job_id, data=JobOutcome(job=job.snapshot()))
 
 
-def describe_plan(model: str, result: Plan | Refusal) -> PlanFits | PlanRefused:
+def describe_plan(
+    model: str, result: Plan | Refusal, rest: RestPlan | None = None
+) -> PlanFits | PlanRefused:
     if isinstance(result, Refusal):
         return PlanRefused(
             model=model,
@@ -174,6 +177,8 @@ def describe_plan(model: str, result: Plan | Refusal) -> PlanFits | PlanRefused:
         free_before_mb=_by_gpu(result.free_before_mb),
         freed_mb=_by_gpu(result.freed_mb),
         free_after_mb=_by_gpu(result.free_after_mb),
+        sleep=list(rest.sleep) if rest else [],
+        stop_sleeping=list(rest.stop_sleepers) if rest else [],
     )
 
 

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from agent import sleep_api
 from agent.health import probe
 from agent.jobs import SwapRequest
 from agent.model_registry import LifecyclePart, ModelRecord, Surroundings
@@ -40,7 +41,7 @@ class ModelMonitor(LifecyclePart):
                 if record.instance is None or self.swapping():
                     continue
                 try:
-                    if record.state == ModelLifecycle.READY:
+                    if record.state in (ModelLifecycle.READY, ModelLifecycle.SLEEPING):
                         await self._check(record)
                     elif record.state == ModelLifecycle.LOADING:
                         await self._check_adopted_loading(record)
@@ -61,8 +62,13 @@ class ModelMonitor(LifecyclePart):
             await self.crashed(record, status.reason + log_tail(output))
             return
         if await probe(record.spec.health) == 200:
-            record.state, record.health = ModelLifecycle.READY, "ok"
-            record.vram_used_mb = self.registry.measured_vram(record.spec.name, await self.sample())
+            if await sleep_api.is_sleeping(record.spec):
+                # Put to sleep by the agent before this one: it holds no VRAM.
+                record.state, record.health = ModelLifecycle.SLEEPING, "asleep"
+            else:
+                record.state, record.health = ModelLifecycle.READY, "ok"
+                samples = await self.sample()
+                record.vram_used_mb = self.registry.measured_vram(record.spec.name, samples)
             await self.publisher.model_changed(record.snapshot())
             return
         started = instance.started_at or record.loaded_at or time.time()
@@ -83,7 +89,8 @@ class ModelMonitor(LifecyclePart):
             output = await runtime.logs(instance, LOG_LINES_IN_ERRORS)
             await self.crashed(record, status.reason + log_tail(output))
             return
-        healthy = await probe(spec.health) == 200
+        # Asleep, a server is watched for its life only: its answers are not its own then.
+        healthy = record.asleep or await probe(spec.health) == 200
         if record.instance is not instance or self.swapping():
             return
         record.health_failures = 0 if healthy else record.health_failures + 1

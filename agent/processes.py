@@ -77,6 +77,22 @@ def name(pid: int) -> str | None:
     return found or None
 
 
+def resident_mb(pids: frozenset[int]) -> int:
+    """Host memory the processes hold (their resident set, summed), in MiB."""
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total // (1024 * 1024)
+
+
+def host_memory_mb() -> int:
+    """This machine's memory, in MiB."""
+    return int(psutil.virtual_memory().total // (1024 * 1024))
+
+
 def pids() -> list[int]:
     """Every process's pid, as the system lists them now."""
     listed: list[int] = psutil.pids()

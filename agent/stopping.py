@@ -33,14 +33,7 @@ class ServerStops(LifecyclePart):
         if instance is None:
             return
         name = record.spec.name
-        await self.registry.refresh_owners()
-        samples = await self.sample()
-        before = {s.index: s.memory_used_mb or 0 for s in samples}
-        # What it holds now, not its learned full size: a server cancelled half-way
-        # through loading holds half of it, and waiting for the rest would stall.
-        held = self.registry.held_by(record, samples)
-        record.state = ModelLifecycle.UNLOADING
-        await self.publisher.model_changed(record.snapshot())
+        before, held = await self.letting_go(record)
         stopping = time.monotonic()
         try:
             await self.registry.runtime(record).stop(instance, record.spec.stop_timeout_s)
@@ -61,17 +54,7 @@ class ServerStops(LifecyclePart):
         if job is not None:
             job.advance(JobPhase.WAITING_VRAM, job.progress, f"waiting for {name}'s memory")
             await self.update_job(job)
-        if held:
-            targets = {g: before.get(g, 0) - int(mb * RETURNED_SHARE) for g, mb in held.items()}
-            returned = await self.wait_until(
-                lambda samples: all(
-                    (s.memory_used_mb or 0) <= targets[s.index]
-                    for s in samples
-                    if s.index in targets
-                )
-            )
-            if not returned:
-                await self.vram_leak(name, sum(held.values()), sorted(held))
+        await self.wait_returned(name, held, before)
         record.state = ModelLifecycle.STOPPED
         await self.publisher.model_changed(record.snapshot())
         await self.registry.stopped(record)
@@ -86,6 +69,33 @@ class ServerStops(LifecyclePart):
                 )
             )
         await self.publisher.state_changed()
+
+    async def letting_go(self, record: ModelRecord) -> tuple[dict[int, int], dict[int, int]]:
+        """Before a server lets its memory go (a stop, a sleep): the memory used on each GPU
+        and what it holds there (MiB), and the model ``unloading`` meanwhile."""
+        await self.registry.refresh_owners()
+        samples = await self.sample()
+        before = {s.index: s.memory_used_mb or 0 for s in samples}
+        # What it holds now, not its learned full size: a server cancelled half-way
+        # through loading holds half of it, and waiting for the rest would stall.
+        held = self.registry.held_by(record, samples)
+        record.state = ModelLifecycle.UNLOADING
+        await self.publisher.model_changed(record.snapshot())
+        return before, held
+
+    async def wait_returned(self, name: str, held: dict[int, int], before: dict[int, int]) -> None:
+        """Until most of what ``name`` ``held`` (MiB per GPU) is back on top of the memory
+        used ``before`` it let go; a ``vram_leak`` event when it does not come back."""
+        if not held:
+            return
+        targets = {g: before.get(g, 0) - int(mb * RETURNED_SHARE) for g, mb in held.items()}
+        returned = await self.wait_until(
+            lambda samples: all(
+                (s.memory_used_mb or 0) <= targets[s.index] for s in samples if s.index in targets
+            )
+        )
+        if not returned:
+            await self.vram_leak(name, sum(held.values()), sorted(held))
 
     async def wait_for_free(self, gpus: tuple[int, ...], required_mb: int) -> None:
         fits = await self.wait_until(

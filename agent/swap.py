@@ -27,6 +27,7 @@ from agent.jobs import Job, JobFailure, SwapRequest
 from agent.model_registry import LifecyclePart, ModelRecord, Surroundings
 from agent.planner import GpuMemory, Plan, Refusal, plan_load, plan_switch
 from agent.runtimes.base import Instance, Runtime, RuntimeFailure
+from agent.sleeping import Sleeps
 from agent.stopping import ServerStops
 from shared.commands import CommandError
 from shared.messages import (
@@ -63,6 +64,8 @@ class Attempt:
 
     record: ModelRecord
     evicted: list[str] = field(default_factory=list)
+    slept: list[str] = field(default_factory=list)  # of the evicted, those put to sleep
+    woken: bool = False
 
 
 class Swap(LifecyclePart):
@@ -72,6 +75,7 @@ class Swap(LifecyclePart):
         self,
         around: Surroundings,
         stops: ServerStops,
+        sleeps: Sleeps,
         update_job: JobUpdate,
         requeue: Requeue,
         *,
@@ -79,6 +83,7 @@ class Swap(LifecyclePart):
     ) -> None:
         super().__init__(around)
         self.stops = stops
+        self.sleeps = sleeps
         self.update_job = update_job
         self.requeue = requeue
         self.sim_state_file = sim_state_file
@@ -116,10 +121,13 @@ class Swap(LifecyclePart):
         if record.resident and record.state == ModelLifecycle.READY:
             job.succeed(self._result(record, [], job), f"{spec.name} is already loaded")
             return
-        if record.resident:
-            # Crashed or unhealthy: stop what is left before starting it again.
+        # A sleeping model wakes where it sleeps; asked onto another GPU, it starts anew.
+        moved = job.request.gpu is not None and (job.request.gpu,) != record.placed_on
+        waking = record.asleep and not moved
+        if record.resident and not waking:
+            # Crashed, unhealthy or asleep elsewhere: stop what is left before starting it.
             await self.stops.stop(record, job, reason="restart")
-        plan = await self._plan(job, spec, evict=evict)
+        plan = await self._plan(job, spec, evict=evict, on=record.placed_on if waking else None)
         if isinstance(plan, Refusal):
             raise JobFailure(
                 ErrorCode.INSUFFICIENT_VRAM,
@@ -133,18 +141,34 @@ class Swap(LifecyclePart):
             )
         # From here on a failure or a cancel is undone (recover).
         attempt = self._attempt = Attempt(record)
-        for name in plan.evict:
-            job.advance(JobPhase.EVICTING, 0.05, f"evicting {name}")
+        rest = self.sleeps.plan(plan.evict, waking=spec.name if waking else None)
+        for name in rest.stop_sleepers:
+            job.advance(JobPhase.EVICTING, 0.05, f"stopping sleeping {name} for host RAM")
             await self.update_job(job)
+            await self.stops.stop(
+                self.registry.records[name], job, reason="host RAM for models put to sleep"
+            )
+        for name in plan.evict:
+            evicted = self.registry.records[name]
             # Recorded first: a cancel in the middle of this stop restores it too.
             attempt.evicted.append(name)
-            await self.stops.stop(
-                self.registry.records[name], job, reason=f"evicted for {spec.name}"
-            )
+            reason = f"evicted for {spec.name}"
+            if name in rest.sleep:
+                job.advance(JobPhase.EVICTING, 0.05, f"putting {name} to sleep")
+                await self.update_job(job)
+                if await self.sleeps.put_to_sleep(evicted, job, reason=reason):
+                    attempt.slept.append(name)
+                    continue
+            job.advance(JobPhase.EVICTING, 0.05, f"evicting {name}")
+            await self.update_job(job)
+            await self.stops.stop(evicted, job, reason=reason)
         job.advance(JobPhase.WAITING_VRAM, 0.1, "waiting for the driver to return the memory")
         await self.update_job(job)
         await self.stops.wait_for_free(plan.gpus, plan.required_mb + self.config.headroom_mb)
-        await self._start_and_wait(job, record, plan.gpus)
+        if waking:
+            attempt.woken = await self.sleeps.wake(job, record, plan.gpus, self._wait_healthy)
+        if not attempt.woken:
+            await self._start_and_wait(job, record, plan.gpus)
         self._attempt = None
         if attempt.evicted:
             await self.publisher.event(
@@ -157,16 +181,26 @@ class Swap(LifecyclePart):
                     job_id=job.job_id,
                 )
             )
-        job.succeed(self._result(record, attempt.evicted, job), f"{spec.name} is ready")
+        job.succeed(
+            self._result(record, attempt.evicted, job, attempt=attempt),
+            f"{spec.name} is ready" + (" (woken)" if attempt.woken else ""),
+        )
 
-    async def _plan(self, job: Job[SwapRequest], spec: ModelSpec, *, evict: bool) -> Plan | Refusal:
+    async def _plan(
+        self,
+        job: Job[SwapRequest],
+        spec: ModelSpec,
+        *,
+        evict: bool,
+        on: tuple[int, ...] | None = None,
+    ) -> Plan | Refusal:
         """The plan on the memory measured now. A switch that would fit but for models
         answering requests (busy: never evicted) drains them first: they admit no new
         request, and once their last one ended the plan is made again."""
         deadline: float | None = None
         while True:
             samples = await self.sample()
-            target = await self.registry.target(spec, job.request.gpu)
+            target = await self.registry.target(spec, job.request.gpu, on=on)
             residents = self.registry.residents(exclude=spec.name)
             plan = self._planner(job, evict)(gpu_memory(samples), residents, target)
             if not isinstance(plan, Refusal) or not evict:
@@ -222,7 +256,14 @@ class Swap(LifecyclePart):
         self._draining.clear()
         self.registry.traffic_changed()
 
-    def _result(self, record: ModelRecord, evicted: Sequence[str], job: Job[SwapRequest]) -> Loaded:
+    def _result(
+        self,
+        record: ModelRecord,
+        evicted: Sequence[str],
+        job: Job[SwapRequest],
+        *,
+        attempt: Attempt | None = None,
+    ) -> Loaded:
         return Loaded(
             timings=SwapTimings(**{name: round(value, 4) for name, value in job.timings.items()}),
             model=record.spec.name,
@@ -230,6 +271,8 @@ class Swap(LifecyclePart):
             vram_used_mb=record.vram_used_mb,
             load_s=record.last_load_s,
             evicted=list(evicted),
+            slept=list(attempt.slept) if attempt else [],
+            woken=attempt.woken if attempt else False,
             service=f"http://127.0.0.1:{record.spec.port}",
         )
 
@@ -267,25 +310,13 @@ class Swap(LifecyclePart):
         await self._wait_healthy(job, spec, runtime, instance, started)
         load_s = time.monotonic() - started
         job.add_time("healthy_s", load_s)
-        await self.registry.refresh_owners()
-        record.vram_used_mb = self.registry.measured_vram(spec.name, await self.sample())
-        record.state, record.health = ModelLifecycle.READY, "ok"
         record.loaded_at = record.last_used_at = time.time()
         record.last_load_s = load_s
+        await self.now_ready(
+            record, gpus, job.job_id, f"{{name}} ready on GPU {{gpus}} in {load_s:.1f} s"
+        )
         await asyncio.to_thread(
             self.registry.store.record_load, spec.name, record.vram_used_mb, load_s, time.time()
-        )
-        await self.publisher.model_changed(record.snapshot())
-        await self.publisher.event(
-            Event(
-                event_type=EventType.MODEL_LOADED,
-                severity=Severity.INFO,
-                message=f"{spec.name} ready on GPU {','.join(map(str, gpus))} in {load_s:.1f} s"
-                + (f", using {record.vram_used_mb} MiB" if record.vram_used_mb else ""),
-                model=spec.name,
-                gpu=gpus[0],
-                job_id=job.job_id,
-            )
         )
 
     async def _wait_healthy(
@@ -389,8 +420,8 @@ class Swap(LifecyclePart):
         restores: list[JobRef] = []
         for name in reversed(attempt.evicted):
             restored = self.registry.records.get(name)
-            if restored is None or restored.resident:
-                continue  # the cancel came before it was stopped
+            if restored is None or restored.on_gpu:
+                continue  # the cancel came before it was stopped (a sleeper is woken)
             gpus = restored.placed_on
             moved = len(gpus) == 1 and list(gpus) != restored.spec.gpus
             restore = Job(

@@ -137,8 +137,13 @@ def job_summary(job: JobState) -> str:
     result = job.result
     extras = []
     if isinstance(result, Loaded):
-        if result.evicted:
-            extras.append(f"evicted {', '.join(result.evicted)}")
+        stopped = [name for name in result.evicted if name not in result.slept]
+        if stopped:
+            extras.append(f"evicted {', '.join(stopped)}")
+        if result.slept:
+            extras.append(f"put {', '.join(result.slept)} to sleep")
+        if result.woken:
+            extras.append("woken")
         extras.append(f"serving at {result.service}")
     elif isinstance(result, Unloaded):
         extras.append(f"freed {result.freed_mb} MiB")
@@ -260,10 +265,15 @@ def format_plan(plan: PlanFits | PlanRefused) -> list[str]:
     gpus = ", ".join(str(g) for g in plan.gpus) or "?"
     if plan.already_loaded:
         return [f"{model} is already loaded (GPU {gpus}); a switch would change nothing"]
+    stopped = [name for name in plan.evict if name not in plan.sleep]
     lines = [
         f"a switch to {model} fits on GPU {gpus}"
-        + (f", stopping {', '.join(plan.evict)}" if plan.evict else ", stopping nothing")
+        + (f", stopping {', '.join(stopped)}" if stopped else "")
+        + (f", putting {', '.join(plan.sleep)} to sleep" if plan.sleep else "")
+        + ("" if plan.evict else ", stopping nothing")
     ]
+    if plan.stop_sleeping:
+        lines.append(f"  and stopping sleeping {', '.join(plan.stop_sleeping)} for host RAM")
     for gpu in sorted(plan.free_before_mb, key=lambda k: int(k) if k.isdigit() else 0):
         freed = plan.freed_mb.get(gpu, 0)
         left = plan.free_after_mb.get(gpu, "?")

@@ -7,4 +7,5 @@ of truth for the wire format.
 
 # 2: response topics are confined to the commanded host's P/H/reply/# (no more P/reply/#),
 # and a status reply lists the active jobs and the 20 most recently finished.
-PROTOCOL_VERSION = "2"
+# 3: models may be "sleeping" (their VRAM freed, kept warm in host RAM) and "waking".
+PROTOCOL_VERSION = "3"

@@ -126,6 +126,10 @@ class ModelLifecycle(StrEnum):
     UNLOADING = "unloading"
     ERROR = "error"
     CRASHED = "crashed"
+    # Its server runs with its VRAM released, held in host RAM (vLLM's sleep mode,
+    # SGLang's memory release): a wake brings it back faster than a start.
+    SLEEPING = "sleeping"
+    WAKING = "waking"
 
 
 class ModelState(Published):
@@ -153,6 +157,13 @@ class ModelState(Published):
     requests_total: int = Field(default=0, description="requests forwarded since the agent started")
     last_request_at: datetime | None = None
     aliases: list[str] = Field(default_factory=list, description="other names requests may use")
+    sleep: str | None = Field(
+        default=None, description="the sleep API its server speaks (vllm, sglang); null: none"
+    )
+    sleep_ram_mb: int | None = Field(
+        default=None, description="host RAM it holds while sleeping (measured, else estimated)"
+    )
+    last_wake_s: float | None = Field(default=None, description="its last wake, in seconds")
     ts: datetime
 
 
@@ -231,6 +242,8 @@ class SwapTimings(Published):
     stop_s: float | None = Field(default=None, description="stopping the evicted models")
     start_s: float | None = Field(default=None, description="launching the new server")
     healthy_s: float | None = Field(default=None, description="from launch to healthy")
+    sleep_s: float | None = Field(default=None, description="putting evicted models to sleep")
+    wake_s: float | None = Field(default=None, description="waking the model, to healthy")
 
 
 class Loaded(Published):
@@ -242,6 +255,10 @@ class Loaded(Published):
     vram_used_mb: int | None = Field(default=None, description="measured")
     load_s: float | None = Field(default=None, description="start to healthy")
     evicted: list[str] = Field(description="in the order they were stopped")
+    slept: list[str] = Field(
+        default_factory=list, description="the evicted models put to sleep instead of stopped"
+    )
+    woken: bool = Field(default=False, description="it was sleeping and was woken, not started")
     service: str = Field(description="the server's base URL")
 
 
@@ -369,6 +386,7 @@ class EventType(StrEnum):
     MODEL_UNLOADED = "model_unloaded"
     MODEL_LOAD_FAILED = "model_load_failed"
     MODEL_CRASHED = "model_crashed"
+    MODEL_ASLEEP = "model_asleep"
     SWAP_COMPLETED = "swap_completed"
     JOB_FAILED = "job_failed"
     WEIGHTS_INSTALLED = "weights_installed"

@@ -55,6 +55,13 @@ class PlanFits(Published):
     free_before_mb: dict[str, int]
     freed_mb: dict[str, int]
     free_after_mb: dict[str, int]
+    sleep: list[str] = Field(
+        default_factory=list, description="of evict, those a switch would put to sleep"
+    )
+    stop_sleeping: list[str] = Field(
+        default_factory=list,
+        description="sleeping models it would stop for the host RAM the new sleepers need",
+    )
 
 
 class PlanRefused(Published):

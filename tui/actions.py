@@ -62,7 +62,16 @@ def summarize_plan(model: str, data: Mapping[str, Any] | None) -> PlanSummary:
     if plan.already_loaded:
         message = f"{model} is already loaded; nothing to do."
     elif evict:
-        message = f"Switching to {model} stops {', '.join(evict)}, freeing {gib(freed)}" + (
+        stopped = [name for name in evict if name not in plan.sleep]
+        what = " and ".join(
+            part
+            for part in (
+                f"stops {', '.join(stopped)}" if stopped else "",
+                f"puts {', '.join(plan.sleep)} to sleep" if plan.sleep else "",
+            )
+            if part
+        )
+        message = f"Switching to {model} {what}, freeing {gib(freed)}" + (
             f"; {gib(after)} free afterwards." if after is not None else "."
         )
     else:

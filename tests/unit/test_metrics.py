@@ -150,8 +150,21 @@ def test_models_queues_and_the_build_are_read_at_the_scrape() -> None:
             ts=NOW,
         ),
         ModelState(name="beta", runtime="process", state=ModelLifecycle.STOPPED, ts=NOW),
+        ModelState(
+            name="gamma",
+            runtime="process",
+            state=ModelLifecycle.SLEEPING,
+            vram_used_mb=2048,
+            sleep="vllm",
+            ts=NOW,
+        ),
     ]
     agent = metrics(models=models, queued={"swap": 2, "install": 0})
+    # Asleep: its server runs, its VRAM is free, it is not loaded.
+    assert value(agent, "modelbus_model_state", model="gamma", state="sleeping") == 1
+    assert value(agent, "modelbus_model_state", model="gamma", state="ready") == 0
+    assert value(agent, "modelbus_model_vram_bytes", model="gamma") == 0
+    assert value(agent, "modelbus_model_loaded", model="gamma", gpu="0") is None
     assert value(agent, "modelbus_model_loaded", model="alpha", gpu="0") == 1
     assert value(agent, "modelbus_model_loaded", model="alpha", gpu="1") == 1
     assert value(agent, "modelbus_model_loaded", model="beta", gpu="0") is None

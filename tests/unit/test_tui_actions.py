@@ -67,6 +67,18 @@ def test_plan_with_evictions_names_them_and_the_memory_freed() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("sleep", "expected"),
+    [
+        (["a", "b"], "Switching to m puts a, b to sleep, freeing 2.0G; 3.0G free afterwards."),
+        (["b"], "Switching to m stops a and puts b to sleep, freeing 2.0G; 3.0G free afterwards."),
+    ],
+)
+def test_plan_summary_says_which_evicted_models_sleep(sleep: list[str], expected: str) -> None:
+    data = fits(evict=["a", "b"], sleep=sleep, freed_mb={"0": 2048})
+    assert summarize_plan("m", data).message == expected
+
+
 def test_plan_that_does_not_fit_carries_the_agents_sentence() -> None:
     data = PlanRefused(
         model="big",

@@ -21,6 +21,8 @@ STATE_LOOK: dict[ModelLifecycle, tuple[str, str]] = {
     ModelLifecycle.STOPPED: ("○", "dim"),
     ModelLifecycle.ERROR: ("✖", "bold reverse red"),
     ModelLifecycle.CRASHED: ("✖", "bold reverse red"),
+    ModelLifecycle.SLEEPING: ("☾", "cyan"),
+    ModelLifecycle.WAKING: ("◐", "bold cyan"),
 }
 # Narrow headers, ages last: at 80 columns what matters most must be on screen.
 # Req: gateway requests being answered now, +queued for it.
