@@ -168,13 +168,16 @@ def estimate_directory(
     root = directory.resolve()
     files: dict[Path, Path] = {}  # resolved -> as found, which errors name
     indexes: list[Path] = []
+    ggufs: dict[Path, Path] = {}
     for path, target in _visible_files(directory, root):
         if path.name.endswith(".safetensors"):
             files.setdefault(target, path)  # two links to one blob count once
         elif path.name.endswith(INDEX_SUFFIX):
             indexes.append(path)
+        elif path.name.endswith(".gguf"):
+            ggufs.setdefault(target, path)
     if not files:
-        return None
+        return _estimate_gguf(ggufs, overhead_fraction, min_overhead_mb) if ggufs else None
     dtypes: dict[str, int] = {}
     weights_bytes = 0
     for path in files.values():
@@ -219,6 +222,32 @@ def estimate_directory(
         overhead_mb=overhead_mb,
         note=note,
         missing_shards=tuple(missing),
+    )
+
+
+def _estimate_gguf(
+    files: dict[Path, Path], overhead_fraction: float, min_overhead_mb: int
+) -> WeightsEstimate:
+    """GGUF files hold their tensors as llama.cpp loads them: their size is the weights'
+    (every file counts: a split model's parts and a projector are all loaded)."""
+    weights_bytes = sum(path.stat().st_size for path in files)
+    vram_mb, overhead_mb = overhead_for(
+        weights_bytes, overhead_fraction=overhead_fraction, min_overhead_mb=min_overhead_mb
+    )
+    note = (
+        f"an estimate: the GGUF files' size ({math.ceil(weights_bytes / MIB)} MiB) plus "
+        f"{overhead_mb} MiB overhead for CUDA context and KV cache; the first load measures "
+        "the real use"
+    )
+    return WeightsEstimate(
+        files=len(files),
+        parameters=0,
+        weights_bytes=weights_bytes,
+        dtype="gguf",
+        dtypes={},
+        vram_estimate_mb=vram_mb,
+        overhead_mb=overhead_mb,
+        note=note,
     )
 
 

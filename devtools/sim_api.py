@@ -29,7 +29,9 @@ from enum import StrEnum
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
+
+from devtools.sim_sleep import SleepApi, SleepControl, SleepRefused
 
 MAX_BODY_BYTES = 1 << 20
 # An audio upload may be far larger than a JSON request.
@@ -76,6 +78,8 @@ class SimHttpServer(ThreadingHTTPServer):
         self.created = int(time.time())
         # Replaced whole, never mutated, so handler threads read it without a lock.
         self.status = Status(Phase.LOADING, 0.0)
+        # Its sleep mode (sim_sleep.py), when it has one.
+        self.sleep: SleepControl | None = None
         self._completions = 0
         self._completions_lock = threading.Lock()
         super().__init__(address, _Handler)
@@ -135,6 +139,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(HTTPStatus.OK, {"object": "list", "data": [model]})
         elif path == "/sim/echo":
             self._echo()
+        elif path == "/is_sleeping" and self._sleep_api is SleepApi.VLLM:
+            assert self.sim.sleep is not None
+            self._send_json(HTTPStatus.OK, {"is_sleeping": self.sim.sleep.asleep})
         else:
             self._not_found()
 
@@ -154,6 +161,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if path in ("/v1/audio/transcriptions", "/v1/audio/translations"):
             self._transcription(translate=path.endswith("translations"))
+            return
+        if self._sleep_route(path):
             return
         answer = {
             "/v1/chat/completions": self._chat_completion,
@@ -187,8 +196,59 @@ class _Handler(BaseHTTPRequestHandler):
             body = {"status": "error", "error": "simulated health failure"}
             self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, body)
 
+    @property
+    def _sleep_api(self) -> SleepApi:
+        return SleepApi.NONE if self.sim.sleep is None else self.sim.sleep.options.api
+
+    def _sleep_route(self, path: str) -> bool:
+        """vLLM's or SGLang's sleep routes (sim_sleep.py); False for any other path."""
+        control, api = self.sim.sleep, self._sleep_api
+        vllm = {"/sleep", "/wake_up", "/collective_rpc", "/reset_prefix_cache"}
+        sglang = {"/release_memory_occupation", "/resume_memory_occupation"}
+        if control is None or path not in (vllm if api is SleepApi.VLLM else sglang):
+            return False
+        request = self._read_json()
+        if request is None:
+            return True
+        try:
+            if path == "/sleep":
+                level = parse_qs(urlsplit(self.path).query).get("level", ["1"])[0]
+                if level not in ("1", "2"):
+                    self._bad_request("level must be 1 or 2")
+                    return True
+                control.sleep(int(level))
+            elif path == "/collective_rpc":
+                if not isinstance(request, dict) or request.get("method") != "reload_weights":
+                    self._bad_request("the simulator runs only the reload_weights method")
+                    return True
+                control.reload_weights()
+                self._send_json(HTTPStatus.OK, {"results": [None]})
+                return True
+            elif path in ("/wake_up", "/resume_memory_occupation"):
+                control.wake()
+            elif path == "/release_memory_occupation":
+                control.sleep(1)
+        except SleepRefused as refused:
+            body = error_body(str(refused), "unavailable_error", 503)
+            self._send_json(HTTPStatus.SERVICE_UNAVAILABLE, body)
+            return True
+        if api is SleepApi.SGLANG:
+            self._send_json(HTTPStatus.OK, {"success": True, "message": "Success"})
+        else:
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        return True
+
     def _serving(self) -> bool:
         """Whether requests are answered now; answers the request otherwise."""
+        if self.sim.sleep is not None and not self.sim.sleep.serving:
+            asleep = self.sim.sleep.asleep
+            message = "the model is sleeping" if asleep else "its weights are not reloaded"
+            self._send_json(
+                HTTPStatus.SERVICE_UNAVAILABLE, error_body(message, "unavailable_error", 503)
+            )
+            return False
         status = self.sim.status
         if status.phase is Phase.LOADING:
             body = error_body("Loading model", "unavailable_error", 503)

@@ -21,6 +21,10 @@ simulator reclaims it when it notices the death, as a driver would), ``--overuse
 once the server has been ready for S seconds, while the process keeps running).
 ``--say-every S`` prints a numbered line every S seconds once ready: a log that grows.
 
+``--sleep-api vllm|sglang`` answers vLLM's sleep routes or SGLang's memory release
+(devtools/sim_sleep.py): asleep, the VRAM is released and ``--sleep-ram-mb`` of real host RAM
+held; a wake takes ``--wake-s``.
+
 SIGTERM or SIGINT stops serving, releases the memory (it comes back after the simulator's
 release delay) and exits 0, whatever phase the server is in.
 """
@@ -38,7 +42,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -52,6 +56,7 @@ from devtools.sim_api import (
     SimHttpServer,
     Status,
 )
+from devtools.sim_sleep import SleepApi, SleepControl, SleepOptions
 
 ENV_MODEL = "MODELBUS_MODEL"
 ENV_PORT = "MODELBUS_PORT"
@@ -69,6 +74,12 @@ ENV_FAIL_HEALTH_AFTER = "MODELBUS_SIM_FAIL_HEALTH_AFTER"
 ENV_TOKENS_PER_S = "MODELBUS_SIM_TOKENS_PER_S"
 ENV_ANSWER_TOKENS = "MODELBUS_SIM_ANSWER_TOKENS"
 ENV_SAY_EVERY = "MODELBUS_SIM_SAY_EVERY"
+ENV_SLEEP_API = "MODELBUS_SIM_SLEEP_API"
+ENV_SLEEP_RAM_MB = "MODELBUS_SIM_SLEEP_RAM_MB"
+ENV_SLEEP_VRAM_MB = "MODELBUS_SIM_SLEEP_VRAM_MB"
+ENV_WAKE_S = "MODELBUS_SIM_WAKE_S"
+ENV_SLEEP_S = "MODELBUS_SIM_SLEEP_S"
+ENV_RELOAD_S = "MODELBUS_SIM_RELOAD_S"
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_MODEL = "sim-model"
@@ -110,6 +121,7 @@ class SimServerOptions:
     tokens_per_s: float = DEFAULT_TOKENS_PER_S
     answer_tokens: int | None = DEFAULT_ANSWER_TOKENS
     say_every_s: float | None = None
+    sleep: SleepOptions = field(default_factory=SleepOptions)
 
     def allocation_mb(self) -> dict[int, int]:
         """MiB to hold on each GPU once loaded: the total split evenly, the remainder going
@@ -247,6 +259,30 @@ def _parser() -> argparse.ArgumentParser:
         help=f"once ready, print a numbered line every S seconds, so that its log grows "
         f"(env {ENV_SAY_EVERY})",
     )
+    add(
+        "--sleep-api",
+        choices=[api.value for api in SleepApi],
+        help=f"answer vLLM's or SGLang's sleep routes (devtools/sim_sleep.py; env "
+        f"{ENV_SLEEP_API}; default none)",
+    )
+    add(
+        "--sleep-ram-mb",
+        metavar="N",
+        help=f"real host RAM held while asleep at level 1 (env {ENV_SLEEP_RAM_MB}; default 0)",
+    )
+    add(
+        "--sleep-vram-mb",
+        metavar="N",
+        help=f"VRAM kept while asleep (env {ENV_SLEEP_VRAM_MB}; default 0)",
+    )
+    add("--wake-s", metavar="S", help=f"seconds a wake takes (env {ENV_WAKE_S}; default 0.5)")
+    add("--sleep-s", metavar="S", help=f"seconds falling asleep takes (env {ENV_SLEEP_S}; 0.1)")
+    add(
+        "--reload-s",
+        metavar="S",
+        help=f"seconds reload_weights takes after a level 2 sleep (env {ENV_RELOAD_S}; "
+        "default --load-s)",
+    )
     return parser
 
 
@@ -321,6 +357,24 @@ def parse_options(
             DEFAULT_ANSWER_TOKENS,
         ),
         say_every_s=pick("--say-every", args.say_every, ENV_SAY_EVERY, _positive_seconds),
+        sleep=SleepOptions(
+            api=pick("--sleep-api", args.sleep_api, ENV_SLEEP_API, SleepApi, SleepApi.NONE),
+            sleep_ram_mb=pick(
+                "--sleep-ram-mb", args.sleep_ram_mb, ENV_SLEEP_RAM_MB, _non_negative_int, 0
+            ),
+            sleep_vram_mb=pick(
+                "--sleep-vram-mb", args.sleep_vram_mb, ENV_SLEEP_VRAM_MB, _non_negative_int, 0
+            ),
+            wake_s=pick("--wake-s", args.wake_s, ENV_WAKE_S, _non_negative_seconds, 0.5),
+            sleep_s=pick("--sleep-s", args.sleep_s, ENV_SLEEP_S, _non_negative_seconds, 0.1),
+            reload_s=pick(
+                "--reload-s",
+                args.reload_s,
+                ENV_RELOAD_S,
+                _non_negative_seconds,
+                pick("--load-s", args.load_s, ENV_LOAD_S, _non_negative_seconds, 0.0),
+            ),
+        ),
     )
 
 
@@ -428,6 +482,16 @@ class _SimServer:
         self.signals = signals
         crash_after = options.crash_after_s
         self.crash_at = math.inf if crash_after is None else started + crash_after
+        self.sleep: SleepControl | None = None
+        if options.sleep.api is not SleepApi.NONE:
+            target = options.allocation_mb()
+            self.sleep = SleepControl(
+                options.sleep,
+                sum(target.values()),
+                lambda fraction: self._hold(target, fraction, options.utilization_percent),
+                _say,
+            )
+            http.sleep = self.sleep
 
     def run(self) -> int:
         crashed = False
@@ -435,6 +499,9 @@ class _SimServer:
             self._load()
             ready_at = time.monotonic()
             self.http.status = Status(Phase.READY, 1.0)
+            if self.sleep is not None:
+                with self.sleep.lock:
+                    self.sleep.ready = True
             gpus = ",".join(map(str, self.options.gpus))
             total = sum(self.options.allocation_mb().values())
             _say(
@@ -464,6 +531,8 @@ class _SimServer:
         finally:
             self.http.shutdown()
             self.http.server_close()
+            if self.sleep is not None:
+                self.sleep.close()  # after a wake under way: nothing holds memory after this
             if not crashed:
                 self.client.release()
             self.client.close()

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psutil
 import pytest
 
 from devtools.gpu_sim import SimBackend, SimGpuSpec
@@ -552,3 +553,120 @@ def test_every_connection_has_tcp_nodelay() -> None:
         thread.join()
         _Handler.setup = original  # type: ignore[method-assign]
     assert seen and all(seen)
+
+
+# ---- sleep mode (devtools/sim_sleep.py): vLLM's and SGLang's routes --------------------------
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def post(server: Server, path: str, body: bytes = b"") -> tuple[int, bytes]:
+    call = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", data=body)
+    try:
+        with urllib.request.urlopen(call, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.read()
+
+
+def rss_mb(server: Server) -> float:
+    return float(psutil.Process(server.proc.pid).memory_info().rss) / 2**20
+
+
+def sleepy(servers: Servers, api: str = "vllm", *extra: str) -> Server:
+    server = servers.start(
+        "--vram-mb", "4096", "--sleep-api", api, "--sleep-ram-mb", "64", "--wake-s", "0.4",
+        *extra,
+    )  # fmt: skip
+    server.wait_health(200)
+    return server
+
+
+def test_vllm_level_1_frees_the_vram_holds_host_ram_and_wakes_in_its_time(
+    servers: Servers, backend: SimBackend
+) -> None:
+    server = sleepy(servers)
+    assert request(server.port, "/is_sleeping") == (200, {"is_sleeping": False})
+    before = rss_mb(server)
+
+    assert post(server, "/sleep?level=1") == (200, b"")
+    assert used(backend) == 0
+    assert request(server.port, "/is_sleeping") == (200, {"is_sleeping": True})
+    assert rss_mb(server) - before >= 60  # 64 MiB of pages really written
+    assert request(server.port, "/health") == (200, {"status": "ok"})  # as vLLM answers
+    refused = request(server.port, "/v1/chat/completions", CHAT)
+    assert refused is not None and refused[0] == 503
+    assert post(server, "/sleep?level=1") == (200, b"")  # asleep already: nothing changes
+
+    began = time.monotonic()
+    assert post(server, "/wake_up") == (200, b"")
+    assert time.monotonic() - began >= 0.4
+    assert used(backend) == 4096
+    assert request(server.port, "/is_sleeping") == (200, {"is_sleeping": False})
+    assert rss_mb(server) - before < 32
+    answer = request(server.port, "/v1/chat/completions", CHAT)
+    assert answer is not None and answer[0] == 200
+    wait_for(lambda: "awake" in server.stdout, "the awake line")
+    assert "sleeping (level 1)" in server.stdout
+
+
+def test_vllm_level_2_holds_no_ram_and_needs_its_weights_reloaded(
+    servers: Servers, backend: SimBackend
+) -> None:
+    server = sleepy(servers, "vllm", "--reload-s", "0.1")
+    before = rss_mb(server)
+    assert post(server, "/sleep?level=2")[0] == 200
+    assert used(backend) == 0 and rss_mb(server) - before < 32
+    assert post(server, "/wake_up")[0] == 200
+    assert used(backend) == 4096
+    refused = request(server.port, "/v1/chat/completions", CHAT)
+    assert refused is not None and refused[0] == 503
+    assert post(server, "/collective_rpc", b'{"method": "reload_weights"}') == (
+        200,
+        b'{"results": [null]}',
+    )
+    assert post(server, "/reset_prefix_cache")[0] == 200
+    answer = request(server.port, "/v1/chat/completions", CHAT)
+    assert answer is not None and answer[0] == 200
+    assert post(server, "/sleep?level=3")[0] == 400
+
+
+def test_sglang_releases_and_resumes_its_memory(servers: Servers, backend: SimBackend) -> None:
+    server = sleepy(servers, "sglang", "--sleep-vram-mb", "512")
+    assert post(server, "/release_memory_occupation", b"{}")[0] == 200
+    assert used(backend) == 512  # what it keeps (its CUDA context)
+    assert request(server.port, "/is_sleeping") is not None  # no such route: 404
+    assert request(server.port, "/is_sleeping") == (
+        404,
+        {"error": {"message": "no route for GET /is_sleeping", "type": "not_found_error",
+                   "code": 404}},
+    )  # fmt: skip
+    assert post(server, "/resume_memory_occupation", b'{"tags": ["weights"]}')[0] == 200
+    assert used(backend) == 4096
+
+
+def test_without_a_sleep_api_there_are_no_such_routes(servers: Servers) -> None:
+    server = servers.start("--vram-mb", "1024")
+    server.wait_health(200)
+    assert post(server, "/sleep?level=1")[0] == 404
+    assert request(server.port, "/is_sleeping") is not None
+    assert post(server, "/release_memory_occupation", b"{}")[0] == 404
+
+
+def test_sigterm_while_asleep_exits_0_and_releases_everything(
+    servers: Servers, backend: SimBackend
+) -> None:
+    server = sleepy(servers, "vllm", "--sleep-vram-mb", "256")
+    assert post(server, "/sleep")[0] == 200
+    assert used(backend) == 256
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+    wait_freed(backend)
+
+
+def test_sleep_while_loading_is_refused(servers: Servers) -> None:
+    server = servers.start("--vram-mb", "1024", "--load-s", "5", "--sleep-api", "vllm")
+    server.wait_health(503)
+    status, body = post(server, "/sleep")
+    assert status == 503 and b"not loaded" in body

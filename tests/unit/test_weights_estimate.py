@@ -402,3 +402,13 @@ def test_without_an_estimate_the_operator_must_supply_vram(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match="vram_mb"):
         _loaded({"m": entry}, tmp_path)
     assert _loaded({"m": {**entry, "vram_mb": 4096}}, tmp_path)["m"].description == "org/m"
+
+
+def test_gguf_files_are_estimated_from_their_size(tmp_path: Path) -> None:
+    (tmp_path / "m-Q4_K_M.gguf").write_bytes(b"G" * (3 * MIB))
+    (tmp_path / "mmproj-F16.gguf").write_bytes(b"G" * MIB)
+    (tmp_path / "README.md").write_text("not weights")
+    estimate = estimate_directory(tmp_path, overhead_fraction=0.5, min_overhead_mb=1)
+    assert estimate is not None
+    assert estimate.weights_bytes == 4 * MIB and estimate.files == 2
+    assert estimate.vram_estimate_mb == 4 + 2 and estimate.dtype == "gguf"
