@@ -13,8 +13,15 @@ without polling: the job reports it as timings.stop_s) and the new server's star
 planning, forking, waiting for memory, noticing health, bookkeeping, publishing, is
 the agent's.
 
-    .venv/bin/python bench/swap.py            # 50 switches, 1,000-command burst
-    .venv/bin/python bench/swap.py --quick    # 10 switches, 200-command burst
+The warm tier: A -> B -> A between two servers that can sleep (vLLM's sleep API, simulated:
+a 2 s load, a 0.3 s wake), once with sleep and once with lifecycle.sleep off (every evicted
+server stopped, every switch back a cold start), and once with too little host RAM for a
+sleeper (the planner must stop instead). Overhead beyond the wake = the switch's duration
+minus what the servers took: the evicted one falling asleep and the target waking, as they
+report it.
+
+    .venv/bin/python bench/swap.py            # 50 switches, 1,000-command burst, 20 warm
+    .venv/bin/python bench/swap.py --quick    # 10 switches, 200-command burst, 6 warm
 """
 
 from __future__ import annotations
@@ -55,6 +62,14 @@ BURST_RUNS = 5
 
 LOAD_S = 0.3
 TARGETS = {"overhead_p50": 25.0, "overhead_p99": 100.0, "rtt_p50": 3.0, "rtt_p99": 10.0}
+# The warm tier's servers: a cold start takes WARM_LOAD_S, a wake WAKE_S.
+WARM_LOAD_S = 2.0
+WAKE_S = 0.3
+WARM_MODES = {
+    "sleep": {"host_ram_mb": 1000},
+    "stop": {"host_ram_mb": 1000, "sleep": False},
+    "ram-short": {"host_ram_mb": 50},
+}
 BASELINE_SETTLE_S = 2.0  # the originals slept after stopping a server
 BASELINE_HEALTH_POLL_S = 1.0  # and polled health once a second
 _ids = itertools.count()
@@ -196,6 +211,87 @@ async def measure(
     return Figures(overheads, rtts, bursts)
 
 
+@dataclass
+class Warm:
+    switch_ms: list[float]  # each switch back, whole
+    overhead_ms: list[float]  # beyond what the servers took (sleep + wake, or stop + start)
+    slept: int  # switches that put the evicted model to sleep
+
+
+async def measure_warm(broker: MosquittoBroker, workdir: Path, mode: str, switches: int) -> Warm:
+    prefix = f"bench-warm-{mode}"
+    timings = workdir / f"{prefix}.timings"
+    extra = ("--sleep-api", "vllm", "--sleep-ram-mb", "64", "--wake-s", str(WAKE_S))
+    models = {
+        name: sim_model(20000, *extra, load_s=WARM_LOAD_S, sleep="vllm", sleep_ram_mb=100)
+        for name in ("alpha", "beta")
+    }
+    for entry in models.values():
+        entry["process"]["env"] = {"MODELBUS_SIM_TIMINGS": str(timings)}
+    config_data = bench_agent(
+        workdir,
+        broker,
+        prefix,
+        gpus=[{"memory_total_mb": 32768}],
+        listen=None,
+        models=models,
+        lifecycle={"job_retention_s": 3600, **WARM_MODES[mode]},
+    )
+    config = workdir / f"{prefix}.yaml"
+    config.write_text(yaml.safe_dump(config_data))
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "modelbus", "agent", "--config", str(config)], cwd=REPO
+    )
+    topics = HostTopics(prefix, "bench")
+    settings = ConnectionSettings("127.0.0.1", broker.port, f"b-{prefix}", persistent_session=False)
+    jobs = []
+    try:
+        async with connect(settings) as connection:
+            await connection.subscribe(
+                [Subscription(topics.status), Subscription(topics.reply_filter)]
+            )
+            messages = connection.messages()
+            async for message in messages:
+                if message.topic == topics.status and message.payload == b"online":
+                    break
+            for i in range(switches + 2):
+                body = {"model": ("alpha", "beta")[i % 2], "wait": True}
+                reply, _ = await request(connection, messages, topics, prefix, "switch", body)
+                assert reply["status"] == "ok", reply
+                if i >= 2:  # both have run once: every switch from here is a switch back
+                    jobs.append(reply["data"]["job"])
+    finally:
+        stop_agent(agent, config)
+    events = [json.loads(line) for line in timings.read_text().splitlines()]
+    warm = Warm([], [], 0)
+    for job in jobs:
+        start, end = seconds(job["started_at"]), seconds(job["finished_at"])
+        result = job["result"]
+        warm.slept += bool(result["slept"])
+        server_s = _servers_took(events, start, end) + (result["timings"].get("stop_s") or 0.0)
+        warm.switch_ms.append((end - start) * 1000)
+        warm.overhead_ms.append((end - start - server_s) * 1000)
+    return warm
+
+
+def _servers_took(events: list[dict[str, Any]], start: float, end: float) -> float:
+    """Seconds the servers themselves took within a job: falling asleep, waking, starting
+    (the stop is the job's own stop_s)."""
+    spans = {"sleep": "asleep", "wake": "awake", "spawn": "ready"}
+    took = 0.0
+    for begin in events:
+        finish = spans.get(begin["event"])
+        if finish is None or not start <= begin["t"] <= end:
+            continue
+        ends = [
+            e["t"] for e in events if e["pid"] == begin["pid"] and e["event"] == finish
+            and e["t"] >= begin["t"]
+        ]  # fmt: skip
+        if ends:
+            took += min(ends) - begin["t"]
+    return took
+
+
 def row(name: str, ours: float, base: float | None, target: float | None) -> None:
     base_text = f"{base:10.1f}" if base is not None else f"{'-':>10}"
     target_text = f"{target:10.1f}" if target is not None else f"{'-':>10}"
@@ -208,10 +304,11 @@ async def main() -> None:
     parser.add_argument("--switches", type=int, default=50)
     parser.add_argument("--round-trips", type=int, default=500)
     parser.add_argument("--burst", type=int, default=1000)
+    parser.add_argument("--warm-switches", type=int, default=20)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
-        args.switches, args.round_trips, args.burst = 10, 100, 200
+        args.switches, args.round_trips, args.burst, args.warm_switches = 10, 100, 200, 6
     broker_config = DEMO_CONFIG + "".join(f"{line}\n" for line in SHIPPED_LIMITS)
     with tempfile.TemporaryDirectory() as tmp, MosquittoBroker(broker_config) as broker:
         workdir = Path(tmp)
@@ -230,6 +327,10 @@ async def main() -> None:
             if args.switches
             else None
         )
+        warm = {
+            mode: await measure_warm(broker, workdir, mode, args.warm_switches)
+            for mode in WARM_MODES
+        }
     print(
         f"swap bench: {args.switches} switches between two simulated servers "
         f"(20 GB each on a 32 GB GPU, {LOAD_S:g} s load), local Mosquitto, {os.cpu_count()} cores"
@@ -270,6 +371,30 @@ async def main() -> None:
         f"baseline: fixed {BASELINE_SETTLE_S:g} s sleep after each stop, health polled every "
         f"{BASELINE_HEALTH_POLL_S:g} s (the original orchestrators' waits)"
     )
+    print(
+        f"warm tier: {args.warm_switches} switches back between two sleepable servers "
+        f"({WARM_LOAD_S:g} s load, {WAKE_S:g} s wake, 20 GB each on 32 GB)"
+    )
+    print(f"{'figure':34} {'sleep':>10} {'stop':>10} {'RAM short':>10}  target")
+    switch_p50 = {mode: statistics.median(w.switch_ms) for mode, w in warm.items()}
+    print(
+        f"{'switch back p50, ms':34} {switch_p50['sleep']:10.1f} {switch_p50['stop']:10.1f} "
+        f"{switch_p50['ram-short']:10.1f}"
+    )
+    beyond = statistics.median(warm["sleep"].overhead_ms)
+    print(
+        f"{'agent overhead beyond the wake p50':34} {beyond:10.1f} "
+        f"{statistics.median(warm['stop'].overhead_ms):10.1f} "
+        f"{statistics.median(warm['ram-short'].overhead_ms):10.1f}  <= 25 "
+        f"{'meets' if beyond <= 25 else 'MISSES'}"
+    )
+    slept = (warm["sleep"].slept, warm["stop"].slept, warm["ram-short"].slept)
+    verdict = "meets" if slept == (args.warm_switches, 0, 0) else "MISSES"
+    print(
+        f"{'switches that slept the evicted':34} {slept[0]:>10} {slept[1]:>10} {slept[2]:>10}"
+        f"  all / none / none: {verdict}"
+    )
+    print(f"switch back with sleep vs stop: {switch_p50['stop'] / switch_p50['sleep']:.1f}x faster")
 
 
 if __name__ == "__main__":

@@ -63,11 +63,14 @@ class SleepControl:
         total_mb: int,
         hold: Callable[[float], None],
         say: Callable[[str], None],
+        record: Callable[[str], None] = lambda event: None,
     ) -> None:
         self.options = options
         self.total_mb = total_mb
         self.hold = hold
         self.say = say
+        # Benchmarks read when it fell asleep and woke (simserver's timings file).
+        self.record = record
         self.lock = threading.Lock()
         self.ready = False  # loaded: set by the main thread
         self.closed = False
@@ -85,12 +88,14 @@ class SleepControl:
             self._check()
             if self.asleep:
                 return
+            self.record("sleep")
             time.sleep(self.options.sleep_s)
             kept = self.options.sleep_vram_mb
             self.hold(min(1.0, kept / self.total_mb) if self.total_mb else 0.0)
             if level == 1 and self.options.sleep_ram_mb:
                 self._ram = _touched(self.options.sleep_ram_mb)
             self.asleep, self.level = True, level
+            self.record("asleep")
             self.say(f"sleeping (level {level})")
 
     def wake(self) -> None:
@@ -98,6 +103,7 @@ class SleepControl:
             self._check()
             if not self.asleep:
                 return
+            self.record("wake")
             started = time.monotonic()
             for step in range(1, WAKE_STEPS + 1):
                 _pause_until(started + self.options.wake_s * step / WAKE_STEPS)
@@ -105,6 +111,7 @@ class SleepControl:
             self._free_ram()
             self.asleep = False
             self.weights_discarded = self.level == 2
+            self.record("awake")
             self.say("awake" + (" (weights to reload)" if self.weights_discarded else ""))
 
     def reload_weights(self) -> None:

@@ -490,6 +490,7 @@ class _SimServer:
                 sum(target.values()),
                 lambda fraction: self._hold(target, fraction, options.utilization_percent),
                 _say,
+                lambda event: _record_timing(options.model, event),
             )
             http.sleep = self.sleep
 
