@@ -48,6 +48,7 @@ from types import FrameType
 from typing import Any
 
 from agent import processes
+from devtools.cuda_memory import CudaError, CudaMemory
 from devtools.gpu_sim import SimGpuClient, SimGpuError, SimStoreError
 from devtools.sim_api import (
     DEFAULT_ANSWER_TOKENS,
@@ -74,6 +75,7 @@ ENV_FAIL_HEALTH_AFTER = "MODELBUS_SIM_FAIL_HEALTH_AFTER"
 ENV_TOKENS_PER_S = "MODELBUS_SIM_TOKENS_PER_S"
 ENV_ANSWER_TOKENS = "MODELBUS_SIM_ANSWER_TOKENS"
 ENV_SAY_EVERY = "MODELBUS_SIM_SAY_EVERY"
+ENV_MEMORY = "MODELBUS_SIM_MEMORY"
 ENV_SLEEP_API = "MODELBUS_SIM_SLEEP_API"
 ENV_SLEEP_RAM_MB = "MODELBUS_SIM_SLEEP_RAM_MB"
 ENV_SLEEP_VRAM_MB = "MODELBUS_SIM_SLEEP_VRAM_MB"
@@ -106,7 +108,7 @@ _FALSE = frozenset({"", "0", "false", "no", "off"})
 @dataclass(frozen=True, slots=True)
 class SimServerOptions:
     port: int
-    state_file: Path
+    state_file: Path | None  # the simulator's; None with memory "cuda"
     host: str = DEFAULT_HOST
     model: str = DEFAULT_MODEL
     gpus: tuple[int, ...] = (0,)
@@ -122,6 +124,7 @@ class SimServerOptions:
     answer_tokens: int | None = DEFAULT_ANSWER_TOKENS
     say_every_s: float | None = None
     sleep: SleepOptions = field(default_factory=SleepOptions)
+    memory: str = "sim"  # "cuda": real device memory (devtools/cuda_memory.py)
 
     def allocation_mb(self) -> dict[int, int]:
         """MiB to hold on each GPU once loaded: the total split evenly, the remainder going
@@ -260,6 +263,12 @@ def _parser() -> argparse.ArgumentParser:
         f"(env {ENV_SAY_EVERY})",
     )
     add(
+        "--memory",
+        choices=["sim", "cuda"],
+        help=f"hold simulated memory (the --state file) or real device memory through the "
+        f"CUDA driver (devtools/cuda_memory.py; env {ENV_MEMORY}; default sim)",
+    )
+    add(
         "--sleep-api",
         choices=[api.value for api in SleepApi],
         help=f"answer vLLM's or SGLang's sleep routes (devtools/sim_sleep.py; env "
@@ -316,7 +325,10 @@ def parse_options(
     state = pick("--state", args.state, ENV_STATE, Path)
     if port is None:
         parser.error(f"give the port to serve on with --port or {ENV_PORT}")
-    if state is None:
+    memory = pick("--memory", args.memory, ENV_MEMORY, str, "sim")
+    if memory not in ("sim", "cuda"):
+        parser.error(f"{ENV_MEMORY}: {memory!r} is neither sim nor cuda")
+    if state is None and memory == "sim":
         parser.error(
             f"give the simulated GPU state file with --state or {ENV_STATE} "
             "(the agent passes it when gpu.backend is sim)"
@@ -324,6 +336,7 @@ def parse_options(
     return SimServerOptions(
         port=port,
         state_file=state,
+        memory=memory,
         host=pick("--host", args.host, ENV_HOST, str, DEFAULT_HOST),
         model=pick("--model", args.model, ENV_MODEL, str, DEFAULT_MODEL),
         gpus=pick("--gpus", args.gpus, ENV_GPUS, _parse_gpus, _parse_gpus(DEFAULT_GPUS)),
@@ -472,7 +485,7 @@ class _SimServer:
         self,
         options: SimServerOptions,
         http: SimHttpServer,
-        client: SimGpuClient,
+        client: SimGpuClient | CudaMemory,
         signals: _StopSignals,
         started: float,
     ) -> None:
@@ -526,7 +539,7 @@ class _SimServer:
             crashed = True
             _complain("simulated crash")
             return CRASH_EXIT_CODE
-        except SimGpuError as exc:
+        except (SimGpuError, CudaError) as exc:
             _complain(f"error: {exc}")
             return 1
         finally:
@@ -595,10 +608,19 @@ class _SimServer:
                 return
 
 
-def _check_gpus(options: SimServerOptions, client: SimGpuClient) -> str | None:
+def _memory(options: SimServerOptions) -> SimGpuClient | CudaMemory:
+    if options.memory == "cuda":
+        return CudaMemory(options.gpus)
+    assert options.state_file is not None
+    return SimGpuClient(options.state_file)
+
+
+def _check_gpus(options: SimServerOptions, client: SimGpuClient | CudaMemory) -> str | None:
     missing = [gpu for gpu in options.gpus if gpu >= client.gpu_count]
     if not missing:
         return None
+    if isinstance(client, CudaMemory):
+        return f"error: the CUDA driver shows no GPU {missing[0]} to this process"
     return (
         f"error: there is no simulated GPU {missing[0]}: {options.state_file} has GPUs "
         f"0-{client.gpu_count - 1}; pass --gpus within that range"
@@ -637,8 +659,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             daemon=True,
         ).start()
         try:
-            client = SimGpuClient(options.state_file)
-        except SimStoreError as exc:
+            client = _memory(options)
+        except (SimStoreError, CudaError) as exc:
             http.shutdown()
             http.server_close()
             _complain(f"error: {exc}")
