@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 from agent.background import Background
-from agent.intake import Intake, command_level, read_command, refused_intake
+from agent.intake import Intake, command_level, is_admin_topic, read_command, refused_intake
 from bus.mqtt import MAX_PUBLISH_BYTES, Connection, Message
 from bus.reconnecting import ReconnectingClient
 from shared.commands import MAX_COMMAND_BYTES, CommandError
@@ -76,6 +76,7 @@ class CommandDispatcher:
                 response_topic=message.response_topic,
                 correlation_data=message.correlation_data,
                 max_bytes=MAX_COMMAND_BYTES,
+                admin=is_admin_topic(self._topics, message.topic),
             )
         except Exception:  # a bug in reading must cost one error reply, not the agent
             log.exception("could not read a command on %.200s", message.topic)

@@ -48,6 +48,9 @@ class Intake:
     route: ReplyRoute
     command: CommandBase | None = None
     error: CommandError | None = None
+    # It came on the admin topic (P/H/admin/cmd/, only the admin role may write there) or
+    # from an admin key: it may change what the agent executes.
+    admin: bool = False
 
     def reply_ok(self, *, job_id: str | None = None, data: Data | None = None) -> Reply[Data]:
         return Reply(
@@ -83,12 +86,17 @@ def new_request_id() -> str:
 
 
 def command_level(topics: HostTopics, topic: str) -> str | None:
-    """The ``<command>`` of ``P/H/cmd/<command>``; None for any other topic."""
-    head = topics.base + "/cmd/"
-    if not topic.startswith(head):
-        return None
-    level = topic[len(head) :]
-    return level if "/" not in level else None
+    """The ``<command>`` of ``P/H/cmd/<command>`` or ``P/H/admin/cmd/<command>``; None for
+    any other topic."""
+    for head in (topics.base + "/cmd/", topics.base + "/admin/cmd/"):
+        if topic.startswith(head):
+            level = topic[len(head) :]
+            return level if "/" not in level else None
+    return None
+
+
+def is_admin_topic(topics: HostTopics, topic: str) -> bool:
+    return topic.startswith(topics.base + "/admin/cmd/")
 
 
 def refused_intake(
@@ -110,7 +118,9 @@ def refused_intake(
     )
 
 
-def local_intake(command_name: str, payload: bytes, *, wait: bool | None = None) -> Intake:
+def local_intake(
+    command_name: str, payload: bytes, *, wait: bool | None = None, admin: bool = False
+) -> Intake:
     """A command that came by HTTP, read as the bus reads one (JSON object or bare text,
     the same limits and errors); ``wait`` (``?wait=true``), where given, overrides the
     body's own for the commands that have one."""
@@ -121,7 +131,7 @@ def local_intake(command_name: str, payload: bytes, *, wait: bool | None = None)
             return with_wait(command, wait)
         return command
 
-    return _decoded(command_name, CALLER_ROUTE, read)
+    return _decoded(command_name, CALLER_ROUTE, read, admin=admin)
 
 
 def read_command(
@@ -133,6 +143,7 @@ def read_command(
     response_topic: str | None = None,
     correlation_data: bytes | None = None,
     max_bytes: int,
+    admin: bool = False,
 ) -> Intake:
     command_name = level if _PLAIN_COMMAND_LEVEL.fullmatch(level) else "unknown"
     default_route = ReplyRoute(topics.default_reply(command_name), correlation_data)
@@ -175,11 +186,16 @@ def read_command(
         )
     route = ReplyRoute(response_topic, correlation_data) if response_topic else default_route
     return _decoded(
-        command_name, route, lambda: decode_command(level, payload, max_bytes=max_bytes)
+        command_name,
+        route,
+        lambda: decode_command(level, payload, max_bytes=max_bytes),
+        admin=admin,
     )
 
 
-def _decoded(command_name: str, route: ReplyRoute, read: Callable[[], CommandBase]) -> Intake:
+def _decoded(
+    command_name: str, route: ReplyRoute, read: Callable[[], CommandBase], *, admin: bool = False
+) -> Intake:
     """The command ``read`` returns, or the error it raises, answered on ``route``."""
     try:
         command = read()
@@ -195,4 +211,5 @@ def _decoded(command_name: str, route: ReplyRoute, read: Callable[[], CommandBas
         request_id=command.request_id or new_request_id(),
         route=route,
         command=command,
+        admin=admin,
     )

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.background import Background, Debounced
+from agent.catalog import Catalog
+from agent.catalog_commands import CatalogCommands
+from agent.catalog_store import BusCatalog, merged
 from agent.config import AgentConfig, load_config
 from agent.database import Database
 from agent.discovery_publisher import DiscoveryPublisher
@@ -25,7 +28,7 @@ from agent.intake import Intake
 from agent.lifecycle import Lifecycle
 from agent.model_commands import ModelCommands
 from agent.read_commands import ReadCommands
-from agent.runtimes.factory import build_runtimes
+from agent.runtimes.factory import add_runtimes, build_runtimes
 from agent.telemetry import gpu_info, host_state
 from bus.mqtt import (
     Connection,
@@ -77,7 +80,10 @@ class AgentService:
         self.started_at = utc_now()
         self.background = Background()
         self.store = Database.open(config.state_dir / "modelbus.db")
-        subscriptions = [Subscription(self.topics.command_filter, 1, retain_as_published=True)]
+        subscriptions = [
+            Subscription(topic, 1, retain_as_published=True)
+            for topic in (self.topics.command_filter, self.topics.admin_command_filter)
+        ]
         ha = config.homeassistant
         self._ha_status = f"{ha.discovery_prefix}/status"
         if ha.enabled:
@@ -113,10 +119,15 @@ class AgentService:
             catalog_changed=lambda: self.discovery.publish(),
             state_changed=self._publish_state.trigger,
         )
+        # The configuration's models and those added over the bus (catalog_store.py).
+        self._catalog_config = config
+        self.bus_catalog = BusCatalog(config.state_dir)
+        self.bus_catalog.load()
+        catalog = merged(config, self.bus_catalog.entries)
         self.lifecycle = Lifecycle(
-            config.catalog,
+            catalog,
             config.lifecycle,
-            build_runtimes(config),
+            build_runtimes(config, catalog),
             self.store,
             self.publisher,
             self.background,
@@ -127,7 +138,7 @@ class AgentService:
         self.installer = Installer(
             config.weights,
             config.weights_dir,
-            config.catalog,
+            catalog,
             self.store,
             self.publisher,
             self.background,
@@ -141,6 +152,14 @@ class AgentService:
             self.model_commands.handlers(), beside=self.model_commands.slow_commands
         )
         self.dispatcher.register(ReadCommands(self.lifecycle.registry, self.store).handlers())
+        self.catalog_commands = CatalogCommands(
+            lambda: self._catalog_config,
+            self.bus_catalog,
+            self.installer.weights,
+            self.apply_catalog,
+            lambda: self.lifecycle.catalog,
+        )
+        self.dispatcher.register(self.catalog_commands.handlers())
         self.discovery = DiscoveryPublisher(
             ha,
             self.topics,
@@ -352,7 +371,18 @@ class AgentService:
         except ConfigError as exc:
             log.error("catalog not reloaded: %s", exc)
             return
-        changes = await self.lifecycle.reload(config.catalog)
+        self._catalog_config = config
+        await asyncio.to_thread(self.bus_catalog.load)
+        changes = await self.apply_catalog(merged(config, self.bus_catalog.entries))
         log.info("catalog reloaded: %s", "; ".join(changes) or "no changes")
+
+    async def apply_catalog(self, catalog: Catalog) -> list[str]:
+        """Take a new catalog (a reload, a catalog command): models as reload_catalog says,
+        the runtimes it needs, the weights' users, ``info`` and Home Assistant's options."""
+        add_runtimes(self.lifecycle.registry.runtimes, catalog, self.config.host_id)
+        changes = await self.lifecycle.reload(catalog)
+        self.installer.catalog = catalog
+        await self.installer.publish_state()
         self.client.publish(self.topics.info, encode(self.host_info()), qos=1, retain=True)
         await self.discovery.publish()
+        return changes

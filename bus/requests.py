@@ -77,15 +77,21 @@ class Requests:
         self._numbers = itertools.count(1)
 
     def make(
-        self, host: str, command: CommandName, fields: Mapping[str, Any] | None = None
+        self,
+        host: str,
+        command: CommandName,
+        fields: Mapping[str, Any] | None = None,
+        *,
+        admin: bool = False,
     ) -> Request:
+        """``admin``: on ``P/H/admin/cmd/``, which only the admin role may write."""
         topics = HostTopics(self.prefix, host)
         request_id = f"{self.name}-{next(self._numbers)}"
         return Request(
             host=host,
             command=command,
             request_id=request_id,
-            topic=topics.command(command),
+            topic=topics.admin_command(command) if admin else topics.command(command),
             payload=json.dumps({**(fields or {}), "request_id": request_id}),
             response_topic=topics.client_reply(command, self.name),
             default_reply_topic=topics.default_reply(command),

@@ -77,9 +77,11 @@ async def send(
     command: CommandName,
     fields: Mapping[str, Any],
     deadline: float | None,
+    *,
+    admin: bool = False,
 ) -> Answer:
     """Publish one command and wait for its reply (TimeoutError at ``deadline``)."""
-    request = session.requests.make(host, command, fields)
+    request = session.requests.make(host, command, fields, admin=admin)
     # Subscribed before publishing, so the reply cannot slip past.
     await session.subscribe(request.reply_filter(session.connection.protocol))
     await session.connection.publish(
@@ -144,7 +146,9 @@ async def run_request(
     if request.wait:
         await session.subscribe(topics.job("+"))
     try:
-        answer = await send(session, host, request.command, request.fields, reply_deadline)
+        answer = await send(
+            session, host, request.command, request.fields, reply_deadline, admin=request.admin
+        )
     except TimeoutError:
         raise no_reply(session, host, request.timeout_s or DEFAULT_REPLY_TIMEOUT_S) from None
     reply = answer.reply
@@ -191,6 +195,25 @@ async def run_request(
     what = f"{error.code}: {error.message}" if error else job.message or "no details"
     print(f"modelbus {name}: job {job_id} {job.state}: {what}", file=err, flush=True)
     return EXIT_ERROR
+
+
+async def install_and_add(
+    session: Session, request: Request, out: TextIO, err: TextIO, deadline: float | None
+) -> int:
+    """``install --add``: the install, followed to its end, then ``catalog add`` of the
+    entry its install suggests (the weights' name: --name, or the repo's last part)."""
+    code = await run_request(session, request, out, err, deadline)
+    if code != EXIT_OK:
+        return code
+    name = request.fields.get("name") or str(request.fields["repo"]).rsplit("/", 1)[-1][:64]
+    add = Request(
+        command=CommandName.CATALOG,
+        fields={"action": "add", "weights": name},
+        host=request.host,
+        json_output=request.json_output,
+        timeout_s=request.timeout_s,
+    )
+    return await run_request(session, add, out, err, deadline)
 
 
 def no_reply(session: Session, host: str, waited_s: float) -> ClientExit:

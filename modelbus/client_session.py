@@ -55,6 +55,8 @@ class Request:
     wait: bool = False
     json_output: bool = False
     timeout_s: float | None = None
+    # On the admin topic, P/H/admin/cmd/ (catalog entries that run anything).
+    admin: bool = False
 
 
 # -- the session -----------------------------------------------------------------------
@@ -136,12 +138,18 @@ async def host_statuses(
     await session.subscribe(f"{session.prefix}/+/status")
     deadline = deadline_in(window_s)
     statuses: dict[str, str] = {}
+
+    def read(message: Message) -> None:
+        parsed = parse_topic(session.prefix, message.topic)
+        if parsed is not None and parsed.kind == "status" and parsed.argument is None:
+            statuses[parsed.host] = message.payload.decode("utf-8", "replace").strip()
+
+    # A second command of the same session (install --add) finds them among those read.
+    for message in list(session.seen):
+        read(message)
     with contextlib.suppress(TimeoutError):
         while until is None or until not in statuses:
-            message = await session.next(deadline)
-            parsed = parse_topic(session.prefix, message.topic)
-            if parsed is not None and parsed.kind == "status" and parsed.argument is None:
-                statuses[parsed.host] = message.payload.decode("utf-8", "replace").strip()
+            read(await session.next(deadline))
     return statuses
 
 

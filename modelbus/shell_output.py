@@ -9,7 +9,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO, TypeVar
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from bus.requests import Answer
 from modelbus.client_session import ENDED, EXIT_ERROR, ClientExit
@@ -24,6 +24,8 @@ from shared.messages import (
 )
 from shared.replies import (
     PLAN_RESULT,
+    CatalogChanged,
+    CatalogShown,
     HostStatus,
     JobAccepted,
     JobOutcome,
@@ -171,6 +173,8 @@ def format_reply(host: str, answer: Answer, fields: Mapping[str, Any] | None = N
         return read_data(LogLines.model_validate, reply.data, "logs").lines
     if command == CommandName.HISTORY:
         return format_history(read_data(LoadHistory.model_validate, reply.data, "history"))
+    if command == CommandName.CATALOG:
+        return format_catalog(host, read_data(CATALOG_REPLY.validate_python, reply.data, command))
     if command == CommandName.UNINSTALL:
         gone = read_data(Uninstalled.model_validate, reply.data, "uninstall")
         return [f"uninstalled {gone.name} from {host}: freed {gone.freed_mb} MiB"]
@@ -255,6 +259,29 @@ def format_status(host: str, status: HostStatus) -> list[str]:
     if status.jobs:
         lines.append("jobs:")
         lines.extend(f"  {j.job_id} {progress_line(j)}" for j in status.jobs)
+    return lines
+
+
+CATALOG_REPLY: TypeAdapter[CatalogShown | CatalogChanged] = TypeAdapter(
+    CatalogShown | CatalogChanged
+)
+
+
+def format_catalog(host: str, reply: CatalogShown | CatalogChanged) -> list[str]:
+    if isinstance(reply, CatalogChanged):
+        return [f"catalog on {host}: {change}" for change in reply.changes] or [
+            f"catalog on {host}: {reply.name} unchanged"
+        ]
+    lines = [f"{'MODEL':24} {'SOURCE':6} {'PRESET':9} {'PORT':>5} {'GPUS':5} {'VRAM':>7}  SERVES"]
+    for model in reply.models:
+        spec = model.spec
+        serves = spec.get("weights") or spec.get("model_path") or spec.get("hf_repo") or "-"
+        lines.append(
+            f"{model.name:24} {model.source:6} {spec.get('preset') or '-':9} "
+            f"{spec.get('port', '?'):>5} {','.join(map(str, spec.get('gpus', [0]))):5} "
+            f"{spec.get('vram_mb', '?'):>7}  {serves}"
+        )
+    lines.append(f"entries added over the bus are kept in {reply.file} on {host}")
     return lines
 
 

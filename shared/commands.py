@@ -8,7 +8,7 @@ contract and one sentence naming what was wrong.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import pydantic_core
 from pydantic import (
@@ -180,6 +180,37 @@ class HistoryCommand(CommandBase):
     )
 
 
+class CatalogCommand(CommandBase):
+    """The agent's own catalog, beside its configuration file's ``models:``."""
+
+    command_name = CommandName.CATALOG
+    main_argument = "action"
+    action: Literal["show", "add", "remove"] = "show"
+    name: ModelName | None = Field(
+        default=None, description="the model (add: default the weights' name)"
+    )
+    entry: dict[str, Any] | None = Field(
+        default=None,
+        description="add: a catalog entry as in the configuration's models: (a preset and "
+        "installed weights; anything that decides what runs needs the admin topic)",
+    )
+    weights: ModelName | None = Field(
+        default=None,
+        description="add: installed weights; without 'entry', the entry their install "
+        "suggested (a preset serving them); with 'entry', its 'weights'",
+    )
+
+    @model_validator(mode="after")
+    def _what_to_add(self) -> CatalogCommand:
+        if self.action == "add" and self.entry is None and self.weights is None:
+            raise ValueError("add needs 'entry' or 'weights' (installed weights)")
+        if self.action == "remove" and self.name is None:
+            raise ValueError("remove needs 'name'")
+        if self.action in ("show", "remove") and (self.entry or self.weights):
+            raise ValueError(f"{self.action} takes no 'entry' or 'weights'")
+        return self
+
+
 COMMAND_MODELS: dict[CommandName, type[CommandBase]] = {
     model.command_name: model
     for model in (
@@ -193,6 +224,7 @@ COMMAND_MODELS: dict[CommandName, type[CommandBase]] = {
         StatusCommand,
         LogsCommand,
         HistoryCommand,
+        CatalogCommand,
     )
 }
 

@@ -149,6 +149,35 @@ class LoadHistory(Published):
 
 # The ``data`` of each command's ``ok`` reply (job commands: JobAccepted, or with ``wait``
 # JobOutcome; an error reply's ``data`` is JobOutcome when it names a job, else null).
+class CatalogEntry(Published):
+    """One model of the catalog as ``catalog show`` tells it."""
+
+    name: str
+    source: Literal["config", "bus"] = Field(
+        description="config: the configuration file's models: (read-only over the bus); "
+        "bus: added with catalog add, kept in the agent's state directory"
+    )
+    entry: dict[str, Any] | None = Field(
+        default=None, description="as it was added (bus entries): the preset form"
+    )
+    spec: dict[str, Any] = Field(description="the full entry the agent runs it by")
+
+
+class CatalogShown(Published):
+    """``catalog`` with ``action: show``."""
+
+    models: list[CatalogEntry]
+    file: str = Field(description="where the agent keeps the entries added over the bus")
+
+
+class CatalogChanged(Published):
+    """``catalog`` add or remove: what changed, as a SIGHUP reload says it."""
+
+    name: str
+    changes: list[str]
+    entry: CatalogEntry | None = Field(default=None, description="add: the entry as it is now")
+
+
 REPLY_DATA: dict[CommandName, Any] = {
     CommandName.STATUS: HostStatus,
     CommandName.LOAD: JobAccepted | JobOutcome,
@@ -160,4 +189,5 @@ REPLY_DATA: dict[CommandName, Any] = {
     CommandName.UNINSTALL: Uninstalled,
     CommandName.LOGS: LogLines,
     CommandName.HISTORY: LoadHistory,
+    CommandName.CATALOG: CatalogShown | CatalogChanged,
 }

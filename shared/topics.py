@@ -34,6 +34,7 @@ class CommandName(StrEnum):
     STATUS = "status"
     LOGS = "logs"
     HISTORY = "history"
+    CATALOG = "catalog"
 
 
 # Commands whose replies may hold secrets (a server's output can print keys and tokens):
@@ -142,6 +143,16 @@ class HostTopics:
     @property
     def command_filter(self) -> str:
         return f"{self.base}/cmd/+"
+
+    def admin_command(self, command: CommandName | str) -> str:
+        """Where an admin's commands go: only the admin role may write there (mosquitto/acl),
+        so a command there may do what only an admin may (a catalog entry that runs any
+        command line or image)."""
+        return f"{self.base}/admin/cmd/{command}"
+
+    @property
+    def admin_command_filter(self) -> str:
+        return f"{self.base}/admin/cmd/+"
 
     @property
     def reply_filter(self) -> str:

@@ -18,7 +18,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_CONFIG = REPO_ROOT / "mosquitto" / "test.conf"
 SHIPPED_ACL = REPO_ROOT / "mosquitto" / "acl"
 # Accounts on the broker's password-protected listener, one per role of the shipped ACL.
-TEST_USERS = {"gpu1": "agent-secret", "operator": "operator-secret", "viewer": "viewer-secret"}
+TEST_USERS = {
+    "gpu1": "agent-secret",
+    "operator": "operator-secret",
+    "viewer": "viewer-secret",
+    "admin": "admin-secret",
+}
 
 _prefix_counter = itertools.count()
 

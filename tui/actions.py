@@ -13,6 +13,7 @@ from shared.commands import describe_validation_error
 from shared.messages import JobState, JobStatus, ModelLifecycle, ModelState, Reply
 from shared.replies import (
     PLAN_RESULT,
+    CatalogChanged,
     HostStatus,
     JobAccepted,
     LoadHistory,
@@ -115,6 +116,12 @@ def describe_reply(reply: Reply[Any]) -> tuple[bool, str]:
         except ValidationError:
             return True, "uninstall: ok"
         return True, f"uninstalled {gone.name} ({gone.was}): {gib(gone.freed_mb)} freed"
+    if reply.command == "catalog":
+        try:
+            changed = CatalogChanged.model_validate(reply.data)
+        except ValidationError:
+            return True, "catalog: ok"
+        return True, "catalog: " + ("; ".join(changed.changes) or f"{changed.name} unchanged")
     return True, f"{reply.command}: ok"
 
 

@@ -122,6 +122,13 @@ class ModelbusApp(CommandKeys):
             id="weights.uninstall",
         ),
         Binding(
+            "a",
+            "add_to_catalog",
+            "add",
+            tooltip="add the selected weights to the catalog",
+            id="weights.add",
+        ),
+        Binding(
             "h", "history", "history", tooltip="the selected model's last loads", id="model.history"
         ),
         Binding("r", "status", "status", tooltip="ask the agent itself", id="host.status"),
@@ -400,6 +407,11 @@ class ModelbusApp(CommandKeys):
             ("Plan a switch", "what a switch would stop, changing nothing", self.action_plan),
             ("Install weights", "download a Hugging Face repo", self.action_install),
             ("Uninstall weights", "delete installed weights (asks first)", self.action_uninstall),
+            (
+                "Add weights to the catalog",
+                "the entry their install suggests",
+                self.action_add_to_catalog,
+            ),
             ("Ask the agent for its status", "does it answer, and what runs", self.action_status),
             ("Follow the selected model's log", "its server's output, live", self.action_logs),
             ("The selected model's last loads", "how long each took", self.action_history),

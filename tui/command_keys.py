@@ -46,6 +46,7 @@ COMMAND_BINDINGS = {
     CommandName.STATUS: "host.status",
     CommandName.LOGS: "model.logs",
     CommandName.HISTORY: "model.history",
+    CommandName.CATALOG: "weights.add",
 }
 
 
@@ -204,14 +205,8 @@ class CommandKeys(App[int]):
         """The weights selected in the weights panel, else ask which; confirm (the files
         are deleted), send ``uninstall``."""
         host = self._chosen_host()
-        if host is None:
-            return
-        name = self.weights.selected() if self.weights.table.has_focus else None
-        if name is None:
-            name = await self.push_screen_wait(
-                AskScreen(f"Uninstall weights on {host}: their name", "as P/H/weights lists it")
-            )
-        if not name:
+        name = await self._weights_named(host, f"Uninstall weights on {host}: their name")
+        if host is None or not name:
             return
         question = (
             f"Delete the weights {name!r} from {host}'s disk? Installing again downloads them."
@@ -222,6 +217,25 @@ class CommandKeys(App[int]):
             self.notify("Uninstall not sent.")
             return
         self._tell(await self._send(host, CommandName.UNINSTALL, {"name": name}), host)
+
+    @work(group="commands")
+    async def action_add_to_catalog(self) -> None:
+        """The installed weights selected in the weights panel (else ask which) into the
+        catalog, as their install suggested: ``catalog add`` with ``weights``."""
+        host = self._chosen_host()
+        name = await self._weights_named(host, f"Add to {host}'s catalog: installed weights")
+        if host is not None and name:
+            fields = {"action": "add", "weights": name}
+            self._tell(await self._send(host, CommandName.CATALOG, fields), host)
+
+    async def _weights_named(self, host: str | None, question: str) -> str | None:
+        """The weights selected in the weights panel, else the name the operator gives."""
+        if host is None:
+            return None
+        name = self.weights.selected() if self.weights.table.has_focus else None
+        if name is None:
+            name = await self.push_screen_wait(AskScreen(question, "as P/H/weights lists it"))
+        return name or None
 
     @work(group="commands")
     async def action_status(self) -> None:

@@ -93,7 +93,7 @@ class ControlApi:
         role = command_role(command)
 
         async def handler(request: web.Request) -> web.Response:
-            require(request, role)
+            caller = require(request, role)
             wait = _flag(request, "wait")
             body = await read_small(request, MAX_COMMAND_BYTES)
             if body is None:  # refused unread past the limit
@@ -110,7 +110,8 @@ class ControlApi:
                         error=too_large,
                     )
                 )
-            reply = await self._view.call(local_intake(command, body, wait=wait))
+            admin = caller.role >= Role.ADMIN
+            reply = await self._view.call(local_intake(command, body, wait=wait, admin=admin))
             return command_response(reply)
 
         return handler

@@ -184,8 +184,12 @@ async def test_one_operator_account_keeps_many_connections_side_by_side(
         ("operator", "modelbus/reply/cmd/status"),
         ("operator", "modelbus/gpu1/reply/me"),
         ("operator", "modelbus/gpu1/status"),
+        # Only admins command on the admin tree (catalog entries that run anything).
+        ("operator", "modelbus/gpu1/admin/cmd/catalog"),
+        ("gpu1", "modelbus/gpu2/admin/cmd/catalog"),
         # Viewers write nothing.
         ("viewer", "modelbus/gpu1/cmd/status"),
+        ("viewer", "modelbus/gpu1/admin/cmd/catalog"),
         ("viewer", "modelbus/gpu1/reply/me"),
     ],
 )
@@ -255,3 +259,18 @@ async def test_logs_replies_reach_operators_and_never_viewers(
     assert sent == [f"{private}op-logs", f"{private}logs"]
     assert not [m for m in watching.messages if m.topic.startswith(private)]
     assert [m for m in watching.messages if m.topic == GPU1.reply("op-public")]
+
+
+async def test_the_admin_account_commands_on_the_admin_topic(
+    broker: MosquittoBroker, gpu1: AgentProcess, observer: BusWatcher
+) -> None:
+    """The admin role writes modelbus/<host>/admin/cmd/ (an operator's write there is dropped,
+    see above) and its command is answered like any other."""
+    code, out, err = await client(
+        "mosquitto_rr", *auth(broker, "admin"), "-t", GPU1.admin_command("catalog"),
+        "-e", GPU1.reply("admin-me"), "-m", "show", "-W", "10",
+    )  # fmt: skip
+    assert code == 0, (out, err)
+    answer = json.loads(out)
+    assert (answer["command"], answer["status"]) == ("catalog", "ok")
+    assert [m["name"] for m in answer["data"]["models"]] == ["whisperx"]

@@ -24,6 +24,12 @@ class Host:
     async def ask(
         self, command: str, payload: dict[str, Any] | str = "", timeout: float = 30
     ) -> Reply:
+        return await self.ask_on(self.topics.command(command), command, payload, timeout)
+
+    async def ask_on(
+        self, topic: str, command: str, payload: dict[str, Any] | str = "", timeout: float = 30
+    ) -> Reply:
+        """``command`` published on ``topic`` (the admin topic, say), its reply awaited."""
         request_id = f"r{next(_request_ids)}"
         body = (
             payload
@@ -33,9 +39,7 @@ class Host:
         # Under the private tree for a private command (logs), as every client does.
         reply_topic = self.topics.client_reply(command, request_id)
         mark = len(self.bus.messages)
-        await self.bus.connection.publish(
-            self.topics.command(command), body, qos=1, response_topic=reply_topic
-        )
+        await self.bus.connection.publish(topic, body, qos=1, response_topic=reply_topic)
         message = await self.bus.wait_topic(reply_topic, after=mark, timeout=timeout)
         return Reply.model_validate_json(message.payload)
 

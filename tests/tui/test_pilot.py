@@ -58,6 +58,11 @@ def model_state(app: ModelbusApp, name: str) -> str | None:
     return model.state.value if model else None
 
 
+def model_names(app: ModelbusApp) -> list[str]:
+    table = app.query_one(ModelsTable)
+    return [str(key.value) for key in table.rows]
+
+
 def row_text(app: ModelbusApp, name: str) -> str:
     table = app.query_one(ModelsTable)
     return " ".join(str(cell) for cell in table.get_row(name))
@@ -415,7 +420,7 @@ async def test_install_key_shows_live_download_progress(
     broker: MosquittoBroker, prefix: str, tmp_path: Path
 ) -> None:
     with FakeHub() as hub:
-        hub.add_repo("acme/big", {"config.json": "{}", "weights.bin": 8 * 1024 * 1024})
+        hub.add_repo("acme/big", {"config.json": "{}", "big-Q4_K_M.gguf": 8 * 1024 * 1024})
         hub.throttle(3 * 1024 * 1024)  # about 3 s: progress is seen on the way
         config = write_agent_config(
             tmp_path / "agent.yaml",
@@ -453,6 +458,11 @@ async def test_install_key_shows_live_download_progress(
                 cells = [str(cell) for cell in panel.table.get_row_at(0)]
                 assert cells[:3] == ["big", "8M", "unused"] and cells[4] == "acme/big", cells
                 assert "free of" in str(panel.summary.render())
+                # a: into the catalog as the install suggests (llama.cpp for a GGUF file).
+                await pilot.press("a")
+                await until(pilot, lambda: any("catalog: added big" in n for n in notes(app)))
+                await until(pilot, lambda: "big" in model_names(app))
+                panel.table.focus()
                 question = await question_after(pilot, app, "x")
                 assert "'big'" in question
                 await pilot.press("y")

@@ -127,8 +127,8 @@ async def test_the_key_bar_fits_and_always_offers_every_key() -> None:
     """At 80 columns the most used keys, debug among them; ``?`` lists every one and
     ``q`` quits, whatever the width; at 160 columns every key is on the bar."""
     for width, expected in (
-        (80, "s l u c e L d ? q"),
-        (160, "s l u c e L d g w p i x h r [ ] ? q"),
+        (80, "s l u c e L d a ? q"),
+        (160, "s l u c e L d g w p i x a h r [ ] ? q"),
     ):
         app = dashboard()
         async with app.run_test(size=(width, 24 if width == 80 else 48)) as pilot:

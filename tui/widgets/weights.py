@@ -1,6 +1,7 @@
 """The selected host's installed weights (``P/H/weights``): name, size, which models use
 them, when installed; partial downloads below them; the disk they live on above.
-Shown with ``w``; ``i`` installs, ``x`` uninstalls the selected row."""
+Shown with ``w``; ``i`` installs, ``x`` uninstalls the selected row, ``a`` adds it to the
+catalog."""
 
 from __future__ import annotations
 
