@@ -36,8 +36,13 @@ DEMO_POLL_S = 0.2
 
 # The original VRAM budget table, on one simulated 32 GB GPU: name, MiB, load seconds
 # (shortened from minutes), what it is.
+# The demo's vLLM model speaks vLLM's sleep API: evicted, it sleeps (holding this much real
+# host RAM) and wakes in WAKE_S instead of loading again.
+SLEEPY = {"qwen3-vl-30b"}
+SLEEP_RAM_MB = 32
+WAKE_S = 0.5
 DEMO_MODELS: tuple[tuple[str, int, float, str], ...] = (
-    ("qwen3-vl-30b", 17408, 3.0, "Qwen3-VL 30B vision-language (llama.cpp)"),
+    ("qwen3-vl-30b", 17408, 3.0, "Qwen3-VL 30B vision-language (vLLM: sleeps when evicted)"),
     ("whisperx", 6144, 1.5, "WhisperX speech recognition"),
     ("ovi-11b", 22528, 4.0, "Ovi 11B audio-video generation"),
     ("wan2.1-14b", 28672, 5.0, "Wan 2.1 14B video generation"),
@@ -55,7 +60,7 @@ def demo_catalog(
     for port, (name, vram_mb, load_s, description) in zip(ports, DEMO_MODELS, strict=True):
         argv = [python, "-m", "devtools.simserver", "--port", "${PORT}", "--model", "${MODEL}"]
         argv += ["--gpus", "${GPUS}", "--vram-mb", str(vram_mb), "--load-s", str(load_s)]
-        models[name] = {
+        entry: dict[str, object] = {
             "runtime": "process",
             "process": {"argv": argv},
             "port": port,
@@ -64,6 +69,12 @@ def demo_catalog(
             "stop_timeout_s": 5,
             "load_timeout_s": 60,
         }
+        if name in SLEEPY:
+            argv += ["--sleep-api", "vllm", "--sleep-ram-mb", str(SLEEP_RAM_MB)]
+            argv += ["--wake-s", str(WAKE_S)]
+            # Until its first sleep measures it: what the server holds, and its interpreter.
+            entry |= {"sleep": "vllm", "sleep_ram_mb": SLEEP_RAM_MB + 64}
+        models[name] = entry
     return models
 
 
