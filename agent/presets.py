@@ -13,10 +13,11 @@ directory on this host) or ``hf_repo`` (a repo id the server downloads itself).
 
 Pure except ``gguf_file`` (and ``expand_entries``, which calls it): it lists a directory,
 as configuration loading may.
-Versions whose command lines and routes these follow: llama.cpp b6xxx (llama-server's
-``--model``/``--alias``/``--n-gpu-layers``, ``GET /health`` 503 while loading), vLLM 0.11
-(``vllm serve``, ``--enable-sleep-mode`` with ``VLLM_SERVER_DEV_MODE=1``), SGLang 0.5
-(``sglang.launch_server``, ``--enable-memory-saver``).
+Versions whose command lines and routes these follow: llama-server as built from
+llama-cpp-python 0.3.36's sources (the one the tests run: ``--model``/``--hf-repo``,
+``--alias``, ``--n-gpu-layers``, ``GET /health`` 503 while loading), vLLM 0.11 (``vllm
+serve``, ``--served-model-name``, ``--enable-sleep-mode`` with ``VLLM_SERVER_DEV_MODE=1``, as its
+sleep-mode docs give them), SGLang 0.5 (``sglang.launch_server``, ``--enable-memory-saver``).
 """
 
 from __future__ import annotations
@@ -236,6 +237,10 @@ def _served(
     weights, path, repo = entry.get("weights"), entry.get("model_path"), entry.get("hf_repo")
     if weights is not None:
         chosen = entry.get("file")
+        if chosen is not None and (
+            not isinstance(chosen, str) or chosen.startswith("/") or ".." in Path(chosen).parts
+        ):
+            raise PresetError(f"file must be a path inside the weights' directory, not {chosen!r}")
         if chosen is None and preset.name == "llama-cpp":
             chosen = gguf.get(str(weights), _NOT_INSTALLED)
             if chosen is None:

@@ -144,6 +144,8 @@ def test_openai_needs_its_command(tmp_path: Path) -> None:
         ({"preset": "vllm"}, "needs what to serve"),
         ({"preset": "vllm", "hf_repo": "a/b", "process": {"argv": ["x"]}}, "no process:"),
         ({"preset": "vllm", "hf_repo": "a/b", "image": "i"}, "'image' is for runtime: docker"),
+        ({"preset": "llama-cpp", "weights": "w", "file": "../../etc/x"}, "inside the weights'"),
+        ({"preset": "llama-cpp", "weights": "w", "file": "/etc/x"}, "inside the weights'"),
     ],
 )
 def test_entries_a_preset_cannot_complete_are_refused(
