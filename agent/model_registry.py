@@ -337,6 +337,8 @@ class ModelRegistry:
         alone: one whose entry changed keeps running as it was started and takes the new
         entry once stopped; one that left the catalog stays until it is unloaded."""
         changes = []
+        # First: whoever the publishes below wake (Home Assistant's discovery) reads it.
+        self.catalog = catalog
         for name, spec in catalog.models.items():
             self._leaving.discard(name)
             self._pending_specs.pop(name, None)
@@ -359,7 +361,6 @@ class ModelRegistry:
                 del self.records[name]
                 await self.publisher.model_removed(name)
                 changes.append(f"removed {name}")
-        self.catalog = catalog
         for name in catalog.models:
             await self.publisher.model_changed(self.records[name].snapshot())
         await self.publisher.state_changed()
