@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-CHUNK_MB = 256
+CHUNK_MB = 64
 MIB = 1024 * 1024
 LIBRARY = "libcuda.so.1"
 

@@ -3,12 +3,15 @@ keeps the driver's accounts, and what a machine without libcuda says."""
 
 from __future__ import annotations
 
+import ctypes
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from devtools.cuda_memory import CHUNK_MB, MIB, CudaDriver, CudaError, CudaMemory
+from tests.fakes.fake_libcuda import build_fake_libcuda
 from tests.unit.test_simserver import REPO_ROOT, free_port
 
 
@@ -95,3 +98,31 @@ def test_the_server_with_cuda_memory_and_no_driver_exits_1_in_one_line() -> None
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "no CUDA driver here" in result.stderr
+
+
+def test_the_ctypes_calls_against_a_fake_driver_library(tmp_path: Path) -> None:
+    """The declarations (the _v2 entry points, pointer and size widths, the primary context,
+    error names) through a C stand-in for libcuda (tests/fakes/fake_libcuda.c), which checks
+    every pointer and size it is given against its own allocations."""
+    library = build_fake_libcuda(tmp_path / "cuda")
+    driver = CudaDriver(str(library))
+    fake = ctypes.CDLL(str(library))
+    assert driver.device_count() == 2
+    memory = CudaMemory([0, 1], driver)
+    memory.set_usage(1, CHUNK_MB + 5)
+    pointers = [pointer for pointer, _ in memory._held[1].chunks]
+    assert [fake.fake_last_byte(ctypes.c_uint64(p)) for p in pointers] == [0, 0]  # written
+    memory.set_usage(1, 3)
+    assert len(memory._held[1].chunks) == 1
+    with pytest.raises(
+        CudaError, match=r"cuMemAlloc of \d+ MiB on device 0 failed: CUDA_ERROR_OUT_OF_MEMORY"
+    ):
+        memory.set_usage(0, 1024)  # the fake's devices hold 256 MiB
+    memory.release()
+    assert fake.fake_last_byte(ctypes.c_uint64(pointers[0])) == -1  # freed
+
+
+def test_a_driver_without_a_device_says_so(tmp_path: Path) -> None:
+    library = build_fake_libcuda(tmp_path / "cuda", no_device=True)
+    with pytest.raises(CudaError, match="cuInit failed: CUDA_ERROR_NO_DEVICE"):
+        CudaDriver(str(library))
