@@ -17,10 +17,11 @@ needed). It prints, and writes as JSON:
 
 One command on a GPU machine, at most 8 minutes; on the device machine (Python 3.12, nothing
 fetched from outside) with the wheels that ``bash bench/gpu_check_wheels.sh`` put in
-``.gpu-wheels/`` (carried)::
+``.gpu-wheels/`` (carried), installed beside its own packages, not into them, and nothing
+built::
 
-    python3 -m pip install -q --no-index --find-links .gpu-wheels -e . && \\
-        python3 bench/gpu_check.py --out "$OUT/gpu_check.json"
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu-wheels/*.whl && \\
+        PYTHONPATH=/tmp/site:$PWD python3 bench/gpu_check.py --out "$OUT/gpu_check.json"
 
 Without an NVIDIA driver it says so and exits 2. ``--simulate`` runs the same steps on a
 simulated GPU (simulated memory, no nvidia-smi, no NVML sampling), to check the script
@@ -65,7 +66,8 @@ class Report:
     telemetry: list[dict[str, Any]] = field(default_factory=list)
     cold: dict[str, Any] = field(default_factory=dict)
     warm: dict[str, Any] = field(default_factory=dict)
-    memory_back_ms: list[float] = field(default_factory=list)
+    memory_back_ms: list[float] = field(default_factory=list)  # from the server's SIGTERM
+    memory_back_after_exit_ms: list[float] = field(default_factory=list)
     nvml_processes: str = "not observed yet"
     notes: list[str] = field(default_factory=list)
 
@@ -313,16 +315,22 @@ def summarize(
         report.warm = figures
         return
     report.cold = figures
-    # Memory back: from a server's exit until NVML shows 90 % of what it held as free.
-    for exit_event in (e for e in events if e["event"] == "exit"):
-        held = sizes[exit_event["model"]]
-        before = [used for t, used in samples if exit_event["t"] - 1.0 <= t <= exit_event["t"]]
+    # Memory back: from the SIGTERM a server got (it frees its memory on the way out, before
+    # it exits) until NVML shows 90 % of what it held as free; and the same from its exit
+    # (negative: the memory was free before the process ended).
+    for term in (e for e in events if e["event"] == "term"):
+        held = sizes[term["model"]]
+        before = [used for t, used in samples if term["t"] - 1.0 <= t <= term["t"]]
         if not before:
             continue
         target = max(before) - 0.9 * held
-        back = next((t for t, used in samples if t >= exit_event["t"] and used <= target), None)
-        if back is not None:
-            report.memory_back_ms.append(round((back - exit_event["t"]) * 1000, 1))
+        back = next((t for t, used in samples if t >= term["t"] and used <= target), None)
+        if back is None:
+            continue
+        report.memory_back_ms.append(round((back - term["t"]) * 1000, 1))
+        exits = [e["t"] for e in events if e["pid"] == term["pid"] and e["event"] == "exit"]
+        if exits:
+            report.memory_back_after_exit_ms.append(round((back - exits[0]) * 1000, 1))
 
 
 def print_report(report: Report) -> None:
@@ -338,9 +346,14 @@ def print_report(report: Report) -> None:
         print(f"{name}: {figures}")
     if report.memory_back_ms:
         print(
-            "memory back after a server exits, NVML: p50 "
+            "memory free in NVML after a server's SIGTERM: p50 "
             f"{statistics.median(report.memory_back_ms)} ms, max {max(report.memory_back_ms)} "
             f"ms over {len(report.memory_back_ms)} stops"
+        )
+    if report.memory_back_after_exit_ms:
+        print(
+            "  and after its exit: p50 "
+            f"{statistics.median(report.memory_back_after_exit_ms)} ms (negative: free before)"
         )
     print(f"NVML process list: {report.nvml_processes}")
     for note in report.notes:

@@ -53,6 +53,9 @@ class CudaDriver:
                 f"no CUDA driver here ({library}: {error}); --memory cuda needs an NVIDIA GPU "
                 "and its driver"
             ) from None
+        # CUDA numbers devices fastest first unless told otherwise; NVML (the agent) numbers
+        # them by PCI bus. The process runtime sets this; a server started by hand gets it too.
+        os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         self._check(self._cuda.cuInit(0), "cuInit")
         self._contexts: dict[int, ctypes.c_void_p] = {}
 
@@ -64,10 +67,12 @@ class CudaDriver:
     def allocate(self, device: int, size: int) -> int:
         self._use(device)
         pointer = ctypes.c_uint64()
-        self._check(
-            self._cuda.cuMemAlloc_v2(ctypes.byref(pointer), ctypes.c_size_t(size)),
-            f"cuMemAlloc of {size // MIB} MiB on device {device}",
-        )
+        code = self._cuda.cuMemAlloc_v2(ctypes.byref(pointer), ctypes.c_size_t(size))
+        if code != 0:
+            free, total = ctypes.c_size_t(), ctypes.c_size_t()
+            known = self._cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total)) == 0
+            where = f" ({free.value // MIB} of {total.value // MIB} MiB free)" if known else ""
+            self._check(code, f"cuMemAlloc of {size // MIB} MiB on device {device}{where}")
         self._check(
             self._cuda.cuMemsetD8_v2(pointer, ctypes.c_ubyte(0), ctypes.c_size_t(size)),
             "cuMemsetD8",

@@ -115,7 +115,9 @@ def test_the_ctypes_calls_against_a_fake_driver_library(tmp_path: Path) -> None:
     memory.set_usage(1, 3)
     assert len(memory._held[1].chunks) == 1
     with pytest.raises(
-        CudaError, match=r"cuMemAlloc of \d+ MiB on device 0 failed: CUDA_ERROR_OUT_OF_MEMORY"
+        CudaError,
+        match=r"cuMemAlloc of 64 MiB on device 0 \(0 of 256 MiB free\) failed: "
+        "CUDA_ERROR_OUT_OF_MEMORY",
     ):
         memory.set_usage(0, 1024)  # the fake's devices hold 256 MiB
     memory.release()
