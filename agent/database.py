@@ -92,6 +92,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1 -> 2: instances and a model's last use were never read; what runs is found by the
     # runtimes (pid files, container labels), when a model was used is kept in memory.
     ("DROP TABLE instances", "ALTER TABLE models DROP COLUMN last_used_at"),
+    # 2 -> 3: what sleeping taught: a model's last wake time and the host RAM it held asleep.
+    (
+        "ALTER TABLE models ADD COLUMN wake_s REAL",
+        "ALTER TABLE models ADD COLUMN sleep_ram_mb INTEGER",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -109,6 +114,8 @@ class ModelFacts:
     load_s: float | None  # exponentially weighted average (LOAD_TIME_ALPHA)
     load_count: int
     last_loaded_at: float | None
+    wake_s: float | None = None  # its last wake from sleep
+    sleep_ram_mb: int | None = None  # host RAM it held when last asleep
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +220,24 @@ class Database:
                     SELECT id FROM loads WHERE model = :model
                     ORDER BY id DESC LIMIT 1 OFFSET :keep)""",
                 {"model": model, "keep": LOADS_KEPT_PER_MODEL},
+            )
+
+    def record_sleep(self, model: str, ram_mb: int) -> None:
+        """The host RAM ``model`` held once asleep (its processes' resident memory)."""
+        self._remember(model, "sleep_ram_mb", ram_mb)
+
+    def record_wake(self, model: str, wake_s: float) -> None:
+        if not math.isfinite(wake_s) or wake_s < 0:
+            raise ValueError(f"wake time must be a finite number of seconds >= 0, not {wake_s}")
+        self._remember(model, "wake_s", wake_s)
+
+    def _remember(self, model: str, column: str, value: float) -> None:
+        assert column in ("sleep_ram_mb", "wake_s")  # never a caller's text in the SQL
+        with self._transaction() as db:
+            db.execute(
+                f"""INSERT INTO models (model, {column}) VALUES (?, ?)
+                ON CONFLICT (model) DO UPDATE SET {column} = excluded.{column}""",
+                (model, value),
             )
 
     def model_facts(self, model: str) -> ModelFacts | None:
@@ -354,12 +379,14 @@ class Database:
             return None
 
 
-_FACTS_QUERY = "SELECT model, last_vram_mb, load_s_avg, load_count, last_loaded_at FROM models"
+_FACTS_QUERY = (
+    "SELECT model, last_vram_mb, load_s_avg, load_count, last_loaded_at, wake_s, sleep_ram_mb "
+    "FROM models"
+)
 
 
 def _facts(row: tuple[Any, ...]) -> ModelFacts:
-    model, vram_mb, load_s, load_count, last_loaded_at = row
-    return ModelFacts(model, vram_mb, load_s, load_count, last_loaded_at)
+    return ModelFacts(*row)
 
 
 def _job_row(job: JobState) -> tuple[str, str, str | None, str, float, float | None, str]:

@@ -235,7 +235,12 @@ class Lifecycle:
                 )
             )
         await self._adopt()
-        for record in self.registry.records.values():
+        for name, record in self.registry.records.items():
+            # What earlier sleeps and loads taught, for the sleep planner's choices.
+            facts = await asyncio.to_thread(self.store.model_facts, name)
+            if facts is not None:
+                record.sleep_ram_mb, record.last_wake_s = facts.sleep_ram_mb, facts.wake_s
+                record.learned_load_s = facts.load_s
             await self.publisher.model_changed(record.snapshot())
         for name in self.config.preload:
             if not self.registry.records[name].resident:

@@ -111,6 +111,8 @@ class ModelRecord:
     # and how long its last wake took.
     sleep_ram_mb: int | None = None
     last_wake_s: float | None = None
+    # Its load time as learned: the database's average at start, then its last load's.
+    learned_load_s: float | None = None
 
     @property
     def asleep(self) -> bool:

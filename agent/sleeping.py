@@ -46,7 +46,7 @@ class Sleeps(LifecyclePart):
                 and records[name].state == ModelLifecycle.READY,
                 ram_mb=records[name].sleep_ram_estimate_mb(),
                 last_used=records[name].last_used_at or records[name].loaded_at or 0.0,
-                load_s=records[name].last_load_s,
+                load_s=records[name].learned_load_s or records[name].last_load_s,
                 wake_s=records[name].last_wake_s,
             )
             for name in evict
@@ -77,6 +77,8 @@ class Sleeps(LifecyclePart):
         except RuntimeFailure:
             pids = frozenset()
         record.sleep_ram_mb = await asyncio.to_thread(processes.resident_mb, pids) or None
+        if record.sleep_ram_mb is not None:
+            await asyncio.to_thread(self.registry.store.record_sleep, name, record.sleep_ram_mb)
         record.state, record.health = ModelLifecycle.SLEEPING, "asleep"
         await self.publisher.model_changed(record.snapshot())
         await self.publisher.event(
@@ -120,6 +122,7 @@ class Sleeps(LifecyclePart):
         job.add_time("wake_s", wake_s)
         record.last_used_at = time.time()
         record.last_wake_s = wake_s
+        await asyncio.to_thread(self.registry.store.record_wake, spec.name, wake_s)
         await self.now_ready(
             record, gpus, job.job_id, f"{{name}} woken on GPU {{gpus}} in {wake_s:.2f} s"
         )

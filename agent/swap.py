@@ -311,7 +311,7 @@ class Swap(LifecyclePart):
         load_s = time.monotonic() - started
         job.add_time("healthy_s", load_s)
         record.loaded_at = record.last_used_at = time.time()
-        record.last_load_s = load_s
+        record.last_load_s = record.learned_load_s = load_s
         await self.now_ready(
             record, gpus, job.job_id, f"{{name}} ready on GPU {{gpus}} in {load_s:.1f} s"
         )

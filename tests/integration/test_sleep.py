@@ -197,15 +197,19 @@ async def test_a_restarted_agent_finds_its_model_asleep(start_host, host: Host) 
     await host.online()
     await switch(host, "a")
     await switch(host, "b")
-    await host.wait_model("a", "sleeping")
+    measured = (await host.wait_model("a", "sleeping"))["sleep_ram_mb"]
+    assert measured != 100  # measured, not the catalog's estimate
     mark = len(host.bus.messages)
     agent.kill()  # the servers outlive it, as after a crash
     start_host(models, lifecycle={"host_ram_mb": 1000})
     await host.bus.wait_topic(
         host.topics.status, lambda v: v == "online", after=mark, raw=True, timeout=20
     )
+    # Asleep, and what its sleep measured is remembered (the database), not estimated again.
     await host.bus.wait_topic(
-        host.topics.model("a"), lambda v: v and v["state"] == "sleeping", after=mark
+        host.topics.model("a"),
+        lambda v: v and v["state"] == "sleeping" and v["sleep_ram_mb"] == measured,
+        after=mark,
     )
     await host.bus.wait_topic(
         host.topics.model("b"), lambda v: v and v["state"] == "ready", after=mark

@@ -403,3 +403,17 @@ def test_a_version_1_database_loses_only_what_nothing_read(db_path: Path) -> Non
     tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master")}
     connection.close()
     assert "instances" not in tables and {"models", "loads", "jobs"} <= tables
+
+
+def test_what_sleeping_taught_is_kept_beside_the_loads(db_path: Path) -> None:
+    with Database.open(db_path) as store:
+        store.record_sleep("vllm-a", 20480)  # asleep before any load this store saw
+        store.record_load("vllm-a", 30000, 48.0, 100.0)
+        store.record_wake("vllm-a", 2.5)
+        store.record_wake("vllm-a", 1.5)
+        with pytest.raises(ValueError, match="finite"):
+            store.record_wake("vllm-a", float("nan"))
+        facts = store.model_facts("vllm-a")
+    assert facts == ModelFacts("vllm-a", 30000, 48.0, 1, 100.0, wake_s=1.5, sleep_ram_mb=20480)
+    with Database.open(db_path) as store:  # and after a restart
+        assert store.model_facts("vllm-a") == facts
