@@ -7,9 +7,10 @@ their shapes: ``/v1/responses``, ``/v1/audio/speech`` (WAV bytes),
 ``/v1/audio/transcriptions`` and ``/translations`` (a multipart form, which may name its
 model after the file), ``/v1/images/generations``, ``/v1/rerank``, and Anthropic's
 ``/v1/messages``. ``/sim/echo`` (any method) is the server's "own API": it says what it
-received, for the gateway's ``/upstream/`` route. Every connection has TCP_NODELAY set,
-as real servers (uvicorn, llama.cpp) do: a header and a body leaving in two writes would
-otherwise wait on delayed ACKs."""
+received, for the gateway's ``/upstream/`` route. With a sleep API (``--sleep-api``), vLLM's
+or SGLang's sleep routes answer as ``devtools/sim_sleep.py`` describes. Every connection has
+TCP_NODELAY set, as real servers (uvicorn, llama.cpp) do: a header and a body leaving in two
+writes would otherwise wait on delayed ACKs."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from http import HTTPStatus
@@ -31,7 +33,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from devtools.sim_sleep import SleepApi, SleepControl, SleepRefused
+from devtools.sim_sleep import (
+    SGLANG_ROUTES,
+    SGLANG_TAGS,
+    SleepApi,
+    SleepConflict,
+    SleepControl,
+    SleepRefused,
+    sglang_tags,
+)
 
 MAX_BODY_BYTES = 1 << 20
 # An audio upload may be far larger than a JSON request.
@@ -139,9 +149,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(HTTPStatus.OK, {"object": "list", "data": [model]})
         elif path == "/sim/echo":
             self._echo()
-        elif path == "/is_sleeping" and self._sleep_api is SleepApi.VLLM:
-            assert self.sim.sleep is not None
-            self._send_json(HTTPStatus.OK, {"is_sleeping": self.sim.sleep.asleep})
+        elif self.sim.sleep is not None and path in self._sleep_api.routes | {"/is_sleeping"}:
+            self._sleep_get(self.sim.sleep, path)
         else:
             self._not_found()
 
@@ -162,7 +171,11 @@ class _Handler(BaseHTTPRequestHandler):
         if path in ("/v1/audio/transcriptions", "/v1/audio/translations"):
             self._transcription(translate=path.endswith("translations"))
             return
-        if self._sleep_route(path):
+        if self.sim.sleep is not None and path in self._sleep_api.routes:
+            if self._sleep_api is SleepApi.VLLM:
+                self._vllm_sleep_route(self.sim.sleep, path)
+            else:
+                self._sglang_route(self.sim.sleep, path)
             return
         answer = {
             "/v1/chat/completions": self._chat_completion,
@@ -191,7 +204,15 @@ class _Handler(BaseHTTPRequestHandler):
             body = {"status": "loading", "progress": round(status.progress, 2)}
             self._send_json(HTTPStatus.SERVICE_UNAVAILABLE, body)
         elif status.phase is Phase.READY:
-            self._send_json(HTTPStatus.OK, {"status": "ok"})
+            state = None if self.sim.sleep is None else self.sim.sleep.state
+            if state is None or state.serving:
+                self._send_json(HTTPStatus.OK, {"status": "ok"})
+                return
+            # vLLM's /health asks only whether the engine is alive; SGLang's runs a one-token
+            # generation, which its scheduler skips while the memory is released (sim_sleep.py).
+            sglang = self._sleep_api is SleepApi.SGLANG
+            code = HTTPStatus.SERVICE_UNAVAILABLE if sglang else HTTPStatus.OK
+            self._send_json(code, {"status": state.name, "level": state.level})
         else:
             body = {"status": "error", "error": "simulated health failure"}
             self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, body)
@@ -200,51 +221,117 @@ class _Handler(BaseHTTPRequestHandler):
     def _sleep_api(self) -> SleepApi:
         return SleepApi.NONE if self.sim.sleep is None else self.sim.sleep.options.api
 
-    def _sleep_route(self, path: str) -> bool:
-        """vLLM's or SGLang's sleep routes (sim_sleep.py); False for any other path."""
-        control, api = self.sim.sleep, self._sleep_api
-        vllm = {"/sleep", "/wake_up", "/collective_rpc", "/reset_prefix_cache"}
-        sglang = {"/release_memory_occupation", "/resume_memory_occupation"}
-        if control is None or path not in (vllm if api is SleepApi.VLLM else sglang):
-            return False
-        request = self._read_json()
-        if request is None:
-            return True
-        try:
-            if path == "/sleep":
-                level = parse_qs(urlsplit(self.path).query).get("level", ["1"])[0]
-                if level not in ("1", "2"):
-                    self._bad_request("level must be 1 or 2")
-                    return True
-                control.sleep(int(level))
-            elif path == "/collective_rpc":
-                if not isinstance(request, dict) or request.get("method") != "reload_weights":
-                    self._bad_request("the simulator runs only the reload_weights method")
-                    return True
-                control.reload_weights()
-                self._send_json(HTTPStatus.OK, {"results": [None]})
-                return True
-            elif path in ("/wake_up", "/resume_memory_occupation"):
-                control.wake()
-            elif path == "/release_memory_occupation":
-                control.sleep(1)
-        except SleepRefused as refused:
-            body = error_body(str(refused), "unavailable_error", 503)
-            self._send_json(HTTPStatus.SERVICE_UNAVAILABLE, body)
-            return True
-        if api is SleepApi.SGLANG:
-            self._send_json(HTTPStatus.OK, {"success": True, "message": "Success"})
+    def _sleep_get(self, control: SleepControl, path: str) -> None:
+        if self._sleep_api is SleepApi.SGLANG and path in SGLANG_ROUTES:
+            self._sglang_route(control, path)  # SGLang takes GET as it takes POST
+        elif self._sleep_api is SleepApi.VLLM and path == "/is_sleeping":
+            self._send_json(HTTPStatus.OK, {"is_sleeping": control.is_sleeping()})
+        elif self._sleep_api is SleepApi.VLLM:  # its other routes are POST only
+            self._send_json(HTTPStatus.METHOD_NOT_ALLOWED, {"detail": "Method Not Allowed"})
         else:
+            self._not_found()
+
+    def _vllm_sleep_route(self, control: SleepControl, path: str) -> None:
+        """vLLM's dev routes (sim_sleep.py): 200 with an empty body, or JSON answers."""
+        length = self._body_length()
+        if length is None:
+            return
+        body = self.rfile.read(length) if length else b""
+        if path == "/collective_rpc":
+            self._collective_rpc(control, body)
+            return
+        if path == "/sleep":
+            level = parse_qs(urlsplit(self.path).query).get("level", ["1"])[0]
+            if level not in ("1", "2"):
+                self._vllm_error(HTTPStatus.BAD_REQUEST, f"level must be 1 or 2, not {level!r}")
+                return
+            done = self._sleep_call(lambda: control.sleep(int(level)))
+        elif path == "/wake_up":
+            done = self._sleep_call(control.wake)  # ?tags= taken and ignored: all wakes
+        else:
+            done = True  # /reset_prefix_cache: the sleep already emptied it
+        if done:
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Length", "0")
             self.end_headers()
+
+    def _collective_rpc(self, control: SleepControl, body: bytes) -> None:
+        try:
+            request = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            self._vllm_error(HTTPStatus.BAD_REQUEST, f"JSON decode error: {exc}")
+            return
+        method = request.get("method") if isinstance(request, dict) else None
+        if method is None:
+            self._vllm_error(HTTPStatus.BAD_REQUEST, "Missing 'method' in request body")
+            return
+        if method != "reload_weights":
+            self._vllm_error(
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+                f"Call to collective_rpc method failed: the simulator runs reload_weights "
+                f"only, not {method!r}",
+            )
+            return
+        results: list[None] = []
+        if self._sleep_call(lambda: results.extend(control.reload_weights())):
+            self._send_json(HTTPStatus.OK, {"results": results})
+
+    def _sglang_route(self, control: SleepControl, path: str) -> None:
+        """SGLang's release and resume: a JSON object in, ``null`` out (sim_sleep.py)."""
+        length = self._body_length()
+        if length is None:
+            return
+        body = self.rfile.read(length) if length else b""
+        if not body.strip():
+            # FastAPI's answer when the request model's body is missing.
+            self._unprocessable("missing", "Field required")
+            return
+        try:
+            tags = sglang_tags(json.loads(body))
+        except (ValueError, UnicodeDecodeError) as exc:
+            self._unprocessable("value_error", str(exc))
+            return
+        unknown = sorted(set(tags or ()) - SGLANG_TAGS)
+        if unknown:
+            message = f"unknown tag {unknown[0]!r}: SGLang knows {sorted(SGLANG_TAGS)}"
+            self._send_json(HTTPStatus.BAD_REQUEST, {"error": {"message": message}})
+            return
+        release = path == "/release_memory_occupation"
+        # Tags are ignored: the whole memory is released and resumed (sim_sleep.py).
+        if self._sleep_call((lambda: control.sleep(1)) if release else control.resume):
+            self._send_json(HTTPStatus.OK, None)
+
+    def _sleep_call(self, call: Callable[[], object]) -> bool:
+        """Run a sleep control call; False after answering why it failed."""
+        try:
+            call()
+        except SleepRefused as refused:
+            body = error_body(str(refused), "unavailable_error", 503)
+            self._send_json(HTTPStatus.SERVICE_UNAVAILABLE, body)
+            return False
+        except SleepConflict as conflict:
+            if self._sleep_api is SleepApi.VLLM:
+                self._vllm_error(HTTPStatus.INTERNAL_SERVER_ERROR, str(conflict))
+            else:
+                body = {"error": {"message": str(conflict)}}
+                self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, body)
+            return False
         return True
+
+    def _vllm_error(self, status: HTTPStatus, message: str) -> None:
+        """vLLM's ErrorResponse, as its HTTPException handler writes it."""
+        body = {"error": {"message": message, "type": status.phrase, "param": None, "code": status}}
+        self._send_json(status, body)
+
+    def _unprocessable(self, kind: str, message: str) -> None:
+        detail = [{"type": kind, "loc": ["body"], "msg": message, "input": None}]
+        self._send_json(HTTPStatus.UNPROCESSABLE_ENTITY, {"detail": detail})
 
     def _serving(self) -> bool:
         """Whether requests are answered now; answers the request otherwise."""
-        if self.sim.sleep is not None and not self.sim.sleep.serving:
-            asleep = self.sim.sleep.asleep
-            message = "the model is sleeping" if asleep else "its weights are not reloaded"
+        state = None if self.sim.sleep is None else self.sim.sleep.state
+        if state is not None and not state.serving:
+            message = state.refusal(self._sleep_api)
             self._send_json(
                 HTTPStatus.SERVICE_UNAVAILABLE, error_body(message, "unavailable_error", 503)
             )

@@ -21,9 +21,12 @@ simulator reclaims it when it notices the death, as a driver would), ``--overuse
 once the server has been ready for S seconds, while the process keeps running).
 ``--say-every S`` prints a numbered line every S seconds once ready: a log that grows.
 
-``--sleep-api vllm|sglang`` answers vLLM's sleep routes or SGLang's memory release
-(devtools/sim_sleep.py): asleep, the VRAM is released and ``--sleep-ram-mb`` of real host RAM
-held; a wake takes ``--wake-s``.
+``--sleep-api vllm|sglang`` answers vLLM v0.11.0's sleep routes or SGLang v0.5.9's memory
+release (devtools/sim_sleep.py says what each answers): asleep, the VRAM is released down to
+``--sleep-vram-mb`` and, at level 1 and for SGLang, ``--sleep-ram-mb`` of real host RAM held;
+falling asleep takes ``--sleep-s``, a wake ``--wake-s``, a level 2 reload ``--reload-s``.
+``sleeping (level N)``, ``awake`` and ``weights reloaded`` are printed as ``ready`` is, and
+``/health``'s body names the state (``sleeping``, ``waking``...).
 
 SIGTERM or SIGINT stops serving, releases the memory (it comes back after the simulator's
 release delay) and exits 0, whatever phase the server is in.
@@ -277,15 +280,20 @@ def _parser() -> argparse.ArgumentParser:
     add(
         "--sleep-ram-mb",
         metavar="N",
-        help=f"real host RAM held while asleep at level 1 (env {ENV_SLEEP_RAM_MB}; default 0)",
+        help=f"MiB of real host RAM held asleep at level 1 and by SGLang "
+        f"(env {ENV_SLEEP_RAM_MB}; default 0)",
     )
     add(
         "--sleep-vram-mb",
         metavar="N",
-        help=f"VRAM kept while asleep (env {ENV_SLEEP_VRAM_MB}; default 0)",
+        help=f"MiB of VRAM kept asleep, its CUDA context (env {ENV_SLEEP_VRAM_MB}; default 0)",
     )
     add("--wake-s", metavar="S", help=f"seconds a wake takes (env {ENV_WAKE_S}; default 0.5)")
-    add("--sleep-s", metavar="S", help=f"seconds falling asleep takes (env {ENV_SLEEP_S}; 0.1)")
+    add(
+        "--sleep-s",
+        metavar="S",
+        help=f"seconds falling asleep takes (env {ENV_SLEEP_S}; default 0.1)",
+    )
     add(
         "--reload-s",
         metavar="S",
@@ -504,6 +512,7 @@ class _SimServer:
                 lambda fraction: self._hold(target, fraction, options.utilization_percent),
                 _say,
                 lambda event: _record_timing(options.model, event),
+                workers=len(options.gpus),  # vLLM runs one worker per GPU it spans
             )
             http.sleep = self.sleep
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,12 +21,19 @@ import psutil
 import pytest
 
 from devtools.gpu_sim import SimBackend, SimGpuSpec
+from devtools.sim_sleep import SleepApi, SleepOptions
 from devtools.simserver import (
     CRASH_EXIT_CODE,
     ENV_GPUS,
+    ENV_LOAD_S,
     ENV_MODEL,
     ENV_PORT,
+    ENV_SLEEP_API,
+    ENV_SLEEP_RAM_MB,
+    ENV_SLEEP_S,
+    ENV_SLEEP_VRAM_MB,
     ENV_STATE,
+    ENV_WAKE_S,
     HANG_FRACTION,
     SimServerOptions,
     parse_options,
@@ -560,14 +568,28 @@ def test_every_connection_has_tcp_nodelay() -> None:
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 
-def post(server: Server, path: str, body: bytes = b"") -> tuple[int, bytes]:
-    call = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", data=body)
+def post(server: Server, path: str, body: bytes = b"", method: str = "POST") -> tuple[int, bytes]:
+    call = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", data=body, method=method)
     try:
-        with urllib.request.urlopen(call, timeout=10) as response:
+        with urllib.request.urlopen(call, timeout=DEADLINE_S) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         with error:
             return error.code, error.read()
+
+
+def post_aside(server: Server, path: str) -> tuple[threading.Thread, list[tuple[int, bytes]]]:
+    """POST ``path`` on a thread of its own; its answer lands in the list (none when the
+    connection broke: the server exited first)."""
+    answers: list[tuple[int, bytes]] = []
+
+    def call() -> None:
+        with contextlib.suppress(OSError):
+            answers.append(post(server, path))
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    return thread, answers
 
 
 def rss_mb(server: Server) -> float:
@@ -583,6 +605,20 @@ def sleepy(servers: Servers, api: str = "vllm", *extra: str) -> Server:
     return server
 
 
+def refused_chat(server: Server) -> str:
+    """The message of the 503 an inference request gets."""
+    reply = request(server.port, "/v1/chat/completions", CHAT)
+    assert reply is not None and reply[0] == 503, reply
+    message: str = reply[1]["error"]["message"]
+    assert reply[1]["error"]["code"] == 503
+    return message
+
+
+def chat_answers(server: Server) -> bool:
+    reply = request(server.port, "/v1/chat/completions", CHAT)
+    return reply is not None and reply[0] == 200
+
+
 def test_vllm_level_1_frees_the_vram_holds_host_ram_and_wakes_in_its_time(
     servers: Servers, backend: SimBackend
 ) -> None:
@@ -594,64 +630,160 @@ def test_vllm_level_1_frees_the_vram_holds_host_ram_and_wakes_in_its_time(
     assert used(backend) == 0
     assert request(server.port, "/is_sleeping") == (200, {"is_sleeping": True})
     assert rss_mb(server) - before >= 60  # 64 MiB of pages really written
-    assert request(server.port, "/health") == (200, {"status": "ok"})  # as vLLM answers
-    refused = request(server.port, "/v1/chat/completions", CHAT)
-    assert refused is not None and refused[0] == 503
+    # vLLM's /health stays 200 asleep; the body says the state.
+    assert request(server.port, "/health") == (200, {"status": "sleeping", "level": 1})
+    assert "POST /wake_up" in refused_chat(server)
+    models = request(server.port, "/v1/models")  # needs no weights: vLLM serves it asleep
+    assert models is not None and models[0] == 200
     assert post(server, "/sleep?level=1") == (200, b"")  # asleep already: nothing changes
+    assert post(server, "/sleep?level=2") == (200, b"")  # nor at another level, as vLLM
 
     began = time.monotonic()
     assert post(server, "/wake_up") == (200, b"")
     assert time.monotonic() - began >= 0.4
     assert used(backend) == 4096
     assert request(server.port, "/is_sleeping") == (200, {"is_sleeping": False})
+    assert request(server.port, "/health") == (200, {"status": "ok"})
     assert rss_mb(server) - before < 32
-    answer = request(server.port, "/v1/chat/completions", CHAT)
-    assert answer is not None and answer[0] == 200
+    assert chat_answers(server)
+    assert post(server, "/wake_up?tags=weights") == (200, b"")  # awake already: nothing
     wait_for(lambda: "awake" in server.stdout, "the awake line")
     assert "sleeping (level 1)" in server.stdout
+    assert "falling asleep (level 1)" in server.stderr and "waking (level 1)" in server.stderr
+
+
+def test_a_wake_raises_the_memory_in_steps_from_what_sleep_kept(
+    servers: Servers, backend: SimBackend
+) -> None:
+    server = sleepy(servers, "vllm", "--sleep-vram-mb", "512", "--wake-s", "1.0")
+    assert post(server, "/sleep")[0] == 200
+    assert used(backend) == 512
+    waker, woken = post_aside(server, "/wake_up")
+    seen: list[int] = []
+
+    def back() -> bool:
+        seen.append(used(backend))
+        reply = server.health()
+        return reply is not None and reply[1]["status"] == "ok"
+
+    wait_for(back, "the wake to end")
+    waker.join(DEADLINE_S)
+    assert woken == [(200, b"")]
+    assert seen == sorted(seen) and min(seen) >= 512, seen
+    assert any(512 < mb < 4096 for mb in seen), seen
 
 
 def test_vllm_level_2_holds_no_ram_and_needs_its_weights_reloaded(
     servers: Servers, backend: SimBackend
 ) -> None:
-    server = sleepy(servers, "vllm", "--reload-s", "0.1")
+    server = sleepy(servers, "vllm", "--gpus", "0,1", "--reload-s", "0.3")
     before = rss_mb(server)
-    assert post(server, "/sleep?level=2")[0] == 200
-    assert used(backend) == 0 and rss_mb(server) - before < 32
-    assert post(server, "/wake_up")[0] == 200
-    assert used(backend) == 4096
-    refused = request(server.port, "/v1/chat/completions", CHAT)
-    assert refused is not None and refused[0] == 503
-    assert post(server, "/collective_rpc", b'{"method": "reload_weights"}') == (
-        200,
-        b'{"results": [null]}',
-    )
-    assert post(server, "/reset_prefix_cache")[0] == 200
-    answer = request(server.port, "/v1/chat/completions", CHAT)
-    assert answer is not None and answer[0] == 200
+    assert post(server, "/sleep?level=2") == (200, b"")
+    assert used(backend, 0) == used(backend, 1) == 0
+    assert rss_mb(server) - before < 32
+    reload_asleep = post(server, "/collective_rpc", b'{"method": "reload_weights"}')
+    assert reload_asleep[0] == 500 and b"POST /wake_up first" in reload_asleep[1]
+
+    assert post(server, "/wake_up") == (200, b"")
+    assert (used(backend, 0), used(backend, 1)) == (2048, 2048)
+    assert request(server.port, "/is_sleeping") == (200, {"is_sleeping": False})
+    assert request(server.port, "/health") == (200, {"status": "weights_discarded", "level": 2})
+    assert "reload_weights" in refused_chat(server)
+
+    began = time.monotonic()
+    reloaded = post(server, "/collective_rpc", b'{"method": "reload_weights"}')
+    assert time.monotonic() - began >= 0.3
+    assert reloaded[0] == 200
+    assert json.loads(reloaded[1]) == {"results": [None, None]}  # a worker per GPU
+    assert post(server, "/reset_prefix_cache") == (200, b"")
+    assert chat_answers(server)
+    assert "weights reloaded" in server.stdout
+
+
+def test_vllm_routes_refuse_what_vllm_refuses(servers: Servers) -> None:
+    server = sleepy(servers)
+
+    not_json = post(server, "/collective_rpc", b"{not json")
+    assert not_json[0] == 400
+    error = json.loads(not_json[1])["error"]
+    assert error["type"] == "Bad Request" and error["code"] == 400 and error["param"] is None
+    assert error["message"].startswith("JSON decode error")
+    no_method = post(server, "/collective_rpc", b"{}")
+    assert no_method[0] == 400
+    assert json.loads(no_method[1])["error"]["message"] == "Missing 'method' in request body"
+    assert post(server, "/collective_rpc", b'{"method": "sleep"}')[0] == 500
     assert post(server, "/sleep?level=3")[0] == 400
+    assert post(server, "/sleep", method="GET")[0] == 405  # POST routes, as FastAPI answers
+    assert chat_answers(server)  # none of it changed anything
+
+
+def test_is_sleeping_answers_after_a_sleep_under_way(servers: Servers) -> None:
+    server = sleepy(servers, "vllm", "--sleep-s", "0.5")
+    sleeper, slept = post_aside(server, "/sleep")
+    wait_for(lambda: "falling asleep" in server.stderr, "the sleep to begin")
+    assert server.health() == (200, {"status": "falling_asleep", "level": 1})
+    assert "sleeping" in refused_chat(server)
+
+    # vLLM's engine answers in turn: not before the sleep is done.
+    assert request(server.port, "/is_sleeping") == (200, {"is_sleeping": True})
+    sleeper.join(DEADLINE_S)
+    assert slept == [(200, b"")]
 
 
 def test_sglang_releases_and_resumes_its_memory(servers: Servers, backend: SimBackend) -> None:
     server = sleepy(servers, "sglang", "--sleep-vram-mb", "512")
-    assert post(server, "/release_memory_occupation", b"{}")[0] == 200
+    before = rss_mb(server)
+
+    assert post(server, "/release_memory_occupation", b"{}") == (200, b"null")
     assert used(backend) == 512  # what it keeps (its CUDA context)
-    assert request(server.port, "/is_sleeping") is not None  # no such route: 404
+    assert rss_mb(server) - before >= 60  # the weights' copy in host RAM
+    # SGLang's /health runs a generation, which its scheduler skips while released.
+    assert request(server.port, "/health") == (503, {"status": "sleeping", "level": 1})
+    assert "/resume_memory_occupation" in refused_chat(server)
     assert request(server.port, "/is_sleeping") == (
         404,
         {"error": {"message": "no route for GET /is_sleeping", "type": "not_found_error",
                    "code": 404}},
     )  # fmt: skip
-    assert post(server, "/resume_memory_occupation", b'{"tags": ["weights"]}')[0] == 200
+    assert post(server, "/sleep")[0] == 404
+
+    began = time.monotonic()
+    # SGLang takes GET as it takes POST; the tags are accepted (and ignored: all comes back).
+    resumed = post(server, "/resume_memory_occupation", b'{"tags": ["weights"]}', method="GET")
+    assert resumed == (200, b"null")
+    assert time.monotonic() - began >= 0.4
     assert used(backend) == 4096
+    assert rss_mb(server) - before < 32
+    assert request(server.port, "/health") == (200, {"status": "ok"})
+    assert chat_answers(server)
+
+
+def test_sglang_refuses_what_sglang_refuses(servers: Servers, backend: SimBackend) -> None:
+    server = sleepy(servers, "sglang")
+
+    missing = post(server, "/release_memory_occupation")
+    assert missing[0] == 422
+    assert json.loads(missing[1])["detail"][0]["msg"] == "Field required"
+    assert post(server, "/release_memory_occupation", b'{"tags": "weights"}')[0] == 422
+    unknown = post(server, "/release_memory_occupation", b'{"tags": ["optimizer"]}')
+    assert unknown[0] == 400 and b"optimizer" in unknown[1]
+    # Nothing was released, so a resume fails (SGLang's scheduler would go down with it).
+    resumed = post(server, "/resume_memory_occupation", b"{}")
+    assert resumed[0] == 500 and b"not released" in resumed[1]
+    assert used(backend) == 4096
+    assert chat_answers(server)
 
 
 def test_without_a_sleep_api_there_are_no_such_routes(servers: Servers) -> None:
     server = servers.start("--vram-mb", "1024")
     server.wait_health(200)
     assert post(server, "/sleep?level=1")[0] == 404
-    assert request(server.port, "/is_sleeping") is not None
+    assert post(server, "/wake_up")[0] == 404
+    assert post(server, "/collective_rpc", b'{"method": "reload_weights"}')[0] == 404
+    is_sleeping = request(server.port, "/is_sleeping")
+    assert is_sleeping is not None and is_sleeping[0] == 404
     assert post(server, "/release_memory_occupation", b"{}")[0] == 404
+    assert post(server, "/resume_memory_occupation", b"{}")[0] == 404
 
 
 def test_sigterm_while_asleep_exits_0_and_releases_everything(
@@ -662,6 +794,28 @@ def test_sigterm_while_asleep_exits_0_and_releases_everything(
     assert used(backend) == 256
     server.proc.send_signal(signal.SIGTERM)
     assert server.wait_exit() == 0
+    assert server.stdout.splitlines()[-1] == "stopping"
+    assert server.proc.pid not in holders(backend)
+    wait_freed(backend)
+
+
+def test_sigterm_while_waking_stops_the_wake_and_exits_0(
+    servers: Servers, backend: SimBackend
+) -> None:
+    # A wake far longer than the test waits for the exit: the signal must cut it short.
+    server = sleepy(servers, "vllm", "--wake-s", str(10 * DEADLINE_S))
+    assert post(server, "/sleep")[0] == 200
+    waker, woken = post_aside(server, "/wake_up")
+    wait_for(lambda: "waking" in server.stderr, "the wake to begin")
+    assert server.health() == (200, {"status": "waking", "level": 1})
+
+    server.proc.send_signal(signal.SIGTERM)
+
+    assert server.wait_exit() == 0
+    waker.join(DEADLINE_S)
+    # Answered 503 (the server is stopping) or cut off by the exit: never woken.
+    assert not woken or woken[0][0] == 503, woken
+    assert "awake" not in server.stdout
     wait_freed(backend)
 
 
@@ -670,3 +824,20 @@ def test_sleep_while_loading_is_refused(servers: Servers) -> None:
     server.wait_health(503)
     status, body = post(server, "/sleep")
     assert status == 503 and b"not loaded" in body
+
+
+def test_sleep_options_read_from_the_environment() -> None:
+    env = {ENV_PORT: "9000", ENV_STATE: "/s", ENV_LOAD_S: "3", ENV_SLEEP_API: "sglang"}
+    env |= {ENV_SLEEP_RAM_MB: "64", ENV_SLEEP_VRAM_MB: "500", ENV_WAKE_S: "0.25", ENV_SLEEP_S: "0"}
+
+    options = parse_options(["--wake-s", "0.75"], env)
+
+    assert options.sleep == SleepOptions(
+        api=SleepApi.SGLANG,
+        sleep_ram_mb=64,
+        sleep_vram_mb=500,
+        wake_s=0.75,
+        sleep_s=0.0,
+        reload_s=3.0,  # a reload takes a load's time unless told
+    )
+    assert parse_options(["--port", "1", "--state", "/s"], {}).sleep == SleepOptions()
